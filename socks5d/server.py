@@ -1,0 +1,997 @@
+"""The synchronous server core: BaseServer, TCPServer, the threading and forking mixins and
+the request handler base classes, in the spirit of CPython's ``socketserver``.
+
+Owns: the listening socket (address family from the host, SO_REUSEADDR, backlog), the
+accept loop (selector with a wake-up socketpair, accept-error back-off), concurrency
+(threads or forked children, capped by ``max_connections``), graceful and forced close,
+and error logging. Hook and class names follow ``socketserver`` so its documentation
+applies; where we differ (prompt shutdown, accept back-off, reaped threads, capped
+concurrency, logging instead of printing) the class docstrings say so.
+
+Must not import SOCKS code (protocol, auth, handler, ...) nor ``socketserver``: it is the
+bottom layer and knows nothing of what the handler speaks. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Self, cast
+
+__all__ = [
+    "BaseRequestHandler",
+    "BaseServer",
+    "ForkingMixIn",
+    "ForkingTCPServer",
+    "StreamRequestHandler",
+    "TCPServer",
+    "ThreadingMixIn",
+    "ThreadingTCPServer",
+]
+
+logger = logging.getLogger(__name__)
+
+# poll() has no FD_SETSIZE limit (select.select fails past descriptor 1024), needs no
+# descriptor of its own (unlike epoll, which matters when we are out of descriptors) and
+# one syscall per wait. Fall back to the platform default elsewhere.
+_ServerSelector: type[selectors.BaseSelector] = getattr(
+    selectors, "PollSelector", selectors.DefaultSelector
+)
+
+# accept() failures that mean "out of descriptors or memory": retrying at once would spin
+# at 100% CPU because the pending connection keeps the listening socket readable.
+_RESOURCE_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM},
+)
+# accept() failures that concern one connection only (the client gave up, a firewall
+# said no, a signal arrived, nothing was pending after all): ignore and go on.
+_TRANSIENT_ERRNOS = frozenset(
+    code
+    for code in (
+        errno.ECONNABORTED,
+        errno.EAGAIN,
+        errno.EWOULDBLOCK,
+        getattr(errno, "EPROTO", None),
+        errno.EINTR,
+        errno.EPERM,
+    )
+    if code is not None
+)
+_ACCEPT_BACKOFF_MIN = 0.05
+_ACCEPT_BACKOFF_MAX = 1.0
+
+# Errors that say "the peer went away" rather than "our code is broken".
+_CONNECTION_ERRORS = (ConnectionError, TimeoutError)
+
+_WAKEUP = "wakeup"
+_LISTENER = "listener"
+
+
+def _format_address(address: Any) -> str:
+    """host:port, with brackets around IPv6 hosts; anything else as str()."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
+
+
+class BaseServer:
+    """Base class for servers: the accept loop, shutdown and error policy.
+
+    Methods for the caller:
+
+    - __init__(server_address, RequestHandlerClass)
+    - serve_forever(poll_interval=0.5)
+    - shutdown()      # from any thread, a handler or a signal handler; never deadlocks
+    - handle_request()  # if you do not use serve_forever()
+    - fileno() -> int   # for the selector
+
+    Methods that may be overridden:
+
+    - server_bind()
+    - server_activate()
+    - get_request() -> request, client_address
+    - handle_timeout()
+    - verify_request(request, client_address)
+    - server_close()
+    - process_request(request, client_address)
+    - shutdown_request(request)
+    - close_request(request)
+    - service_actions()
+    - handle_error(request, client_address)
+    - handle_overload(request, client_address)
+
+    Methods for derived classes:
+
+    - finish_request(request, client_address)
+
+    Class variables that may be overridden by derived classes or instances:
+
+    - timeout (for handle_request)
+    - overload_log_interval (seconds between "connection limit reached" warnings)
+
+    Instance variables:
+
+    - server_address
+    - RequestHandlerClass
+    - max_connections (None: unlimited; may be changed while serving)
+    """
+
+    timeout: float | None = None
+    max_connections: int | None = None
+    overload_log_interval: float = 1.0
+
+    def __init__(self, server_address: Any, RequestHandlerClass: type[BaseRequestHandler]) -> None:
+        """Constructor. May be extended, do not override."""
+        self.server_address = server_address
+        self.RequestHandlerClass = RequestHandlerClass
+        # Set while no serve_forever() loop runs, so shutdown() never waits for a loop
+        # that does not exist.
+        self._is_shut_down = threading.Event()
+        self._is_shut_down.set()
+        self._shutdown_request = False
+        self._serving_ident: int | None = None
+        # shutdown() writes one byte here to wake the selector at once instead of
+        # waiting for poll_interval.
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
+        # Accept back-off state (see _accept_failed).
+        self._accept_backoff = 0.0
+        self._accept_resume_at = 0.0
+        self._accept_failures = 0
+        self._accept_burst_started = 0.0
+        # Overload warning rate limit (see handle_overload).
+        self._overload_refused = 0
+        self._overload_logged_at = float("-inf")
+
+    # ---- the loop ----
+
+    def server_activate(self) -> None:
+        """Called by the constructor to activate the server. May be overridden."""
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Handle requests until shutdown().
+
+        Waits on a selector holding the listening socket and the wake-up socket, so
+        shutdown() takes effect at once; poll_interval only bounds how long
+        service_actions() may wait. A shutdown() that came while no loop ran (for example
+        a signal between installing the handler and calling this) makes it return at once.
+        """
+        self._is_shut_down.clear()
+        self._serving_ident = threading.get_ident()
+        owns_signal_wakeup = self._claim_signal_wakeup()
+        try:
+            # Stale wake-up bytes would only cost one spurious iteration; the flag is set
+            # before the byte is written, so draining here cannot lose a shutdown.
+            self._drain_wakeup()
+            with _ServerSelector() as selector:
+                selector.register(self._wakeup_r, selectors.EVENT_READ, _WAKEUP)
+                listening = False
+                while not self._shutdown_request:
+                    now = time.monotonic()
+                    timeout = poll_interval
+                    paused = self._accept_resume_at > now
+                    if paused:
+                        # Back-off: stop watching the listening socket (still readable
+                        # with the connection we could not accept) but keep the wake-up
+                        # socket, so shutdown stays prompt.
+                        if listening:
+                            selector.unregister(self)
+                            listening = False
+                        timeout = min(timeout, self._accept_resume_at - now)
+                    elif not listening:
+                        selector.register(self, selectors.EVENT_READ, _LISTENER)
+                        listening = True
+                    ready = selector.select(timeout)
+                    # bpo-35017: shutdown() during select() means exit now.
+                    if self._shutdown_request:
+                        break
+                    for key, _events in ready:
+                        if key.data == _WAKEUP:
+                            self._drain_wakeup()
+                        else:
+                            self._handle_request_noblock()
+                    self.service_actions()
+                    self._flush_overload_log()
+        finally:
+            if owns_signal_wakeup:
+                signal.set_wakeup_fd(-1)
+            self._shutdown_request = False
+            self._serving_ident = None
+            self._is_shut_down.set()
+
+    def _claim_signal_wakeup(self) -> bool:
+        """Make signals wake the selector, if we serve in the main thread and nobody else
+        has claimed signal.set_wakeup_fd().
+
+        Python runs signal handlers in the main thread only, and only between bytecodes;
+        the kernel may deliver SIGTERM to any thread, so without this a handler calling
+        shutdown() could wait for poll_interval. Returns whether we must release it.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        try:
+            previous = signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            return False
+        if previous != -1:
+            # Someone else (the application) owns it: give it back untouched.
+            signal.set_wakeup_fd(previous)
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        """Stop the serve_forever() loop; safe from any thread and from signal handlers.
+
+        Sets a flag and writes one byte to the wake-up socket (no lock, so a signal
+        handler cannot deadlock against the code it interrupted). Called from another
+        thread it waits until the loop has exited; called from the serving thread (a
+        handler of a synchronous server, or a signal handler) it returns at once and the
+        loop exits when control returns to it. With no loop running it returns at once.
+        """
+        self._shutdown_request = True
+        self._wake()
+        if self._serving_ident == threading.get_ident():
+            return
+        self._is_shut_down.wait()
+
+    def _wake(self) -> None:
+        # Full (a wake-up is already pending) or closed by server_close(): either way
+        # there is nothing more to do.
+        with contextlib.suppress(OSError):
+            self._wakeup_w.send(b"\0")
+
+    def _drain_wakeup(self) -> None:
+        while True:
+            try:
+                if not self._wakeup_r.recv(4096):
+                    return
+            except OSError:
+                return
+
+    def _close_wakeup(self) -> None:
+        self._wakeup_r.close()
+        self._wakeup_w.close()
+
+    def service_actions(self) -> None:
+        """Called by serve_forever() after every wake-up, and at least every poll_interval.
+
+        May be overridden (call super()); ForkingMixIn reaps children here.
+        """
+
+    def handle_request(self) -> None:
+        """Handle one request, waiting at most self.timeout for it (None: forever)."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        with _ServerSelector() as selector:
+            selector.register(self, selectors.EVENT_READ, _LISTENER)
+            while True:
+                now = time.monotonic()
+                remaining = None if deadline is None else deadline - now
+                if remaining is not None and remaining <= 0:
+                    self.handle_timeout()
+                    return
+                pause = self._accept_resume_at - now
+                if pause > 0:
+                    time.sleep(pause if remaining is None else min(pause, remaining))
+                    continue
+                if selector.select(remaining):
+                    self._handle_request_noblock()
+                    return
+
+    def _handle_request_noblock(self) -> None:
+        """Accept and dispatch one request; the selector said the socket is readable."""
+        try:
+            request, client_address = self.get_request()
+        except OSError as exc:
+            self._accept_failed(exc)
+            return
+        self._accept_succeeded()
+        if self.verify_request(request, client_address):
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self._handle_error_safely(request, client_address)
+                self.shutdown_request(request)
+            except BaseException:
+                self.shutdown_request(request)
+                raise
+        else:
+            self.shutdown_request(request)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Ignore per-connection failures; back off on exhaustion, logging once per burst."""
+        if exc.errno in _TRANSIENT_ERRNOS or (exc.errno is None and isinstance(exc, TimeoutError)):
+            logger.debug("accept() failed, ignored: %s", exc)
+            return
+        now = time.monotonic()
+        if self._accept_failures == 0:
+            self._accept_burst_started = now
+            self._accept_backoff = _ACCEPT_BACKOFF_MIN
+            if exc.errno in _RESOURCE_ERRNOS:
+                logger.warning(
+                    "accept() failed: %s; pausing accepts (backing off up to %.1f s) "
+                    "until resources free up",
+                    exc,
+                    _ACCEPT_BACKOFF_MAX,
+                )
+            else:
+                # Unknown: still back off, so a persistent failure cannot spin either.
+                logger.error("accept() failed: %s; pausing accepts", exc)
+        else:
+            self._accept_backoff = min(self._accept_backoff * 2, _ACCEPT_BACKOFF_MAX)
+        self._accept_failures += 1
+        self._accept_resume_at = now + self._accept_backoff
+
+    def _accept_succeeded(self) -> None:
+        if self._accept_failures:
+            logger.info(
+                "accept() recovered after %d failed attempt(s) over %.2f s",
+                self._accept_failures,
+                time.monotonic() - self._accept_burst_started,
+            )
+            self._accept_failures = 0
+            self._accept_backoff = 0.0
+            self._accept_resume_at = 0.0
+
+    def handle_timeout(self) -> None:
+        """Called if no new request arrives within self.timeout (handle_request only)."""
+
+    def verify_request(self, request: socket.socket, client_address: Any) -> bool:
+        """Return True to proceed with this request. May be overridden."""
+        return True
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Handle the request inline. Overridden by ForkingMixIn and ThreadingMixIn."""
+        self.finish_request(request, client_address)
+        self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Release the server's resources. May be extended (call super())."""
+        self._close_wakeup()
+
+    def finish_request(self, request: socket.socket, client_address: Any) -> None:
+        """Finish one request by instantiating RequestHandlerClass."""
+        self.RequestHandlerClass(request, client_address, self)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        """Called to shut down and close an individual request."""
+        self.close_request(request)
+
+    def close_request(self, request: socket.socket) -> None:
+        """Called to clean up an individual request."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Return (request, client_address). Must be overridden."""
+        raise NotImplementedError
+
+    def fileno(self) -> int:
+        """The descriptor to wait on. Must be overridden."""
+        raise NotImplementedError
+
+    def handle_overload(self, request: socket.socket, client_address: Any) -> None:
+        """Called instead of process_request() when max_connections handlers are active.
+
+        The default counts the refusal for a rate-limited WARNING (at most one line per
+        overload_log_interval, with the number refused) and closes the connection with a
+        FIN. Override to send something first (then call super()).
+        """
+        self._overload_refused += 1
+        self._flush_overload_log()
+        self.shutdown_request(request)
+
+    def _flush_overload_log(self) -> None:
+        if not self._overload_refused:
+            return
+        now = time.monotonic()
+        if now - self._overload_logged_at < self.overload_log_interval:
+            return
+        logger.warning(
+            "connection limit reached (max_connections=%s): refused %d connection(s)",
+            self.max_connections,
+            self._overload_refused,
+        )
+        self._overload_refused = 0
+        self._overload_logged_at = now
+
+    def handle_error(self, request: socket.socket, client_address: Any) -> None:
+        """Log the exception being handled; the server goes on. May be overridden.
+
+        A peer that vanished (reset, broken pipe, timeout) is routine: DEBUG with the
+        traceback. Anything else is a bug or an unexpected condition: ERROR with the
+        traceback. Never prints.
+        """
+        exc = sys.exc_info()[1]
+        peer = _format_address(client_address)
+        if isinstance(exc, _CONNECTION_ERRORS):
+            logger.debug("connection error from %s: %s", peer, exc, exc_info=True)
+        else:
+            logger.exception("error while handling request from %s", peer)
+
+    def _handle_error_safely(self, request: socket.socket, client_address: Any) -> None:
+        # An overridden handle_error that raises must not end the loop or the thread
+        # without a trace.
+        try:
+            self.handle_error(request, client_address)
+        except Exception:
+            logger.exception("handle_error() raised while handling an error")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        self.server_close()
+
+
+def _resolve_bind_address(address: Any) -> tuple[socket.AddressFamily, Any, bool]:
+    """Return (family, sockaddr, dual_stack) for a (host, port[, flowinfo, scope_id]).
+
+    Literals need no lookup (AI_NUMERICHOST); names go through getaddrinfo and the first
+    result wins. "" (or None) means all interfaces: "::" dual-stack where the system
+    supports it, else 0.0.0.0. "::" itself is dual-stack too.
+    """
+    host, port = address[0], address[1]
+    if host is None:
+        host = ""
+    if isinstance(host, str) and host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "":
+        if socket.has_dualstack_ipv6():
+            return socket.AF_INET6, ("::", port, 0, 0), True
+        return socket.AF_INET, ("0.0.0.0", port), False
+    flags = socket.AI_PASSIVE
+    try:
+        infos = socket.getaddrinfo(
+            host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, flags | socket.AI_NUMERICHOST
+        )
+    except socket.gaierror:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, flags)
+    family = infos[0][0]
+    sockaddr: Any = infos[0][4]
+    if family == socket.AF_INET6 and len(address) == 4:
+        # An explicit (host, port, flowinfo, scope_id) keeps its flowinfo and scope.
+        sockaddr = (sockaddr[0], sockaddr[1], address[2], address[3])
+    return family, sockaddr, family == socket.AF_INET6 and host == "::"
+
+
+class TCPServer(BaseServer):
+    """A TCP server over IPv4 or IPv6, handling one request at a time (see the mixins).
+
+    Methods for the caller:
+
+    - __init__(server_address, RequestHandlerClass, bind_and_activate=True, *,
+               backlog=128, max_connections=None)
+    - serve_forever(poll_interval=0.5)
+    - shutdown()
+    - handle_request()  # if you don't use serve_forever()
+    - fileno() -> int   # for the selector
+
+    Methods that may be overridden:
+
+    - server_bind()
+    - server_activate()
+    - get_request() -> request, client_address
+    - handle_timeout()
+    - verify_request(request, client_address)
+    - process_request(request, client_address)
+    - shutdown_request(request)
+    - close_request(request)
+    - handle_error(request, client_address)
+    - handle_overload(request, client_address)
+    - service_actions()
+    - server_close()
+
+    Methods for derived classes:
+
+    - finish_request(request, client_address)
+
+    Class variables that may be overridden by derived classes or instances:
+
+    - timeout
+    - socket_type
+    - allow_reuse_address (True: a restart can bind while old connections sit in TIME_WAIT)
+    - allow_reuse_port (False)
+
+    Instance variables:
+
+    - server_address (the bound address after server_bind(): port 0 becomes the real port)
+    - address_family (from the host: AF_INET or AF_INET6)
+    - backlog
+    - max_connections
+    - RequestHandlerClass
+    - socket (non-blocking; accepted sockets are made blocking)
+    """
+
+    address_family: socket.AddressFamily = socket.AF_INET
+    socket_type = socket.SOCK_STREAM
+    allow_reuse_address = True
+    allow_reuse_port = False
+
+    def __init__(
+        self,
+        server_address: Any,
+        RequestHandlerClass: type[BaseRequestHandler],
+        bind_and_activate: bool = True,
+        *,
+        backlog: int = 128,
+        max_connections: int | None = None,
+    ) -> None:
+        """Constructor. May be extended, do not override."""
+        if backlog < 0:
+            raise ValueError(f"backlog must be >= 0, not {backlog}")
+        if max_connections is not None and max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1 or None, not {max_connections}")
+        family, sockaddr, dual_stack = _resolve_bind_address(server_address)
+        BaseServer.__init__(self, sockaddr, RequestHandlerClass)
+        self.address_family = family
+        self.backlog = backlog
+        self.max_connections = max_connections
+        self._dual_stack = dual_stack
+        try:
+            self.socket = socket.socket(self.address_family, self.socket_type)
+        except BaseException:
+            self._close_wakeup()
+            raise
+        # Non-blocking: a connection that vanishes between poll() and accept() must not
+        # block the loop (and shutdown) forever.
+        self.socket.setblocking(False)
+        if bind_and_activate:
+            try:
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.server_close()
+                raise
+
+    def server_bind(self) -> None:
+        """Set socket options and bind; records the real address. May be overridden."""
+        if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self._dual_stack:
+            # "::" should also take IPv4 clients (as ::ffff:a.b.c.d) whatever the
+            # system default (net.ipv6.bindv6only) says.
+            try:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except (AttributeError, OSError) as exc:
+                logger.debug("cannot clear IPV6_V6ONLY, IPv6 only: %s", exc)
+        self.socket.bind(self.server_address)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Start listening with the configured backlog. May be overridden."""
+        self.socket.listen(self.backlog)
+
+    def server_close(self) -> None:
+        """Stop listening and release the server's descriptors. May be extended."""
+        self.socket.close()
+        super().server_close()
+
+    def fileno(self) -> int:
+        """The listening socket's descriptor (for the selector)."""
+        return self.socket.fileno()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept one connection and make it blocking for the handler. May be overridden."""
+        request, client_address = self.socket.accept()
+        try:
+            request.setblocking(True)
+        except OSError:
+            request.close()
+            raise
+        return request, client_address
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        """Send FIN (SHUT_WR), then close: the peer sees a clean EOF."""
+        with contextlib.suppress(OSError):  # ENOTCONN when the peer is already gone
+            request.shutdown(socket.SHUT_WR)
+        self.close_request(request)
+
+    def close_request(self, request: socket.socket) -> None:
+        """Close the request socket."""
+        request.close()
+
+
+# The mixins call TCPServer methods through super(); let the type checker see them.
+if TYPE_CHECKING:
+    _MixInBase = TCPServer
+else:
+    _MixInBase = object
+
+
+class ThreadingMixIn(_MixInBase):
+    """Mix-in: handle each request in a new (daemon) thread, at most max_connections.
+
+    Class variables that may be overridden by derived classes or instances:
+
+    - daemon_threads (True: a stuck handler never keeps the process alive)
+    - block_on_close (True: server_close() waits for handlers, bounded by close_timeout)
+    - close_timeout (5.0 seconds, in total, not per thread)
+
+    Methods that may be overridden: process_request_thread() (plus those of the server).
+
+    server_close() policy: stop listening; then, if block_on_close, join the handler
+    threads for at most close_timeout seconds in total; threads still running after that
+    are abandoned (they are daemon threads by default, so they do not hold up exit) and
+    their number is logged. Call abort_active_requests() first to make blocked handlers
+    end promptly.
+
+    Finished threads remove themselves from the bookkeeping as they end, so a long-running
+    server keeps no list of dead threads.
+    """
+
+    daemon_threads = True
+    block_on_close = True
+    close_timeout = 5.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # State first: a failing TCPServer.__init__ calls server_close(), which uses it.
+        # RLock: abort_active_requests() may run in a signal handler that interrupted
+        # this same thread while it held the lock.
+        self._threads_lock = threading.RLock()
+        self._threads: set[threading.Thread] = set()
+        self._active_requests: set[socket.socket] = set()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def active_count(self) -> int:
+        """Requests being handled now (a client that has seen EOF is no longer counted)."""
+        with self._threads_lock:
+            return len(self._active_requests)
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        """Run the request in this thread; errors go to handle_error()."""
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self._handle_error_safely(request, client_address)
+        finally:
+            # Untrack the socket before closing it: abort_active_requests() must never
+            # shut down a descriptor number that close() has already released for reuse,
+            # and a client that sees EOF may count on the slot being free.
+            with self._threads_lock:
+                self._active_requests.discard(request)
+            try:
+                self.shutdown_request(request)
+            finally:
+                with self._threads_lock:
+                    self._threads.discard(threading.current_thread())
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Start a thread for the request, or hand it to handle_overload() at the cap."""
+        limit = self.max_connections
+        if limit is not None and self.active_count >= limit:
+            self.handle_overload(request, client_address)
+            return
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name=f"handler {_format_address(client_address)}",
+            daemon=self.daemon_threads,
+        )
+        with self._threads_lock:
+            self._threads.add(thread)
+            self._active_requests.add(request)
+        try:
+            thread.start()
+        except BaseException:
+            with self._threads_lock:
+                self._threads.discard(thread)
+                self._active_requests.discard(request)
+            raise
+
+    def abort_active_requests(self) -> int:
+        """shutdown(SHUT_RDWR) every active request so handlers blocked in recv/poll end.
+
+        Returns how many sockets were shut down. Errors (peer already gone) are ignored.
+        """
+        count = 0
+        with self._threads_lock:
+            for request in list(self._active_requests):
+                try:
+                    request.shutdown(socket.SHUT_RDWR)
+                    count += 1
+                except OSError:
+                    pass
+        return count
+
+    def server_close(self) -> None:
+        """Stop listening, then join handlers for at most close_timeout (see class doc)."""
+        super().server_close()
+        if not self.block_on_close:
+            return
+        with self._threads_lock:
+            threads = [t for t in self._threads if t is not threading.current_thread()]
+        deadline = time.monotonic() + self.close_timeout
+        for thread in threads:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            thread.join(remaining)
+        abandoned = sum(1 for t in threads if t.is_alive())
+        if abandoned:
+            logger.warning(
+                "server_close: abandoning %d handler thread(s) still running after %.1f s",
+                abandoned,
+                self.close_timeout,
+            )
+
+
+# Signals whose parent handlers must not run in a forked child: the child is a plain
+# worker that SIGTERM ends and that reaps nothing.
+_CHILD_DEFAULT_SIGNALS = tuple(
+    sig
+    for sig in (
+        getattr(signal, "SIGTERM", None),
+        getattr(signal, "SIGINT", None),
+        getattr(signal, "SIGHUP", None),
+        getattr(signal, "SIGCHLD", None),
+    )
+    if sig is not None
+)
+
+
+class ForkingMixIn(_MixInBase):
+    """Mix-in: handle each request in a forked child process, at most max_connections.
+
+    Class variables that may be overridden by derived classes or instances:
+
+    - block_on_close (True: server_close() waits up to close_timeout for children)
+    - close_timeout (5.0 seconds)
+    - timeout (300: handle_request() reaps children when idle this long)
+
+    The child closes the listening socket and the wake-up socketpair, resets SIGTERM,
+    SIGINT, SIGHUP and SIGCHLD to SIG_DFL (those signals are blocked around fork(), so
+    none reaches the child's copy of the parent's handlers), runs finish_request() and
+    shutdown_request() and leaves with os._exit(0), or 1 after handle_error().
+
+    The parent reaps with os.waitpid(-1, WNOHANG) in service_actions() and before the
+    cap check, never blocking the loop. waitpid(-1) also collects children that some
+    other part of the process forked, so a process serving with this mixin should not
+    start other child processes whose status it needs.
+
+    server_close() policy: stop listening; wait up to close_timeout (0 if not
+    block_on_close) for the children; SIGKILL and reap the rest, logging how many. No
+    child outlives server_close() and none is left a zombie. Only PIDs this server forked
+    are ever signalled; a PID stays ours until we reap it, so it cannot be reused.
+    """
+
+    block_on_close = True
+    close_timeout = 5.0
+    timeout: float | None = 300
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # RLock: abort_active_requests() may run in a signal handler in the serving thread.
+        self._children_lock = threading.RLock()
+        self._children: set[int] = set()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def active_count(self) -> int:
+        """Children forked and not yet reaped."""
+        with self._children_lock:
+            return len(self._children)
+
+    def collect_children(self) -> None:
+        """Reap every child that has exited, without blocking."""
+        with self._children_lock:
+            while self._children:
+                try:
+                    pid, _status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    # No children at all: whatever we tracked is gone.
+                    self._children.clear()
+                    return
+                if pid == 0:
+                    return
+                self._children.discard(pid)
+
+    def handle_timeout(self) -> None:
+        """Reap children when handle_request() has been idle for self.timeout."""
+        self.collect_children()
+
+    def service_actions(self) -> None:
+        """Reap children on every loop iteration."""
+        super().service_actions()
+        self.collect_children()
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Fork a child for the request, or hand it to handle_overload() at the cap."""
+        self.collect_children()
+        limit = self.max_connections
+        if limit is not None and self.active_count >= limit:
+            self.handle_overload(request, client_address)
+            return
+        blocked = set(_CHILD_DEFAULT_SIGNALS)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            raise
+        if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            with self._children_lock:
+                self._children.add(pid)
+            self.close_request(request)
+            return
+        # Child: this must never return into the parent's loop, hence os._exit().
+        status = 1
+        try:
+            try:
+                self._become_child(old_mask)
+                self.finish_request(request, client_address)
+                status = 0
+            except Exception:
+                self._handle_error_safely(request, client_address)
+            finally:
+                self.shutdown_request(request)
+        finally:
+            os._exit(status)
+
+    def _become_child(self, old_mask: Any) -> None:
+        # The lock may have been held by another parent thread at fork time.
+        self._children_lock = threading.RLock()
+        self._children = set()
+        self.socket.close()
+        # The parent may have pointed signal.set_wakeup_fd() at the socketpair we are
+        # about to close (a reused descriptor number must not receive signal bytes), or
+        # at some other descriptor of its own loop, which the child must not wake.
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)
+        self._close_wakeup()
+        for sig in _CHILD_DEFAULT_SIGNALS:
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def abort_active_requests(self) -> int:
+        """Send SIGTERM to every live child of this server. Returns how many were signalled."""
+        self.collect_children()
+        count = 0
+        with self._children_lock:
+            pids = list(self._children)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                count += 1
+            except ProcessLookupError:
+                pass
+        return count
+
+    def server_close(self) -> None:
+        """Stop listening, wait for children, kill the rest (see class doc)."""
+        super().server_close()
+        timeout = self.close_timeout if self.block_on_close else 0.0
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            self.collect_children()
+            remaining = deadline - time.monotonic()
+            if not self.active_count or remaining <= 0:
+                break
+            # waitpid() has no timeout; poll with a short, growing sleep.
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+        with self._children_lock:
+            pids = list(self._children)
+            if not pids:
+                return
+            logger.warning(
+                "server_close: killing %d child process(es) still running after %.1f s",
+                len(pids),
+                timeout,
+            )
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in pids:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+                self._children.discard(pid)
+
+
+class ThreadingTCPServer(ThreadingMixIn, TCPServer):
+    """TCPServer with one daemon thread per connection."""
+
+
+class ForkingTCPServer(ForkingMixIn, TCPServer):
+    """TCPServer with one child process per connection."""
+
+
+class BaseRequestHandler:
+    """Base class for request handlers: one instance per request.
+
+    The constructor sets request, client_address and server, then calls setup(),
+    handle() and, in a finally, finish(). Override handle(); setup() and finish() may be
+    overridden too.
+    """
+
+    def __init__(self, request: socket.socket, client_address: Any, server: BaseServer) -> None:
+        self.request = request
+        self.client_address = client_address
+        self.server = server
+        self.setup()
+        try:
+            self.handle()
+        finally:
+            self.finish()
+
+    def setup(self) -> None:
+        """Prepare for handle(). May be overridden."""
+
+    def handle(self) -> None:
+        """Serve the request. Override this."""
+
+    def finish(self) -> None:
+        """Clean up after handle(), even if it raised. May be overridden."""
+
+
+class StreamRequestHandler(BaseRequestHandler):
+    """Adds rfile/wfile file objects over the request socket.
+
+    Class variables that may be overridden:
+
+    - rbufsize (-1: buffered reads; per-byte reads from a socket are slow)
+    - wbufsize (0: unbuffered writes via sendall, nothing to forget to flush)
+    - timeout (None, or seconds applied to the request socket)
+    - disable_nagle_algorithm (False; only useful with wbufsize != 0)
+    """
+
+    rbufsize = -1
+    wbufsize = 0
+    timeout: float | None = None
+    disable_nagle_algorithm = False
+
+    rfile: io.BufferedIOBase
+    wfile: io.BufferedIOBase
+
+    def setup(self) -> None:
+        self.connection = self.request
+        if self.timeout is not None:
+            self.connection.settimeout(self.timeout)
+        if self.disable_nagle_algorithm:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        # makefile() gives a BufferedReader/Writer, or a raw SocketIO for size 0; both
+        # read/write like the annotation says.
+        self.rfile = cast(io.BufferedIOBase, self.connection.makefile("rb", self.rbufsize))
+        if self.wbufsize == 0:
+            self.wfile = _SocketWriter(self.connection)
+        else:
+            self.wfile = cast(io.BufferedIOBase, self.connection.makefile("wb", self.wbufsize))
+
+    def finish(self) -> None:
+        if not self.wfile.closed:
+            # The peer may be gone (ECONNRESET, EPIPE); nothing left to tell it.
+            with contextlib.suppress(OSError):
+                self.wfile.flush()
+        self.wfile.close()
+        self.rfile.close()
+
+
+class _SocketWriter(io.BufferedIOBase):
+    """Writable file over a socket with no buffer: write() is sendall(), flush() a no-op."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self._sock.sendall(b)
+        with memoryview(b) as view:
+            return view.nbytes
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
