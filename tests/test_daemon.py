@@ -1,0 +1,256 @@
+"""The real `socks5d` command: start-up, both modes end to end, logs, signals, exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from clients import TIMEOUT, connect_through, open_tunnel, recv_all, recv_exactly
+from conftest import needs_ipv6
+
+from socks5d import __version__
+from socks5d.cli import main
+from socks5d.protocol import Address, AddressType, Reply
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "socks5d", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+
+
+def local(target) -> Address:
+    return Address(AddressType.IPV4, "127.0.0.1", target.port)
+
+
+def children_of(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def wait_until(condition, timeout: float = TIMEOUT) -> bool:
+    """Poll a condition on /proc-style state that has no event to wait on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.parametrize("mode", ["threading", "forking"])
+def test_socks5d_command_serves_and_stops_on_sigterm(daemon_factory, echo_target, mode):
+    daemon = daemon_factory("--port", "0", "--mode", mode)
+    assert f"listening on 127.0.0.1:{daemon.port} ({mode})" in daemon.output()
+    with connect_through(("127.0.0.1", daemon.port), local(echo_target)) as sock:
+        sock.sendall(b"through the real command")
+        assert recv_exactly(sock, 24) == b"through the real command"
+    assert wait_until(lambda: "cmd=CONNECT" in daemon.output())
+    line = next(line for line in daemon.lines if "cmd=CONNECT" in line)
+    assert f"target=127.0.0.1:{echo_target.port}" in line
+    assert "reply=00 up=24 down=24" in line
+    assert daemon.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.parametrize("mode", ["threading", "forking"])
+def test_sigterm_closes_open_tunnels_and_leaves_no_child(daemon_factory, echo_target, mode):
+    daemon = daemon_factory("--port", "0", "--mode", mode)
+    tunnels = [connect_through(("127.0.0.1", daemon.port), local(echo_target)) for _ in range(3)]
+    try:
+        for sock in tunnels:
+            sock.sendall(b"x")
+            assert recv_exactly(sock, 1) == b"x"
+        if mode == "forking":
+            assert wait_until(lambda: len(children_of(daemon.proc.pid)) == 3)
+        children = children_of(daemon.proc.pid)
+        started = time.monotonic()
+        assert daemon.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 5.0
+        for sock in tunnels:
+            sock.settimeout(TIMEOUT)
+            assert recv_all(sock) == b""  # the tunnel was closed, not left hanging
+        for child in children:
+            assert not Path(f"/proc/{child}").exists(), f"child {child} outlived the daemon"
+    finally:
+        for sock in tunnels:
+            sock.close()
+
+
+def test_sigint_also_stops_cleanly(daemon_factory):
+    daemon = daemon_factory("--port", "0")
+    assert daemon.stop(signal.SIGINT) == 0
+    assert "stopped" in daemon.output()
+
+
+def test_users_flag_requires_login_and_never_logs_the_password(daemon_factory, echo_target):
+    daemon = daemon_factory("--port", "0", "--user", "alice:pa55word", "--log-level", "debug")
+    proxy = ("127.0.0.1", daemon.port)
+    with connect_through(proxy, local(echo_target), (b"alice", b"pa55word")) as sock:
+        sock.sendall(b"ok")
+        assert recv_exactly(sock, 2) == b"ok"
+    with pytest.raises(AssertionError):
+        open_tunnel(proxy, local(echo_target), (b"alice", b"wrong-password"))
+    assert wait_until(lambda: "authentication failed" in daemon.output())
+    daemon.stop()
+    assert "user=alice" in daemon.output()
+    assert "pa55word" not in daemon.output() and "wrong-password" not in daemon.output()
+
+
+def test_config_file_and_flag_override(daemon_factory, tmp_path, echo_target):
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[server]\nport = 1\nmode = "forking"\n[[users]]\nname = "bob"\npassword = "b"\n'
+    )
+    daemon = daemon_factory("--config", str(config), "--port", "0")
+    assert "(forking)" in daemon.output()
+    with connect_through(("127.0.0.1", daemon.port), local(echo_target), (b"bob", b"b")) as sock:
+        sock.sendall(b"file")
+        assert recv_exactly(sock, 4) == b"file"
+
+
+def test_sighup_reloads_users_and_keeps_tunnels(daemon_factory, tmp_path, echo_target):
+    config = tmp_path / "config.toml"
+    config.write_text('[[users]]\nname = "old"\npassword = "one"\n')
+    daemon = daemon_factory("--config", str(config), "--port", "0")
+    proxy = ("127.0.0.1", daemon.port)
+    tunnel = connect_through(proxy, local(echo_target), (b"old", b"one"))
+    with tunnel:
+        config.write_text('[[users]]\nname = "new"\npassword = "two"\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reloaded" in daemon.output())
+        with connect_through(proxy, local(echo_target), (b"new", b"two")) as sock:
+            sock.sendall(b"new user")
+            assert recv_exactly(sock, 8) == b"new user"
+        with pytest.raises(AssertionError):
+            open_tunnel(proxy, local(echo_target), (b"old", b"one"))
+        config.write_text("[server\n")  # broken: rejected, the running config stays
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload rejected" in daemon.output())
+        tunnel.sendall(b"survived")
+        assert recv_exactly(tunnel, 8) == b"survived"
+    assert daemon.proc.poll() is None
+
+
+def test_port_in_use_exits_1_with_a_message():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_cli("--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: address already in use: 127.0.0.1:{port}"
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nport = 70000\n", "server.port: must be between 0 and 65535, got 70000"),
+        ("[server]\nbogus = 1\n", "unknown key 'server.bogus'"),
+        ('[server]\nport = "x"\n', "server.port: must be an integer, got str 'x'"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line_naming_file_and_key(tmp_path, text, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    result = run_cli("--config", str(config))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"Error: {config}: {message}")
+
+
+def test_bad_flags_exit_2():
+    runner = CliRunner()
+    assert runner.invoke(main, ["--port", "70000"]).exit_code == 2
+    assert runner.invoke(main, ["--port", "abc"]).exit_code == 2
+    assert runner.invoke(main, ["--mode", "async"]).exit_code == 2
+    assert runner.invoke(main, ["--config", "/nonexistent/socks5d.toml"]).exit_code == 2
+    bad_user = runner.invoke(main, ["--user", "nocolon"])
+    assert bad_user.exit_code == 2
+    assert "--user 'nocolon': expected NAME:PASSWORD" in bad_user.output
+
+
+def test_help_shows_options_and_examples():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for text in ("--host", "--port", "--mode", "--config", "--user", "--log-level", "Examples:"):
+        assert text in result.output
+
+
+def test_version():
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_refused_reply_through_the_command(daemon_factory):
+    daemon = daemon_factory("--port", "0")
+    sock, reply, _ = open_tunnel(
+        ("127.0.0.1", daemon.port), Address(AddressType.IPV4, "127.0.0.1", 1)
+    )
+    sock.close()
+    assert reply == Reply.CONNECTION_REFUSED
+    assert wait_until(lambda: "reply=05" in daemon.output())
+
+
+def test_no_descriptor_leak_in_the_daemon(daemon_factory, echo_target):
+    daemon = daemon_factory("--port", "0")
+    fd_dir = Path(f"/proc/{daemon.proc.pid}/fd")
+    baseline = len(os.listdir(fd_dir))
+    for _ in range(50):
+        with connect_through(("127.0.0.1", daemon.port), local(echo_target)) as sock:
+            sock.sendall(b"z")
+            assert recv_exactly(sock, 1) == b"z"
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"\x04garbage")
+            assert recv_all(sock) == b""
+    assert wait_until(lambda: len(os.listdir(fd_dir)) <= baseline)
+
+
+@needs_ipv6
+def test_host_double_colon_listens_dual_stack(daemon_factory, echo_target):
+    daemon = daemon_factory("--host", "::", "--port", "0")
+    assert f"listening on [::]:{daemon.port} (threading)" in daemon.output()
+    for proxy_host in ("127.0.0.1", "::1"):
+        with connect_through((proxy_host, daemon.port), local(echo_target)) as sock:
+            sock.sendall(proxy_host.encode())
+            assert recv_exactly(sock, len(proxy_host)) == proxy_host.encode()
+    daemon.stop()
+    assert "client=127.0.0.1:" in daemon.output()  # v4-mapped clients are logged as IPv4
+    assert "client=[::1]:" in daemon.output()
+
+
+@pytest.mark.parametrize("mode", ["threading", "forking"])
+def test_over_max_connections_a_client_is_closed_and_logged(
+    daemon_factory, tmp_path, echo_target, mode
+):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[server]\nmode = "{mode}"\n[limits]\nmax_connections = 2\n')
+    daemon = daemon_factory("--config", str(config), "--port", "0")
+    proxy = ("127.0.0.1", daemon.port)
+    held = [connect_through(proxy, local(echo_target)) for _ in range(2)]
+    try:
+        with socket.create_connection(proxy, timeout=TIMEOUT) as extra:
+            assert recv_all(extra) == b""  # closed without a word, before the greeting
+        assert wait_until(lambda: "connection limit reached" in daemon.output())
+        for sock in held:  # the held tunnels are unharmed
+            sock.sendall(b"held")
+            assert recv_exactly(sock, 4) == b"held"
+    finally:
+        for sock in held:
+            sock.close()
+    assert daemon.proc.poll() is None

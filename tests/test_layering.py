@@ -1,0 +1,57 @@
+"""Imports point one way (DESIGN.md): pure modules stay pure, nothing imports the CLI."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "socks5d"
+
+# module -> the project modules it may import
+ALLOWED = {
+    "protocol": set(),
+    "config": set(),
+    "relay": set(),
+    "server": set(),
+    "auth": {"protocol", "config"},
+    "outbound": {"protocol"},
+    "handler": {"protocol", "config", "auth", "outbound", "relay", "server"},
+    "daemon": {"protocol", "config", "auth", "outbound", "relay", "server", "handler"},
+    "cli": {"config", "daemon", "__init__"},
+    "__main__": {"cli"},
+    "__init__": set(),
+}
+NO_SOCKETS = {"protocol", "config", "auth"}
+
+
+def project_imports(path: Path) -> tuple[set[str], set[str]]:
+    """(project modules, top-level stdlib/third-party modules) that `path` imports."""
+    project, other = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                project.add(node.module or "__init__")  # `from . import x` is the package
+            elif node.module and node.module.startswith("socks5d"):
+                project.add(node.module.partition(".")[2] or "__init__")
+            elif node.module:
+                other.add(node.module.partition(".")[0])
+        elif isinstance(node, ast.Import):
+            other.update(alias.name.partition(".")[0] for alias in node.names)
+    return project, other
+
+
+def test_every_module_is_listed():
+    assert {path.stem for path in PACKAGE.glob("*.py")} == set(ALLOWED)
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_module_imports_only_what_it_may(module):
+    project, other = project_imports(PACKAGE / f"{module}.py")
+    assert project <= ALLOWED[module], f"{module} imports {project - ALLOWED[module]}"
+    assert "socketserver" not in other
+    if module in NO_SOCKETS:
+        assert not {"socket", "select", "selectors"} & other
+    if module != "cli":
+        assert "click" not in other
