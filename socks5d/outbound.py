@@ -1,16 +1,33 @@
-"""Outbound connections for CONNECT: resolve the target, try each address, map failures.
+"""Outbound connections for CONNECT: resolve the target, race its addresses, map failures.
 
-The one place where an OS error becomes an RFC 1928 reply code (`reply_for_error`).
-Knows the `Address` record from protocol.py, nothing of the handshake.
+The one place where an OS error becomes an RFC 1928 reply code (`reply_for_error`). Connecting
+follows Happy Eyeballs (RFC 8305): the resolved addresses are interleaved by family and raced
+with staggered, non-blocking connects over one `select.poll`, so a dead first address costs
+`attempt_delay`, not the whole connect timeout. Also the egress (source) address choice shared
+with BIND (`OutgoingAddresses`, `egress_address`).
+
+Knows the `Address` record from protocol.py, nothing of the handshake; imports nothing else of
+socks5d.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
+import math
+import os
+import select
 import socket
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 from .protocol import Address, AddressType, Reply
+
+logger = logging.getLogger(__name__)
 
 # RFC 1928 §6 reply for each connect/resolve errno. A connect timeout is reported as
 # HOST_UNREACHABLE (04): the host did not answer; TTL_EXPIRED (06) is reserved for the
@@ -59,6 +76,61 @@ def resolve(address: Address, resolver: Resolver = system_resolver) -> list[Sock
     return resolver(address.host, address.port)
 
 
+Candidate = TypeVar("Candidate", bound=tuple)
+
+
+def interleave(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """RFC 8305 §4: alternate address families, starting with the family of the first address.
+
+    Each item's first element is its family; within a family the resolver's order is kept.
+    More than two families (not seen in practice) are taken round-robin in order of first
+    appearance.
+    """
+    by_family: dict[object, list[Candidate]] = {}
+    for candidate in candidates:
+        by_family.setdefault(candidate[0], []).append(candidate)
+    queues = list(by_family.values())
+    ordered: list[Candidate] = []
+    for index in range(max((len(queue) for queue in queues), default=0)):
+        ordered.extend(queue[index] for queue in queues if index < len(queue))
+    return ordered
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingAddresses:
+    """The source address to bind outbound sockets to, per family; None lets the kernel pick."""
+
+    ipv4: str | None = None
+    ipv6: str | None = None
+
+    def for_family(self, family: socket.AddressFamily) -> str | None:
+        if family == socket.AF_INET:
+            return self.ipv4
+        if family == socket.AF_INET6:
+            return self.ipv6
+        return None
+
+
+# No source address configured: the OS picks per route. Frozen, so one shared default.
+ANY_SOURCE = OutgoingAddresses()
+
+
+def egress_address(
+    target_ip: str, family: socket.AddressFamily, outgoing: OutgoingAddresses = ANY_SOURCE
+) -> str:
+    """The local address this host would use to reach target_ip: the configured outgoing address
+    for that family if any, else the route lookup trick (a UDP socket connect() to
+    (target_ip, 9) and getsockname(); no packet is sent). Unroutable → OSError."""
+    configured = outgoing.for_family(family)
+    if configured is not None:
+        return configured
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        # connect() on a UDP socket only asks the routing table for a source address.
+        probe.connect((target_ip, 9))  # 9: the discard port, in case anything is ever sent
+        local: str = probe.getsockname()[0]
+        return local
+
+
 class ConnectFailed(Exception):
     """No address of the target accepted a connection; `reply` says why in RFC terms."""
 
@@ -68,29 +140,164 @@ class ConnectFailed(Exception):
         self.reason = reason
 
 
+# Linux: with a source address bound before connect(), pick the source port at connect()
+# time (per 4-tuple) instead of at bind() time, so binding does not exhaust ephemeral ports.
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
 def open_connection(
-    address: Address, timeout: float, resolver: Resolver = system_resolver
+    address: Address,
+    timeout: float,
+    resolver: Resolver = system_resolver,
+    *,
+    attempt_delay: float = 0.25,
+    outgoing: OutgoingAddresses = ANY_SOURCE,
 ) -> socket.socket:
-    """Connect to `address`, trying every resolved address in turn, each within `timeout`."""
+    """Connect to `address` the Happy Eyeballs way (RFC 8305) within `timeout` overall.
+
+    The resolved addresses are interleaved by family (`interleave`); the first attempt starts
+    at once and each next one after `attempt_delay` seconds or as soon as the previous attempt
+    fails, whichever comes first. The first connect to succeed wins and every other attempt is
+    closed. Returns a blocking socket without a timeout. Raises ConnectFailed with the most
+    informative failure (`most_informative_failure`) when no address accepts.
+    """
     try:
         candidates = resolve(address, resolver)
     except OSError as exc:
         raise ConnectFailed(reply_for_error(exc), f"resolve failed: {exc}") from None
     if not candidates:
         raise ConnectFailed(Reply.HOST_UNREACHABLE, "resolve returned no address")
-    failure: BaseException | None = None
-    for family, sockaddr in candidates:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+    racer = _Race(interleave(candidates), outgoing)
+    try:
+        winner = racer.run(timeout, attempt_delay)
+    finally:
+        racer.close()
+    if winner is not None:
+        winner.settimeout(None)
+        return winner
+    failure = most_informative_failure(racer.failures)
+    tried, total = racer.started, len(candidates)
+    counted = f"{tried} of {total}" if tried < total else f"{tried}"
+    plural = "address" if total == 1 else "addresses"
+    reason = f"{_describe(failure)} ({counted} {plural} tried)"
+    raise ConnectFailed(reply_for_error(failure), reason)
+
+
+class _Race:
+    """The in-flight attempts of one `open_connection`: non-blocking sockets under one poll."""
+
+    def __init__(self, queue: list[SockAddr], outgoing: OutgoingAddresses) -> None:
+        self.queue = queue
+        self.outgoing = outgoing
+        self.poller = select.poll()
+        self.in_flight: dict[int, tuple[socket.socket, tuple]] = {}
+        self.failures: list[OSError] = []
+        self.started = 0
+
+    def run(self, timeout: float, attempt_delay: float) -> socket.socket | None:
+        deadline = time.monotonic() + timeout
+        next_start = 0.0  # when the next attempt may start even if none has failed
+        while True:
+            now = time.monotonic()
+            if self.queue and (not self.in_flight or now >= next_start):
+                if self.started and now >= deadline:
+                    break  # out of time before the next address: it counts as not tried
+                winner = self.start(*self.queue.pop(0))
+                if winner is not None:
+                    return winner
+                next_start = now + attempt_delay
+                continue
+            if not self.in_flight:
+                return None  # every address failed on its own
+            remaining = deadline - now
+            if remaining <= 0:
+                break
+            wait = min(remaining, next_start - now) if self.queue else remaining
+            for fd, events in self.poller.poll(math.ceil(max(wait, 0.0) * 1000)):
+                sock, sockaddr = self.in_flight.pop(fd)
+                self.poller.unregister(fd)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code == 0 and events & select.POLLOUT:
+                    return sock
+                sock.close()
+                error = OSError(code or errno.ECONNABORTED, os.strerror(code or errno.ECONNABORTED))
+                self.fail(sockaddr, error)
+                next_start = now  # RFC 8305 §5: a failure starts the next attempt at once
+        # The deadline passed with attempts still in flight (or none started in time).
+        for _ in self.in_flight:
+            self.failures.append(TimeoutError("connect timed out"))
+        if not self.failures:
+            self.failures.append(TimeoutError("connect timed out"))
+        return None
+
+    def start(self, family: socket.AddressFamily, sockaddr: tuple) -> socket.socket | None:
+        """Start a non-blocking connect; the socket if it connected at once, else None."""
+        self.started += 1
         try:
-            sock.settimeout(timeout)
-            sock.connect(sockaddr)
-            sock.settimeout(None)
-            return sock
+            sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
+            self.fail(sockaddr, exc)
+            return None
+        try:
+            sock.setblocking(False)
+            source = self.outgoing.for_family(family)
+            if source is not None:
+                if sys.platform == "linux":
+                    with contextlib.suppress(OSError):  # an optimisation only
+                        sock.setsockopt(socket.SOL_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((source, 0))
+            code = sock.connect_ex(sockaddr)
+        except OSError as exc:  # bind: EADDRNOTAVAIL; connect_ex raises for a bad address
             sock.close()
-            failure = exc
-    assert failure is not None
-    raise ConnectFailed(reply_for_error(failure), _describe(failure))
+            self.fail(sockaddr, exc)
+            return None
+        if code == 0:
+            return sock
+        # POSIX: an interrupted connect() goes on asynchronously, as an EINPROGRESS one does.
+        # (Not EAGAIN: for TCP on Linux that means no ephemeral port is left; a failure.)
+        if code in (errno.EINPROGRESS, errno.EINTR):
+            self.in_flight[sock.fileno()] = (sock, sockaddr)
+            self.poller.register(sock, select.POLLOUT)  # POLLERR/POLLHUP are always reported
+            return None
+        sock.close()
+        self.fail(sockaddr, OSError(code, os.strerror(code)))
+        return None
+
+    def fail(self, sockaddr: tuple, exc: OSError) -> None:
+        logger.debug("connect to %s failed: %s", sockaddr[0], exc)
+        self.failures.append(exc)
+
+    def close(self) -> None:
+        """Close every attempt still in flight: the losers, or all of them on timeout."""
+        for sock, _ in self.in_flight.values():
+            sock.close()
+        self.in_flight.clear()
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) and getattr(exc, "errno", None) in (None, errno.ETIMEDOUT)
+
+
+# Lower is more informative: a refusal proves the host is there; an ICMP unreachable or a
+# policy refusal says where it broke; a timeout says only that nothing answered.
+_INFORMATIVENESS: dict[Reply, int] = {
+    Reply.CONNECTION_REFUSED: 0,
+    Reply.NETWORK_UNREACHABLE: 1,
+    Reply.HOST_UNREACHABLE: 1,
+    Reply.CONNECTION_NOT_ALLOWED: 1,
+}
+
+
+def most_informative_failure(failures: Sequence[BaseException]) -> BaseException:
+    """The failure to report when every address failed: refused > unreachable or not allowed >
+    timeout > anything else (an unsupported family, an unknown errno); the first of a kind."""
+
+    def rank(exc: BaseException) -> int:
+        if _is_timeout(exc):
+            return 2
+        return _INFORMATIVENESS.get(reply_for_error(exc), 3)
+
+    return min(failures, key=rank)
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,14 +1,32 @@
-"""The one errno → RFC 1928 reply table, and connecting through every resolved address."""
+"""The one errno → RFC 1928 reply table, resolving, and connecting the Happy Eyeballs way
+(RFC 8305): interleaved families, staggered attempts, losers closed, one overall timeout,
+the most informative failure, and the egress (source) address."""
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import time
+from collections.abc import Iterator
 
 import pytest
+from clients import TIMEOUT, recv_exactly
+from conftest import needs_ipv6
 
-from socks5d.outbound import ConnectFailed, open_connection, reply_for_error, resolve
+from socks5d.outbound import (
+    ConnectFailed,
+    OutgoingAddresses,
+    egress_address,
+    interleave,
+    most_informative_failure,
+    open_connection,
+    reply_for_error,
+    resolve,
+)
 from socks5d.protocol import Address, AddressType, Reply
+
+NAME = Address(AddressType.DOMAINNAME, "multi.test", 9)
 
 
 @pytest.mark.parametrize(
@@ -49,17 +67,68 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_every_resolved_address_is_tried_in_turn(echo_target):
-    dead = closed_port()
+def v4(port: int) -> tuple[socket.AddressFamily, tuple]:
+    return (socket.AF_INET, ("127.0.0.1", port))
+
+
+def resolving_to(*candidates):
+    """A resolver hook for NAME that returns `candidates` in this order."""
 
     def resolver(host, port):
-        assert (host, port) == ("multi.test", 9)
-        return [
-            (socket.AF_INET, ("127.0.0.1", dead)),
-            (socket.AF_INET, ("127.0.0.1", echo_target.port)),
-        ]
+        assert (host, port) == (NAME.host, NAME.port)
+        return list(candidates)
 
-    with open_connection(Address(AddressType.DOMAINNAME, "multi.test", 9), 5.0, resolver) as sock:
+    return resolver
+
+
+def listener(host: str = "127.0.0.1", backlog: int = 8) -> socket.socket:
+    """A listening socket nobody accepts on: the kernel completes handshakes into its queue."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.listen(backlog)
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """The port of a loopback listener that swallows SYNs, so a connect() to it hangs.
+
+    A listener with listen(0) whose accept queue is full (one connection the kernel completed
+    and nobody accepts) makes Linux drop every further SYN without an answer. Two more
+    never-completing clients keep it full; a probe connect must time out, else skip.
+    """
+    hole = listener(backlog=0)
+    port = hole.getsockname()[1]
+    fillers: list[socket.socket] = []
+    try:
+        fillers.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+        for _ in range(2):
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        with socket.socket() as probe:
+            probe.settimeout(0.3)
+            try:
+                probe.connect(("127.0.0.1", port))
+            except TimeoutError:
+                pass
+            else:
+                pytest.skip("a full accept queue does not drop SYNs here")
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        hole.close()
+
+
+def test_every_resolved_address_is_tried_in_turn(echo_target):
+    dead = closed_port()
+    resolver = resolving_to(v4(dead), v4(echo_target.port))
+
+    with open_connection(NAME, 5.0, resolver) as sock:
         assert sock.getpeername() == ("127.0.0.1", echo_target.port)
         sock.sendall(b"ping")
         assert sock.recv(4) == b"ping"
@@ -69,6 +138,7 @@ def test_refused_everywhere_reports_05():
     with pytest.raises(ConnectFailed) as caught:
         open_connection(Address(AddressType.IPV4, "127.0.0.1", closed_port()), 5.0)
     assert caught.value.reply is Reply.CONNECTION_REFUSED
+    assert caught.value.reason == "connect failed: Connection refused (1 address tried)"
 
 
 def test_dns_failure_reports_04():
@@ -85,3 +155,226 @@ def test_empty_resolution_reports_04():
     with pytest.raises(ConnectFailed) as caught:
         open_connection(Address(AddressType.DOMAINNAME, "x.test", 80), 5.0, lambda h, p: [])
     assert caught.value.reply is Reply.HOST_UNREACHABLE
+
+
+# RFC 8305 §4 ordering: a pure function.
+
+V6A = (socket.AF_INET6, ("2001:db8::a", 80, 0, 0))
+V6B = (socket.AF_INET6, ("2001:db8::b", 80, 0, 0))
+V6C = (socket.AF_INET6, ("2001:db8::c", 80, 0, 0))
+V4A = (socket.AF_INET, ("192.0.2.1", 80))
+V4B = (socket.AF_INET, ("192.0.2.2", 80))
+
+
+@pytest.mark.parametrize(
+    ("resolved", "ordered"),
+    [
+        ([V6A, V6B, V4A, V4B], [V6A, V4A, V6B, V4B]),
+        ([V4A, V4B, V6A, V6B], [V4A, V6A, V4B, V6B]),  # starts with the first family
+        ([V6A, V6B, V6C, V4A], [V6A, V4A, V6B, V6C]),  # the longer family's tail keeps order
+        ([V4A, V6A, V6B, V4B], [V4A, V6A, V4B, V6B]),  # already mixed: still alternates
+        ([V6A, V6B], [V6A, V6B]),
+        ([V4A], [V4A]),
+        ([], []),
+    ],
+)
+def test_interleave_alternates_families_starting_with_the_first(resolved, ordered):
+    assert interleave(resolved) == ordered
+
+
+# Happy Eyeballs against real loopback sockets.
+
+
+def test_a_blackholed_first_address_costs_only_the_attempt_delay(blackhole, echo_target):
+    resolver = resolving_to(v4(blackhole), v4(echo_target.port))
+
+    started = time.monotonic()
+    sock = open_connection(NAME, 5.0, resolver, attempt_delay=0.1)
+    elapsed = time.monotonic() - started
+    with sock:
+        assert elapsed < 1.0, f"took {elapsed:.3f}s"
+        assert sock.getpeername() == ("127.0.0.1", echo_target.port)
+        assert sock.gettimeout() is None  # blocking, no timeout, as the relay expects
+        sock.settimeout(TIMEOUT)
+        sock.sendall(b"hello")
+        assert recv_exactly(sock, 5) == b"hello"
+
+
+def test_a_failed_attempt_starts_the_next_at_once(echo_target):
+    resolver = resolving_to(v4(closed_port()), v4(echo_target.port))
+
+    started = time.monotonic()
+    sock = open_connection(NAME, 5.0, resolver, attempt_delay=2.0)
+    elapsed = time.monotonic() - started
+    with sock:
+        assert elapsed < 0.5, f"waited {elapsed:.3f}s: the refusal did not start the next attempt"
+        assert sock.getpeername() == ("127.0.0.1", echo_target.port)
+
+
+def test_a_failed_attempt_starts_the_next_at_once_while_others_are_in_flight(
+    blackhole, echo_target
+):
+    # 0 s: the silent address; 0.5 s: the refused one, then the echo at once, not at 1.0 s.
+    resolver = resolving_to(v4(blackhole), v4(closed_port()), v4(echo_target.port))
+
+    started = time.monotonic()
+    sock = open_connection(NAME, 5.0, resolver, attempt_delay=0.5)
+    elapsed = time.monotonic() - started
+    with sock:
+        assert 0.45 <= elapsed < 0.8, f"took {elapsed:.3f}s, expected about 0.5s"
+        assert sock.getpeername() == ("127.0.0.1", echo_target.port)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+# A loser left to the garbage collector warns (ResourceWarning) instead of being closed.
+@pytest.mark.filterwarnings("error::ResourceWarning")
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_losing_attempts_are_closed():
+    first, second = listener(), listener()
+    ports = [first.getsockname()[1], second.getsockname()[1]]
+    resolver = resolving_to(v4(ports[0]), v4(ports[1]))
+    try:
+        baseline = open_fds()
+        # attempt_delay 0: both attempts are in flight before either can win.
+        sock = open_connection(NAME, 5.0, resolver, attempt_delay=0.0)
+        with sock:
+            assert open_fds() == baseline + 1  # the winner only
+            won = ports.index(sock.getpeername()[1])
+            winner, loser = (first, second) if won == 0 else (second, first)
+            served, _ = winner.accept()
+            with served:
+                served.settimeout(TIMEOUT)
+                sock.sendall(b"won")
+                assert recv_exactly(served, 3) == b"won"
+            # Loopback completes the loser's handshake too; it was closed, so it reads EOF.
+            lost, _ = loser.accept()
+            with lost:
+                lost.settimeout(TIMEOUT)
+                assert lost.recv(1) == b""
+        assert open_fds() == baseline
+    finally:
+        first.close()
+        second.close()
+
+
+def test_all_failed_reports_the_most_informative_failure(blackhole):
+    # The blackhole times out, the closed port refuses: 05 says the host is there.
+    resolver = resolving_to(v4(blackhole), v4(closed_port()))
+
+    started = time.monotonic()
+    with pytest.raises(ConnectFailed) as caught:
+        open_connection(NAME, 0.5, resolver, attempt_delay=0.1)
+    elapsed = time.monotonic() - started
+    assert caught.value.reply is Reply.CONNECTION_REFUSED
+    assert caught.value.reason == "connect failed: Connection refused (2 addresses tried)"
+    assert 0.45 <= elapsed < 1.0, f"took {elapsed:.3f}s for a 0.5s timeout"
+
+
+def test_the_timeout_bounds_the_whole_race_not_each_attempt(blackhole):
+    # Three silent addresses, 0.3 s apart: only two start within the 0.5 s overall timeout.
+    resolver = resolving_to(v4(blackhole), v4(blackhole), v4(blackhole))
+
+    started = time.monotonic()
+    with pytest.raises(ConnectFailed) as caught:
+        open_connection(NAME, 0.5, resolver, attempt_delay=0.3)
+    elapsed = time.monotonic() - started
+    assert caught.value.reply is Reply.HOST_UNREACHABLE
+    assert caught.value.reason == "connect timed out (2 of 3 addresses tried)"
+    assert 0.45 <= elapsed < 0.9, f"took {elapsed:.3f}s for a 0.5s timeout"
+
+
+def test_a_single_silent_address_times_out_with_04(blackhole):
+    started = time.monotonic()
+    with pytest.raises(ConnectFailed) as caught:
+        open_connection(Address(AddressType.IPV4, "127.0.0.1", blackhole), 0.3)
+    elapsed = time.monotonic() - started
+    assert caught.value.reply is Reply.HOST_UNREACHABLE
+    assert caught.value.reason == "connect timed out (1 address tried)"
+    assert 0.25 <= elapsed < 0.8, f"took {elapsed:.3f}s for a 0.3s timeout"
+
+
+def test_most_informative_failure_prefers_refused_then_unreachable_then_timeout():
+    timeout = TimeoutError("connect timed out")
+    kernel_timeout = OSError(errno.ETIMEDOUT, "Connection timed out")
+    unreachable = OSError(errno.EHOSTUNREACH, "No route to host")
+    not_allowed = OSError(errno.EACCES, "Permission denied")
+    refused = OSError(errno.ECONNREFUSED, "Connection refused")
+    family = OSError(errno.EAFNOSUPPORT, "Address family not supported")
+
+    assert most_informative_failure([timeout, unreachable, refused]) is refused
+    assert most_informative_failure([timeout, kernel_timeout, unreachable]) is unreachable
+    assert most_informative_failure([not_allowed, unreachable]) is not_allowed  # first of a kind
+    assert most_informative_failure([family, timeout]) is timeout
+    assert most_informative_failure([family]) is family
+
+
+# Egress (source) addresses.
+
+
+def loopback_alias_available() -> bool:
+    try:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.2", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_alias = pytest.mark.skipif(
+    not loopback_alias_available(), reason="cannot bind 127.0.0.2 here"
+)
+
+
+def test_outgoing_addresses_pick_by_family():
+    outgoing = OutgoingAddresses(ipv4="127.0.0.2")
+    assert outgoing.for_family(socket.AF_INET) == "127.0.0.2"
+    assert outgoing.for_family(socket.AF_INET6) is None
+    assert OutgoingAddresses(ipv6="::1").for_family(socket.AF_INET6) == "::1"
+    assert OutgoingAddresses().for_family(socket.AF_INET) is None
+
+
+@needs_alias
+def test_the_outgoing_ipv4_address_is_the_source_the_target_sees():
+    with listener() as target:
+        address = Address(AddressType.IPV4, "127.0.0.1", target.getsockname()[1])
+        outgoing = OutgoingAddresses(ipv4="127.0.0.2")
+        with open_connection(address, 5.0, outgoing=outgoing) as sock:
+            assert sock.getsockname()[0] == "127.0.0.2"
+            served, peer = target.accept()
+            with served:
+                assert peer[0] == "127.0.0.2"
+                assert peer[1] == sock.getsockname()[1]
+
+
+@needs_ipv6
+@needs_alias
+def test_an_ipv6_target_with_only_an_ipv4_outgoing_address_connects_unbound():
+    with listener("::1") as target:
+        address = Address(AddressType.IPV6, "::1", target.getsockname()[1])
+        outgoing = OutgoingAddresses(ipv4="127.0.0.2")
+        with open_connection(address, 5.0, outgoing=outgoing) as sock:
+            assert sock.getsockname()[0] == "::1"
+            served, peer = target.accept()
+            with served:
+                assert peer[0] == "::1"
+
+
+def test_egress_address_uses_the_route_to_the_target():
+    assert egress_address("127.0.0.1", socket.AF_INET) == "127.0.0.1"
+
+
+def test_egress_address_prefers_the_configured_outgoing_address():
+    outgoing = OutgoingAddresses(ipv4="127.0.0.2")
+    assert egress_address("127.0.0.1", socket.AF_INET, outgoing) == "127.0.0.2"
+    # Only the target's family counts: an IPv6 setting leaves IPv4 to the routing table.
+    assert egress_address("127.0.0.1", socket.AF_INET, OutgoingAddresses(ipv6="::1")) == "127.0.0.1"
+
+
+@needs_ipv6
+def test_egress_address_for_ipv6():
+    assert egress_address("::1", socket.AF_INET6) == "::1"
+    assert egress_address("::1", socket.AF_INET6, OutgoingAddresses(ipv4="127.0.0.2")) == "::1"
