@@ -1,0 +1,537 @@
+"""The UDP ASSOCIATE datagram relay (RFC 1928 §7) for the life of one TCP control connection.
+
+Owns :func:`open_udp_endpoint` (the client-facing UDP socket whose address goes into the
+success reply) and :func:`serve_association` (one ``select.poll`` loop in the handler's thread
+that relays datagrams until the control connection ends), with their records
+:class:`OutgoingAddresses` and :class:`UdpStats`.
+
+Client → remote: each datagram carries the RFC 1928 §7 header ``RSV FRAG ATYP DST.ADDR
+DST.PORT`` in front of its payload; the header is checked and stripped, the destination
+resolved (names through a small cache) and the payload sent from a remote-facing socket (one per
+address family). Remote → client: the payload is wrapped in the same header naming the sender
+and sent to the client's UDP address. Datagrams that fail a check are dropped and counted, never
+answered: UDP has no error channel, and the RFC asks a relay to drop silently.
+
+Filtering is on the client side only: any remote may answer through the relay's remote-facing
+sockets once the client has used them (what NAT people call "full cone"), which is what
+peer-to-peer and DNS-over-several-servers clients need. Access rules for destinations come in
+through the ``allow`` callback.
+
+It imports the standard library, ``socks5d.protocol`` (the wire format) and the
+``OutgoingAddresses`` record of ``socks5d.outbound``; it must not import the handler or the
+server, so it can be tested without a running proxy. The caller owns and closes the control socket;
+``serve_association`` closes every UDP socket, the endpoint included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import math
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .outbound import ANY_SOURCE, OutgoingAddresses
+from .protocol import Address, AddressType, ProtocolError, encode_udp_datagram, parse_udp_datagram
+
+__all__ = [
+    "OutgoingAddresses",
+    "Resolver",
+    "UdpStats",
+    "open_udp_endpoint",
+    "serve_association",
+    "system_resolver",
+]
+
+logger = logging.getLogger(__name__)
+
+SockAddr = tuple[socket.AddressFamily, tuple[Any, ...]]
+#: Same shape as ``socks5d.outbound.system_resolver``: getaddrinfo → [(family, sockaddr)].
+Resolver = Callable[[str, int], list[SockAddr]]
+
+# The largest UDP payload is 65535 - 8 (UDP header) bytes; a 64 KiB buffer never truncates.
+_MAX_DATAGRAM = 65536
+# RFC 1928 §7: RSV(2) FRAG(1) ATYP(1) + an IPv6 address(16) + PORT(2): the longest header the
+# relay writes in front of a remote's datagram (senders are always IP addresses, never names).
+_HEADER_ROOM = 2 + 1 + 1 + 16 + 2
+# Datagrams one socket may deliver per wake-up before the loop looks at the others (and at the
+# control connection): saves poll calls under load without starving anyone.
+_BATCH = 64
+# Bounds on the per-association caches (a client can name any number of destinations).
+_DNS_CACHE_SIZE = 256
+_HEADER_CACHE_SIZE = 256
+# A failed lookup is remembered briefly: getaddrinfo blocks this loop, and a client retrying an
+# unresolvable name every millisecond must not turn into one DNS query per datagram.
+_NEGATIVE_CACHE_SECONDS = 5.0
+# errno values from the control socket that mean "the client went away", not an error.
+_GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
+
+_POLLIN = select.POLLIN
+_POLLERR = select.POLLERR
+_POLLHUP = select.POLLHUP
+_POLLNVAL = select.POLLNVAL
+_IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+@dataclass(slots=True)
+class UdpStats:
+    """What one association did, for the access log."""
+
+    datagrams_up: int = 0  # client → remote, forwarded
+    datagrams_down: int = 0  # remote → client, forwarded
+    bytes_up: int = 0  # payload bytes, without the SOCKS header
+    bytes_down: int = 0
+    # Bad header, FRAG != 0, foreign source, unresolvable, denied, send error, or a remote's
+    # datagram before the client's address is known.
+    dropped: int = 0
+    end: str = ""  # "control closed", "idle timeout", "aborted" or "error: ..."
+
+
+def system_resolver(host: str, port: int) -> list[SockAddr]:
+    """getaddrinfo for a UDP destination, in the order the system prefers."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP)
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+def _canonical_ip(text: str) -> str:
+    """One spelling per IP, for comparisons: no zone index, IPv4-mapped IPv6 unmapped."""
+    try:
+        ip = ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return text
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def open_udp_endpoint(local_ip: str, port_range: tuple[int, int] | None = None) -> socket.socket:
+    """The client-facing UDP socket, bound on ``local_ip``.
+
+    ``local_ip`` is the address the client reached us on (the control connection's
+    ``getsockname()[0]``), so the client can reach the endpoint the same way; an IPv4-mapped
+    ``::ffff:a.b.c.d`` (a dual-stack listener) becomes an AF_INET socket on ``a.b.c.d``. The port
+    is chosen by the OS, or is the first free one in ``port_range`` (inclusive). Raises OSError
+    when no port is free, ValueError for a range outside 1..65535.
+    """
+    host = local_ip
+    mapped = _canonical_ip(local_ip)
+    if ":" not in mapped:  # IPv4, possibly written as IPv4-mapped IPv6
+        host = mapped
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port_range is None:
+        ports: range = range(0, 1)
+    else:
+        low, high = port_range
+        if not 1 <= low <= high <= 0xFFFF:
+            raise ValueError(f"invalid UDP port range {low}-{high}")
+        ports = range(low, high + 1)
+    for port in ports:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            # EACCES: a privileged port in the range; try the next one like a busy port.
+            if port_range is not None and exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                continue
+            raise
+        return sock
+    raise OSError(errno.EADDRINUSE, f"no free UDP port in {ports.start}-{ports.stop - 1} on {host}")
+
+
+def serve_association(
+    control: socket.socket,
+    endpoint: socket.socket,
+    client_ip: str,
+    expected: Address,
+    *,
+    idle_timeout: float | None = 120.0,
+    outgoing: OutgoingAddresses = ANY_SOURCE,
+    resolver: Resolver | None = None,
+    allow: Callable[[Address, tuple[Any, ...]], bool] | None = None,
+    dns_cache_seconds: float = 30.0,
+) -> UdpStats:
+    """Relay datagrams between the client and remotes until the control connection ends.
+
+    Run it after the success reply (whose BND is ``endpoint.getsockname()``) has been sent.
+    ``client_ip`` is the control connection's peer IP: RFC 1928 §7 has the relay drop datagrams
+    from any other source IP. ``expected`` is the request's DST.ADDR/DST.PORT, the address the
+    client says it will send from; a zero port means "not known". ``allow(address, sockaddr)``
+    returning False drops a datagram (access rules). Returns when the control connection closes
+    or is shut down, or after ``idle_timeout`` seconds without a datagram either way (None: never).
+    Bad datagrams are dropped and counted; nothing a peer sends makes this raise.
+
+    ``control`` is left open (its timeout restored); the endpoint and every UDP socket opened
+    here are closed, so the port is free again when this returns.
+    """
+    if idle_timeout is not None and idle_timeout <= 0:
+        endpoint.close()  # the promise holds even for a bad call: the port is freed
+        raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout}")
+    association = _Association(
+        control,
+        endpoint,
+        client_ip,
+        expected,
+        idle_timeout=idle_timeout,
+        outgoing=outgoing,
+        resolver=resolver or system_resolver,
+        allow=allow,
+        dns_cache_seconds=dns_cache_seconds,
+    )
+    saved_timeout = control.gettimeout()
+    try:
+        association.stats.end = association.run()
+    except Exception as exc:  # a bug here must end one association, not the handler thread
+        logger.exception("UDP association failed")
+        association.stats.end = f"error: {exc}"
+    finally:
+        association.close()
+        with contextlib.suppress(OSError):  # closed by someone else meanwhile
+            control.settimeout(saved_timeout)
+    stats = association.stats
+    logger.debug(
+        "UDP association ended: %s, up %d datagrams/%d bytes, down %d datagrams/%d bytes, "
+        "dropped %d",
+        stats.end,
+        stats.datagrams_up,
+        stats.bytes_up,
+        stats.datagrams_down,
+        stats.bytes_down,
+        stats.dropped,
+    )
+    return stats
+
+
+class _Association:
+    """The state of one association; :meth:`run` is the poll loop."""
+
+    def __init__(
+        self,
+        control: socket.socket,
+        endpoint: socket.socket,
+        client_ip: str,
+        expected: Address,
+        *,
+        idle_timeout: float | None,
+        outgoing: OutgoingAddresses,
+        resolver: Resolver,
+        allow: Callable[[Address, tuple[Any, ...]], bool] | None,
+        dns_cache_seconds: float,
+    ) -> None:
+        self.stats = UdpStats()
+        self.control = control
+        self.endpoint = endpoint
+        self.idle_timeout = idle_timeout
+        self.outgoing = outgoing
+        self.resolver = resolver
+        self.allow = allow
+        self.dns_cache_seconds = max(0.0, dns_cache_seconds)
+        self.poller = select.poll()
+        self.registered: list[int] = []
+
+        # RFC 1928 §7: "It MUST drop any datagrams arriving from any source IP address other
+        # than the one recorded for the particular association."
+        self.client_ip = _canonical_ip(client_ip)
+        # RFC 1928 §7: DST.ADDR/DST.PORT of the request are where the client expects to send
+        # from; "The server MAY use this information to limit access to the association."
+        # All zeros means the client did not know yet. The host is only checked together with a
+        # non-zero port (a client that names its port knows which host it sends from).
+        self.expected_port = expected.port
+        self.expected_ip: str | None = None
+        if expected.port and expected.type is not AddressType.DOMAINNAME:
+            host = _canonical_ip(expected.host)
+            if host not in ("0.0.0.0", "::"):
+                self.expected_ip = host
+        # The client's UDP address, fixed by its first accepted datagram: where replies go, and
+        # the only source accepted from then on.
+        self.client_addr: tuple[Any, ...] | None = None
+        self.client_key: tuple[str, int] | None = None
+
+        # Remote-facing sockets, one per address family, opened on first use.
+        self.remotes: dict[int, socket.socket] = {}  # family → socket
+        self.remote_fds: dict[int, socket.socket] = {}  # fd → socket
+
+        # Preallocated buffers, reused for every datagram. A remote's payload is received
+        # _HEADER_ROOM bytes in, so its header is written in front without copying the payload.
+        self.client_buf = bytearray(_MAX_DATAGRAM)
+        self.client_view = memoryview(self.client_buf)
+        self.remote_buf = bytearray(_HEADER_ROOM + _MAX_DATAGRAM)
+        self.remote_view = memoryview(self.remote_buf)
+        self.remote_payload = self.remote_view[_HEADER_ROOM:]
+
+        # (host, port) → (expiry, candidates); insertion-ordered, the oldest evicted first.
+        self.dns: dict[tuple[str, int], tuple[float, tuple[SockAddr, ...]]] = {}
+        # (ip, port) of a remote → the RFC 1928 §7 header naming it.
+        self.headers: dict[tuple[str, int], bytes] = {}
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self) -> str:
+        if self.control.fileno() < 0:
+            return "control closed"
+        self.control.setblocking(False)
+        self.endpoint.setblocking(False)
+        self.watch(self.control)
+        self.watch(self.endpoint)
+        control_fd = self.control.fileno()
+        endpoint_fd = self.endpoint.fileno()
+        last_activity = time.monotonic()
+        while True:
+            timeout_ms: int | None = None
+            if self.idle_timeout is not None:
+                # Recomputed on every pass, so wake-ups that bring nothing from the client or a
+                # remote (foreign datagrams, bytes on the control connection) never stretch it.
+                remaining = last_activity + self.idle_timeout - time.monotonic()
+                if remaining <= 0:
+                    return "idle timeout"
+                timeout_ms = math.ceil(remaining * 1000)
+            events = self.poller.poll(timeout_ms)
+            if not events:
+                continue
+            ready = dict(events)
+            # The control connection first: once it has ended, nothing more is forwarded.
+            event = ready.pop(control_fd, 0)
+            if event:
+                end = self.serve_control(event)
+                if end is not None:
+                    return end
+            active = False
+            for fd, event in ready.items():
+                sock = self.endpoint if fd == endpoint_fd else self.remote_fds[fd]
+                if event & _POLLNVAL:
+                    return "error: a UDP socket was closed under the association"
+                if event & _POLLHUP:
+                    # UDP reports POLLHUP only after shutdown(SHUT_RDWR): someone aborted us.
+                    return "aborted"
+                if event & _POLLERR:
+                    self.clear_error(sock)
+                if event & _POLLIN:
+                    if sock is self.endpoint:
+                        active |= self.from_client()
+                    else:
+                        active |= self.from_remote(sock)
+            if active:
+                last_activity = time.monotonic()
+
+    def watch(self, sock: socket.socket) -> None:
+        self.poller.register(sock.fileno(), _POLLIN)
+        self.registered.append(sock.fileno())
+
+    def close(self) -> None:
+        for fd in self.registered:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(fd)
+        for sock in (*self.remotes.values(), self.endpoint):
+            sock.close()
+
+    def serve_control(self, event: int) -> str | None:
+        """Read and discard what the client sends on the control connection; say if it ended."""
+        if event & _POLLNVAL:
+            return "error: control connection closed under the association"
+        if event & _POLLERR:
+            code = self.control.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code == 0 or code in _GONE_ERRNOS:
+                return "control closed"
+            return f"error: control: {os.strerror(code)}"
+        if event & _POLLHUP:
+            # A client's FIN only shuts our read half (POLLIN, then EOF); both halves shut
+            # without an error means a local shutdown(SHUT_RDWR): the server aborting us.
+            return "aborted"
+        try:
+            data = self.control.recv(4096)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _GONE_ERRNOS:
+                return "control closed"
+            return f"error: control: {exc.strerror or exc}"
+        if not data:
+            # RFC 1928 §7: "A UDP association terminates when the TCP connection that the UDP
+            # ASSOCIATE request arrived on terminates."
+            return "control closed"
+        logger.debug("discarded %d bytes the client sent on the UDP control connection", len(data))
+        return None
+
+    def clear_error(self, sock: socket.socket) -> None:
+        """Read a pending socket error (an ICMP report for an earlier datagram) so poll stops
+        reporting it; the datagram it concerns was already counted."""
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            logger.debug("UDP socket error reported: %s", os.strerror(code))
+
+    def drop(self, reason: str, *args: object) -> None:
+        self.stats.dropped += 1
+        logger.debug("dropped a datagram: " + reason, *args)
+
+    # --- client → remote --------------------------------------------------------------------
+
+    def from_client(self) -> bool:
+        """Forward what the client sent; True if a datagram came from the client."""
+        active = False
+        for _ in range(_BATCH):
+            try:
+                n, source = self.endpoint.recvfrom_into(self.client_buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # an ICMP error reported late; the next datagram is fine
+                logger.debug("UDP endpoint receive failed: %s", exc)
+                break
+            if not self.from_the_client(source):
+                self.drop("foreign source %s", source)
+                continue
+            active = True
+            try:
+                # RFC 1928 §7: RSV(2) FRAG(1) ATYP DST.ADDR DST.PORT DATA.
+                datagram = parse_udp_datagram(self.client_view[:n])
+            except ProtocolError as exc:
+                self.drop("bad header from %s: %s", source, exc.message)
+                continue
+            if datagram.frag != 0:
+                # RFC 1928 §7: "An implementation that does not support fragmentation MUST drop
+                # any datagram whose FRAG field is other than X'00'."
+                self.drop("FRAG %d from %s (fragments are not reassembled)", datagram.frag, source)
+                continue
+            if self.client_addr is None:
+                self.client_addr = source
+                self.client_key = (source[0], source[1])
+                logger.debug("UDP client address is %s", source)
+            self.forward(datagram.address, datagram.data)
+        return active
+
+    def from_the_client(self, source: tuple[Any, ...]) -> bool:
+        if self.client_key is not None:
+            # Fixed by the first datagram: another process on the client's host cannot join.
+            return (source[0], source[1]) == self.client_key
+        ip = source[0]
+        if ip != self.client_ip and _canonical_ip(ip) != self.client_ip:
+            return False
+        if self.expected_port and source[1] != self.expected_port:
+            return False
+        return self.expected_ip is None or _canonical_ip(ip) == self.expected_ip
+
+    def forward(self, address: Address, data: bytes) -> None:
+        candidates = self.destinations(address)
+        if not candidates:
+            self.drop("unresolvable destination %s", address)
+            return
+        failure: BaseException | None = None
+        denied = 0
+        for family, sockaddr in candidates:
+            if self.allow is not None and not self.allow(address, sockaddr):
+                denied += 1
+                continue
+            try:
+                self.remote_socket(family).sendto(data, sockaddr)
+            except OSError as exc:  # EMSGSIZE, ENETUNREACH, EAFNOSUPPORT, a full buffer...
+                failure = exc
+                continue
+            self.stats.datagrams_up += 1
+            self.stats.bytes_up += len(data)
+            return
+        if failure is None:
+            self.drop("destination %s denied", address)
+        else:
+            self.drop("sending to %s failed: %s", address, failure)
+
+    def destinations(self, address: Address) -> tuple[SockAddr, ...]:
+        """Where to send a datagram for ``address``: literals as they are, names resolved."""
+        if address.type is AddressType.IPV4:
+            return ((socket.AF_INET, (address.host, address.port)),)
+        if address.type is AddressType.IPV6:
+            if address.host.startswith("::ffff:"):
+                # An IPv4-mapped destination goes out of the IPv4 socket (and outgoing.ipv4).
+                host = _canonical_ip(address.host)
+                if ":" not in host:
+                    return ((socket.AF_INET, (host, address.port)),)
+            return ((socket.AF_INET6, (address.host, address.port, 0, 0)),)
+        return self.resolve(address.host, address.port)
+
+    def resolve(self, host: str, port: int) -> tuple[SockAddr, ...]:
+        key = (host, port)
+        now = time.monotonic()
+        cached = self.dns.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            results = self.resolver(host, port)
+        except (OSError, ValueError) as exc:  # gaierror; UnicodeError from IDNA is a ValueError
+            logger.debug("resolving %s failed: %s", host, exc)
+            results = []
+        candidates = tuple((family, sa) for family, sa in results if family in _IP_FAMILIES)
+        ttl = self.dns_cache_seconds
+        if not candidates:
+            ttl = min(ttl, _NEGATIVE_CACHE_SECONDS)
+        if ttl > 0:
+            self.dns.pop(key, None)  # re-inserted at the end: the oldest entry is evicted first
+            if len(self.dns) >= _DNS_CACHE_SIZE:
+                del self.dns[next(iter(self.dns))]
+            self.dns[key] = (now + ttl, candidates)
+        return candidates
+
+    def remote_socket(self, family: int) -> socket.socket:
+        """The remote-facing socket for ``family``, opened (and bound) on first use."""
+        sock = self.remotes.get(family)
+        if sock is not None:
+            return sock
+        source = self.outgoing.ipv4 if family == socket.AF_INET else self.outgoing.ipv6
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if source:
+                sock.bind((source, 0))
+        except OSError:
+            sock.close()
+            raise
+        self.remotes[family] = sock
+        self.remote_fds[sock.fileno()] = sock
+        self.watch(sock)
+        return sock
+
+    # --- remote → client --------------------------------------------------------------------
+
+    def from_remote(self, sock: socket.socket) -> bool:
+        """Wrap what remotes sent and forward it to the client; True if anything went."""
+        active = False
+        client_addr = self.client_addr
+        for _ in range(_BATCH):
+            try:
+                n, source = sock.recvfrom_into(self.remote_payload)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # an ICMP error for an earlier datagram
+                logger.debug("UDP remote receive failed: %s", exc)
+                break
+            if client_addr is None:  # not reachable in practice: we send before we receive
+                self.drop("datagram from %s before the client's address is known", source)
+                continue
+            # RFC 1928 §7: the reply carries the same header, naming the sender.
+            header = self.header_for(source)
+            start = _HEADER_ROOM - len(header)
+            self.remote_buf[start:_HEADER_ROOM] = header
+            try:
+                self.endpoint.sendto(self.remote_view[start : _HEADER_ROOM + n], client_addr)
+            except OSError as exc:  # EMSGSIZE (a big IPv6 datagram to an IPv4 client), ENOBUFS
+                self.drop("sending %d bytes from %s to the client failed: %s", n, source, exc)
+                continue
+            self.stats.datagrams_down += 1
+            self.stats.bytes_down += n
+            active = True
+        return active
+
+    def header_for(self, source: tuple[Any, ...]) -> bytes:
+        key = (source[0], source[1])
+        header = self.headers.get(key)
+        if header is None:
+            if len(self.headers) >= _HEADER_CACHE_SIZE:
+                self.headers.clear()
+            # An IPv4-mapped sender becomes ATYP X'01'; a zone index is dropped.
+            header = encode_udp_datagram(Address.from_sockaddr(source), b"")
+            self.headers[key] = header
+        return header
