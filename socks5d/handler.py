@@ -9,6 +9,7 @@ in relay.py; this module only sequences them and writes the access log line.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import time
@@ -17,8 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .auth import Authenticator
+from .bind import ClientLeft, canonical_ip, expected_peer_ips, open_bind_listener, wait_for_peer
 from .config import Config
-from .outbound import ConnectFailed, Resolver, open_connection, system_resolver
+from .outbound import (
+    ANY_SOURCE,
+    ConnectFailed,
+    OutgoingAddresses,
+    Resolver,
+    open_connection,
+    reply_for_error,
+    resolve,
+    system_resolver,
+)
 from .protocol import (
     MAX_GREETING_SIZE,
     MAX_REQUEST_SIZE,
@@ -39,6 +50,7 @@ from .protocol import (
 )
 from .relay import relay
 from .server import BaseRequestHandler
+from .udp import open_udp_endpoint, serve_association
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("socks5d.access")
@@ -55,6 +67,11 @@ class HandlerSettings:
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     idle_timeout: float | None = 3600.0
+    bind_timeout: float = 60.0
+    attempt_delay: float = 0.25
+    udp_idle_timeout: float | None = 120.0
+    udp_port_range: tuple[int, int] | None = None
+    outgoing: OutgoingAddresses = ANY_SOURCE
     resolver: Resolver = system_resolver
 
     @classmethod
@@ -84,8 +101,18 @@ class HandshakeReader:
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
         self.sock = sock
+        self.timeout = timeout
         self.deadline = time.monotonic() + timeout
         self.buffer = bytearray()
+
+    def send_reply(self, reply: Reply, bound: Address | None = None) -> None:
+        """Send an RFC 1928 §6 reply with a fresh deadline.
+
+        Replies follow a connect or a BIND wait that may outlast the handshake deadline;
+        the client still gets `timeout` seconds to take the reply.
+        """
+        self.deadline = time.monotonic() + self.timeout
+        self.send(encode_reply(reply, bound))
 
     def read(self, parser: Parser[Message], limit: int) -> Message:
         while True:
@@ -177,17 +204,16 @@ class Socks5Handler(BaseRequestHandler):
             session.end = f"protocol error: {exc.message}"
             if exc.reply is not None:
                 session.reply = exc.reply
-                reader.send(encode_reply(exc.reply))
+                reader.send_reply(exc.reply)
             return
         session.command = request.command.name
         session.target = str(request.address)
         if request.command is Command.CONNECT:
             self.connect(request, reader, settings, session)
+        elif request.command is Command.BIND:
+            self.bind(request, reader, settings, session)
         else:
-            # BIND and UDP ASSOCIATE arrive in a later release.
-            session.reply = Reply.COMMAND_NOT_SUPPORTED
-            session.end = "command not supported"
-            reader.send(encode_reply(Reply.COMMAND_NOT_SUPPORTED))
+            self.udp_associate(request, reader, settings, session)
 
     def negotiate(self, reader: HandshakeReader, auth: Authenticator, session: Session) -> bool:
         """RFC 1928 §3 method selection, then RFC 1929 when that is the method."""
@@ -217,28 +243,114 @@ class Socks5Handler(BaseRequestHandler):
     ) -> None:
         """RFC 1928 §4 CONNECT: reply with the outbound socket's address, then relay."""
         try:
-            upstream = open_connection(request.address, settings.connect_timeout, settings.resolver)
+            upstream = open_connection(
+                request.address,
+                settings.connect_timeout,
+                settings.resolver,
+                attempt_delay=settings.attempt_delay,
+                outgoing=settings.outgoing,
+            )
         except ConnectFailed as exc:
-            session.reply = exc.reply
-            session.end = exc.reason
-            reader.send(encode_reply(exc.reply))
+            self.fail(reader, session, exc.reply, exc.reason)
             return
         with upstream:
             session.remote = _format_peer(upstream.getpeername())
-            bound = Address.from_sockaddr(upstream.getsockname())
             session.reply = Reply.SUCCEEDED
-            reader.send(encode_reply(Reply.SUCCEEDED, bound))
-            pending = bytes(reader.buffer)
-            reader.buffer.clear()
-            result = relay(
-                self.request,
-                upstream,
-                idle_timeout=settings.idle_timeout,
-                pending_a_to_b=pending,
+            reader.send_reply(Reply.SUCCEEDED, Address.from_sockaddr(upstream.getsockname()))
+            self.tunnel(upstream, reader, settings, session)
+
+    def bind(
+        self, request: Request, reader: HandshakeReader, settings: HandlerSettings, session: Session
+    ) -> None:
+        """RFC 1928 §4 BIND: first reply with where to connect, second with who did."""
+        try:
+            resolved = [sockaddr[0] for _, sockaddr in resolve(request.address, settings.resolver)]
+        except OSError as exc:
+            self.fail(reader, session, reply_for_error(exc), f"resolve failed: {exc}")
+            return
+        expected = expected_peer_ips(request.address, resolved)
+        # An all-zero DST gives no route to look up: listen where the client reached us.
+        routable = [ip for ip in resolved if not ipaddress.ip_address(ip).is_unspecified]
+        try:
+            listener = open_bind_listener(
+                routable or [canonical_ip(self.request.getsockname()[0])], settings.outgoing
             )
-            session.up, session.down = result.a_to_b, result.b_to_a
-            closer = {"a": "client", "b": "target"}.get(result.closed_first, result.closed_first)
-            session.end = f"{closer} {result.reason}"
+        except OSError as exc:
+            self.fail(reader, session, reply_for_error(exc), f"bind failed: {exc}")
+            return
+        with listener:
+            bound = Address.from_sockaddr(listener.getsockname())
+            reader.send_reply(Reply.SUCCEEDED, bound)
+            try:
+                accepted = wait_for_peer(listener, self.request, expected, settings.bind_timeout)
+            except ClientLeft:
+                session.end = "client closed while waiting for the BIND peer"
+                return
+        if accepted is None:
+            # Nobody (expected) connected in time: the same code as a connect timeout.
+            self.fail(reader, session, Reply.HOST_UNREACHABLE, "no BIND peer before the timeout")
+            return
+        with accepted.sock:
+            session.remote = str(accepted.peer)
+            session.reply = Reply.SUCCEEDED
+            reader.send_reply(Reply.SUCCEEDED, accepted.peer)
+            self.tunnel(accepted.sock, reader, settings, session)
+
+    def udp_associate(
+        self, request: Request, reader: HandshakeReader, settings: HandlerSettings, session: Session
+    ) -> None:
+        """RFC 1928 §7: a UDP relay that lives exactly as long as this TCP connection."""
+        local_ip = canonical_ip(self.request.getsockname()[0])
+        try:
+            endpoint = open_udp_endpoint(local_ip, settings.udp_port_range)
+        except OSError as exc:
+            self.fail(reader, session, Reply.GENERAL_FAILURE, f"no UDP port: {exc}")
+            return
+        session.remote = str(Address.from_sockaddr(endpoint.getsockname()))
+        session.reply = Reply.SUCCEEDED
+        try:
+            reader.send_reply(Reply.SUCCEEDED, Address.from_sockaddr(endpoint.getsockname()))
+        except BaseException:
+            endpoint.close()
+            raise
+        stats = serve_association(
+            self.request,
+            endpoint,
+            canonical_ip(self.client_address[0]),
+            request.address,
+            idle_timeout=settings.udp_idle_timeout,
+            outgoing=settings.outgoing,
+            resolver=settings.resolver,
+        )
+        session.up, session.down = stats.bytes_up, stats.bytes_down
+        session.end = (
+            f"{stats.end} (datagrams up={stats.datagrams_up} down={stats.datagrams_down}"
+            f" dropped={stats.dropped})"
+        )
+
+    def tunnel(
+        self,
+        upstream: socket.socket,
+        reader: HandshakeReader,
+        settings: HandlerSettings,
+        session: Session,
+    ) -> None:
+        """Relay between the client and `upstream`; pipelined client bytes go first."""
+        pending = bytes(reader.buffer)
+        reader.buffer.clear()
+        result = relay(
+            self.request, upstream, idle_timeout=settings.idle_timeout, pending_a_to_b=pending
+        )
+        session.up, session.down = result.a_to_b, result.b_to_a
+        closer = {"a": "client", "b": "target"}.get(result.closed_first, result.closed_first)
+        session.end = f"{closer} {result.reason}"
+
+    @staticmethod
+    def fail(reader: HandshakeReader, session: Session, reply: Reply, reason: str) -> None:
+        """Send a failure reply; the connection closes right after (RFC 1928 §6)."""
+        session.reply = reply
+        session.end = reason
+        reader.send_reply(reply)
 
 
 def linger_close(sock: socket.socket, timeout: float = 1.0, limit: int = 65536) -> None:

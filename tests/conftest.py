@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clients import TIMEOUT
@@ -133,6 +134,7 @@ def running_proxy(
     host: str = "127.0.0.1",
     max_connections: int = 1024,
     handshake_timeout: float = 10.0,
+    **settings: Any,
 ) -> Iterator[RunningProxy]:
     """A SOCKS server on port 0, closed afterwards.
 
@@ -141,6 +143,7 @@ def running_proxy(
     client sockets and keep them open after the test closes them.
     """
     if mode == "forking":
+        assert not settings, "forking mode takes its settings from a config file"
         with tempfile.TemporaryDirectory() as folder:
             config = Path(folder) / "config.toml"
             config.write_text(
@@ -160,7 +163,9 @@ def running_proxy(
         return
     server = SERVER_CLASSES[mode]((host, 0), Socks5Handler, max_connections=max_connections)
     server.settings = HandlerSettings(
-        authenticator=Authenticator.from_users(users), handshake_timeout=handshake_timeout
+        authenticator=Authenticator.from_users(users),
+        handshake_timeout=handshake_timeout,
+        **settings,
     )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
     thread.start()

@@ -13,7 +13,7 @@ from clients import TIMEOUT, connect_through, open_tunnel, read_reply, recv_all,
 from conftest import needs_ipv6, running_proxy
 
 from socks5d.config import User
-from socks5d.protocol import Address, AddressType, Command, Reply
+from socks5d.protocol import Address, AddressType, Reply
 
 ALICE = (User("alice", "secret"),)
 
@@ -163,16 +163,6 @@ def test_unresolvable_name_gets_04(threading_proxy):
     sock, reply, _ = open_tunnel(threading_proxy.address, target)
     with sock:
         assert reply == Reply.HOST_UNREACHABLE
-        assert recv_all(sock) == b""
-
-
-@pytest.mark.parametrize("command", [Command.BIND, Command.UDP_ASSOCIATE])
-def test_bind_and_udp_associate_get_07_for_now(proxy, command):
-    sock, reply, _ = open_tunnel(
-        proxy.address, Address(AddressType.IPV4, "127.0.0.1", 9), None, command
-    )
-    with sock:
-        assert reply == Reply.COMMAND_NOT_SUPPORTED
         assert recv_all(sock) == b""
 
 

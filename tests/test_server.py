@@ -344,6 +344,7 @@ def test_shutdown_from_inside_a_handler(server_class: type[TCPServer]) -> None:
     # ThreadingTCPServer runs it in another thread, where shutdown() waits for the loop.
     class StopHandler(BaseRequestHandler):
         def handle(self) -> None:
+            recv_all(self.request)  # unread data would make close() send a RST
             self.server.shutdown()
             self.request.sendall(b"shutdown returned")
 
@@ -726,22 +727,28 @@ def test_forking_server_close_kills_stuck_children(caplog: pytest.LogCaptureFixt
     server.close_timeout = 0.1
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
+    # In a thread, so a server_close() that waited for ever fails instead of hanging.
+    closer = threading.Thread(target=server.server_close)
     with connect(server.server_address) as conn:
         pid = read_ready(conn)
-        server.shutdown()
-        thread.join(TIMEOUT)
-        # In a thread, so a server_close() that waited for ever fails instead of hanging.
-        closer = threading.Thread(target=server.server_close)
-        started = time.monotonic()
-        closer.start()
-        closer.join(TIMEOUT)
-        elapsed = time.monotonic() - started
-        if closer.is_alive():
-            # The child inherited our end of the connection, so only a kill ends it.
-            os.kill(pid, signal.SIGKILL)
+        try:
+            server.shutdown()
+            thread.join(TIMEOUT)
+            started = time.monotonic()
+            closer.start()
             closer.join(TIMEOUT)
-            pytest.fail("server_close() waited for the stuck child")
-        assert recv_all(conn) == b""  # the child is dead
+            elapsed = time.monotonic() - started
+            assert not closer.is_alive(), "server_close() waited for the stuck child"
+            assert recv_all(conn) == b""  # the child is dead
+        finally:
+            if not process_gone(pid):
+                # Only on failure. The child inherited our end of the connection too, so
+                # closing it would not end the child: kill it (it is ours).
+                os.kill(pid, signal.SIGKILL)
+                if closer.is_alive():
+                    closer.join(TIMEOUT)
+                else:
+                    server.server_close()
     assert elapsed < 2.0
     assert process_gone(pid)
     assert zombie_children() == []
