@@ -166,6 +166,9 @@ class BaseServer:
         shutdown() takes effect at once; poll_interval only bounds how long
         service_actions() may wait. A shutdown() that came while no loop ran (for example
         a signal between installing the handler and calling this) makes it return at once.
+        In the main thread it also points signal.set_wakeup_fd() at the wake-up socket
+        (unless the application already set one), so a signal handler that calls
+        shutdown() runs at once even if the kernel delivered the signal to another thread.
         """
         self._is_shut_down.clear()
         self._serving_ident = threading.get_ident()
@@ -753,7 +756,8 @@ class ForkingMixIn(_MixInBase):
     The child closes the listening socket and the wake-up socketpair, resets SIGTERM,
     SIGINT, SIGHUP and SIGCHLD to SIG_DFL (those signals are blocked around fork(), so
     none reaches the child's copy of the parent's handlers), runs finish_request() and
-    shutdown_request() and leaves with os._exit(0), or 1 after handle_error().
+    shutdown_request() and leaves with os._exit(0), or 1 after handle_error(). In a child,
+    shutdown() is a harmless no-op: only the parent runs the loop.
 
     The parent reaps with os.waitpid(-1, WNOHANG) in service_actions() and before the
     cap check, never blocking the loop. waitpid(-1) also collects children that some
@@ -814,15 +818,18 @@ class ForkingMixIn(_MixInBase):
             return
         blocked = set(_CHILD_DEFAULT_SIGNALS)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-        try:
-            pid = os.fork()
-        except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            raise
+        # Held across fork() until the PID is recorded, so abort_active_requests() in
+        # another thread cannot miss a child that is already serving.
+        with self._children_lock:
+            try:
+                pid = os.fork()
+            except BaseException:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                raise
+            if pid:
+                self._children.add(pid)
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            with self._children_lock:
-                self._children.add(pid)
             self.close_request(request)
             return
         # Child: this must never return into the parent's loop, hence os._exit().
