@@ -100,6 +100,7 @@ class BaseServer:
     - server_bind()
     - server_activate()
     - get_request() -> request, client_address
+    - listeners(), get_request_from(listener)  # for servers with several sockets
     - handle_timeout()
     - verify_request(request, client_address)
     - server_close()
@@ -189,11 +190,13 @@ class BaseServer:
                         # with the connection we could not accept) but keep the wake-up
                         # socket, so shutdown stays prompt.
                         if listening:
-                            selector.unregister(self)
+                            for listener in self.listeners():
+                                selector.unregister(listener)
                             listening = False
                         timeout = min(timeout, self._accept_resume_at - now)
                     elif not listening:
-                        selector.register(self, selectors.EVENT_READ, _LISTENER)
+                        for listener in self.listeners():
+                            selector.register(listener, selectors.EVENT_READ, _LISTENER)
                         listening = True
                     ready = selector.select(timeout)
                     # bpo-35017: shutdown() during select() means exit now.
@@ -203,7 +206,7 @@ class BaseServer:
                         if key.data == _WAKEUP:
                             self._drain_wakeup()
                         else:
-                            self._handle_request_noblock()
+                            self._handle_request_noblock(key.fileobj)
                     self.service_actions()
                     self._flush_overload_log()
         finally:
@@ -276,7 +279,8 @@ class BaseServer:
         """Handle one request, waiting at most self.timeout for it (None: forever)."""
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         with _ServerSelector() as selector:
-            selector.register(self, selectors.EVENT_READ, _LISTENER)
+            for listener in self.listeners():
+                selector.register(listener, selectors.EVENT_READ, _LISTENER)
             while True:
                 now = time.monotonic()
                 remaining = None if deadline is None else deadline - now
@@ -287,14 +291,15 @@ class BaseServer:
                 if pause > 0:
                     time.sleep(pause if remaining is None else min(pause, remaining))
                     continue
-                if selector.select(remaining):
-                    self._handle_request_noblock()
+                ready = selector.select(remaining)
+                if ready:
+                    self._handle_request_noblock(ready[0][0].fileobj)
                     return
 
-    def _handle_request_noblock(self) -> None:
-        """Accept and dispatch one request; the selector said the socket is readable."""
+    def _handle_request_noblock(self, listener: Any) -> None:
+        """Accept and dispatch one request; the selector said `listener` is readable."""
         try:
-            request, client_address = self.get_request()
+            request, client_address = self.get_request_from(listener)
         except OSError as exc:
             self._accept_failed(exc)
             return
@@ -376,6 +381,17 @@ class BaseServer:
     def get_request(self) -> tuple[socket.socket, Any]:
         """Return (request, client_address). Must be overridden."""
         raise NotImplementedError
+
+    def listeners(self) -> list[Any]:
+        """What serve_forever() waits on for new requests (objects with fileno()).
+
+        The default is the server itself; TCPServer lists each of its listening sockets.
+        """
+        return [self]
+
+    def get_request_from(self, listener: Any) -> tuple[socket.socket, Any]:
+        """Accept from one of listeners(); the default ignores which and calls get_request()."""
+        return self.get_request()
 
     def fileno(self) -> int:
         """The descriptor to wait on. Must be overridden."""
@@ -504,10 +520,15 @@ class TCPServer(BaseServer):
     - allow_reuse_address (True: a restart can bind while old connections sit in TIME_WAIT)
     - allow_reuse_port (False)
 
+    server_address may also be a list of addresses: the server then listens on each
+    (say 127.0.0.1 and ::1), all served by one accept loop and one max_connections.
+
     Instance variables:
 
     - server_address (the bound address after server_bind(): port 0 becomes the real port)
-    - address_family (from the host: AF_INET or AF_INET6)
+    - server_addresses (every bound address, in the order given)
+    - sockets (every listening socket; socket is the first)
+    - address_family (of the first address: AF_INET or AF_INET6)
     - backlog
     - max_connections
     - RequestHandlerClass
@@ -533,20 +554,32 @@ class TCPServer(BaseServer):
             raise ValueError(f"backlog must be >= 0, not {backlog}")
         if max_connections is not None and max_connections < 1:
             raise ValueError(f"max_connections must be >= 1 or None, not {max_connections}")
-        family, sockaddr, dual_stack = _resolve_bind_address(server_address)
-        BaseServer.__init__(self, sockaddr, RequestHandlerClass)
-        self.address_family = family
+        # A list listens on every address in it, all served by the one accept loop (and
+        # sharing max_connections); a single address is the socketserver form.
+        addresses = server_address if isinstance(server_address, list) else [server_address]
+        if not addresses:
+            raise ValueError("no address to listen on")
+        resolved = [_resolve_bind_address(address) for address in addresses]
+        BaseServer.__init__(self, resolved[0][1], RequestHandlerClass)
+        self.address_family = resolved[0][0]
         self.backlog = backlog
         self.max_connections = max_connections
-        self._dual_stack = dual_stack
+        self.server_addresses = [sockaddr for _, sockaddr, _ in resolved]
+        self._dual_stack = [dual_stack for _, _, dual_stack in resolved]
+        self.sockets: list[socket.socket] = []
         try:
-            self.socket = socket.socket(self.address_family, self.socket_type)
+            for family, _, _ in resolved:
+                sock = socket.socket(family, self.socket_type)
+                self.sockets.append(sock)
+                # Non-blocking: a connection that vanishes between poll() and accept()
+                # must not block the loop (and shutdown) forever.
+                sock.setblocking(False)
         except BaseException:
+            for sock in self.sockets:
+                sock.close()
             self._close_wakeup()
             raise
-        # Non-blocking: a connection that vanishes between poll() and accept() must not
-        # block the loop (and shutdown) forever.
-        self.socket.setblocking(False)
+        self.socket = self.sockets[0]
         if bind_and_activate:
             try:
                 self.server_bind()
@@ -556,37 +589,57 @@ class TCPServer(BaseServer):
                 raise
 
     def server_bind(self) -> None:
-        """Set socket options and bind; records the real address. May be overridden."""
-        if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if self._dual_stack:
-            # "::" should also take IPv4 clients (as ::ffff:a.b.c.d) whatever the
-            # system default (net.ipv6.bindv6only) says.
+        """Set socket options and bind each socket; records the real addresses.
+
+        May be overridden.
+        """
+        for index, sock in enumerate(self.sockets):
+            if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if self._dual_stack[index]:
+                # "::" should also take IPv4 clients (as ::ffff:a.b.c.d) whatever the
+                # system default (net.ipv6.bindv6only) says.
+                try:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                except (AttributeError, OSError) as exc:
+                    logger.debug("cannot clear IPV6_V6ONLY, IPv6 only: %s", exc)
             try:
-                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            except (AttributeError, OSError) as exc:
-                logger.debug("cannot clear IPV6_V6ONLY, IPv6 only: %s", exc)
-        self.socket.bind(self.server_address)
-        self.server_address = self.socket.getsockname()
+                sock.bind(self.server_addresses[index])
+            except OSError as exc:
+                # Which of several addresses failed, for the caller's error message.
+                exc.bind_address = self.server_addresses[index]  # type: ignore[attr-defined]
+                raise
+            self.server_addresses[index] = sock.getsockname()
+        self.server_address = self.server_addresses[0]
 
     def server_activate(self) -> None:
         """Start listening with the configured backlog. May be overridden."""
-        self.socket.listen(self.backlog)
+        for sock in self.sockets:
+            sock.listen(self.backlog)
 
     def server_close(self) -> None:
         """Stop listening and release the server's descriptors. May be extended."""
-        self.socket.close()
+        for sock in self.sockets:
+            sock.close()
         super().server_close()
 
     def fileno(self) -> int:
-        """The listening socket's descriptor (for the selector)."""
+        """The first listening socket's descriptor."""
         return self.socket.fileno()
 
+    def listeners(self) -> list[Any]:
+        """Every listening socket: one accept loop serves them all."""
+        return list(self.sockets)
+
     def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept from the first listening socket (see get_request_from)."""
+        return self.get_request_from(self.socket)
+
+    def get_request_from(self, listener: Any) -> tuple[socket.socket, Any]:
         """Accept one connection and make it blocking for the handler. May be overridden."""
-        request, client_address = self.socket.accept()
+        request, client_address = listener.accept()
         try:
             request.setblocking(True)
         except OSError:
@@ -850,7 +903,8 @@ class ForkingMixIn(_MixInBase):
         # The lock may have been held by another parent thread at fork time.
         self._children_lock = threading.RLock()
         self._children = set()
-        self.socket.close()
+        for sock in self.sockets:
+            sock.close()
         # The parent may have pointed signal.set_wakeup_fd() at the socketpair we are
         # about to close (a reused descriptor number must not receive signal bytes), or
         # at some other descriptor of its own loop, which the child must not wake.

@@ -974,3 +974,68 @@ def test_emfile_backs_off_logs_once_and_recovers() -> None:
     expected = [f"hold {i}" for i in range(result["held"] + 1)] + ["late"]
     assert result["replies"] == expected  # every waiting client was served in the end
     assert result["fresh"] == "fresh client"
+
+
+# ---- several listening addresses ----
+
+
+class _AddressEcho(BaseRequestHandler):
+    """Answers with the local address the client reached."""
+
+    def handle(self) -> None:
+        host, port = self.request.getsockname()[:2]
+        self.request.sendall(f"{host} {port}".encode())
+
+
+@pytest.mark.parametrize("server_class", [ThreadingTCPServer, ForkingTCPServer])
+def test_one_server_listens_on_several_addresses(server_class):
+    addresses = [("127.0.0.1", 0), ("127.0.0.1", 0)]
+    if ipv6_available():
+        addresses.append(("::1", 0))
+    with server_class(addresses, _AddressEcho) as srv:
+        thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        try:
+            assert len(srv.sockets) == len(srv.server_addresses) == len(addresses)
+            assert srv.server_address == srv.server_addresses[0]
+            for bound in srv.server_addresses:
+                host, port = bound[:2]
+                with socket.create_connection((host, port), timeout=TIMEOUT) as client:
+                    assert recv_all(client) == f"{host} {port}".encode()
+        finally:
+            srv.shutdown()
+            thread.join(TIMEOUT)
+    assert all(sock.fileno() == -1 for sock in srv.sockets)
+
+
+def test_several_addresses_share_one_connection_cap():
+    release = threading.Event()
+
+    class Hold(BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(b"in")
+            release.wait(TIMEOUT)
+
+    addresses = [("127.0.0.1", 0), ("127.0.0.1", 0)]
+    srv = ThreadingTCPServer(addresses, Hold, max_connections=2)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    first, second = (addr[:2] for addr in srv.server_addresses)
+    try:
+        held = [socket.create_connection(first, timeout=TIMEOUT) for _ in range(2)]
+        for client in held:
+            assert client.recv(2) == b"in"
+        with socket.create_connection(second, timeout=TIMEOUT) as extra:
+            assert recv_all(extra) == b""  # the cap counts both listeners
+        for client in held:
+            client.close()
+    finally:
+        release.set()
+        srv.shutdown()
+        thread.join(TIMEOUT)
+        srv.server_close()
+
+
+def test_empty_address_list_is_rejected():
+    with pytest.raises(ValueError, match="no address"):
+        TCPServer([], BaseRequestHandler)
