@@ -40,6 +40,20 @@ class ConfigProblem(click.ClickException):
     "--port", type=int, help="TCP port to listen on (0 picks a free one).  [default: 1080]"
 )
 @click.option(
+    "--listen",
+    "listen",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Listen on this address ([::1]:1080 for IPv6); repeatable. Instead of --host/--port.",
+)
+@click.option(
+    "--outgoing-address",
+    "outgoing",
+    multiple=True,
+    metavar="IP",
+    help="Source address for outbound connections (one IPv4 and/or one IPv6); repeatable.",
+)
+@click.option(
     "--mode",
     type=click.Choice(MODES),
     help="One thread or one process per client.  [default: threading]",
@@ -64,15 +78,19 @@ class ConfigProblem(click.ClickException):
 def main(
     host: str | None,
     port: int | None,
+    listen: tuple[str, ...],
+    outgoing: tuple[str, ...],
     mode: str | None,
     config_path: str | None,
     users: tuple[str, ...],
     log_level: str | None,
 ) -> None:
-    """A SOCKS5 proxy daemon (RFC 1928 CONNECT, RFC 1929 username/password)."""
+    """A SOCKS5 proxy daemon (RFC 1928 CONNECT, BIND, UDP ASSOCIATE; RFC 1929 login)."""
     overrides: dict[str, Any] = {
         "server_host": host,
         "server_port": port,
+        "server_listen": list(listen) or None,
+        "server_outgoing_address": list(outgoing) or None,
         "server_mode": mode,
         "logging_level": log_level,
         "users": None,
@@ -89,9 +107,8 @@ def main(
     try:
         daemon.bind()
     except OSError as exc:
-        raise click.ClickException(
-            _bind_error(exc, config.server.host, config.server.port)
-        ) from None
+        host, port = getattr(exc, "bind_address", config.server.listen_addresses[0])[:2]
+        raise click.ClickException(_bind_error(exc, host, port)) from None
     raise SystemExit(daemon.run())
 
 

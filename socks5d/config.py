@@ -27,8 +27,22 @@ class ConfigError(Exception):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 1080
+    listen: tuple[tuple[str, int], ...] = ()  # when given, replaces host/port
     mode: str = "threading"
     backlog: int = 128
+    outgoing_address: tuple[str, ...] = ()  # at most one IPv4 and one IPv6 source address
+
+    @property
+    def listen_addresses(self) -> tuple[tuple[str, int], ...]:
+        """Every (host, port) to listen on: `listen`, or the host/port short form."""
+        return self.listen or ((self.host, self.port),)
+
+    def outgoing_for(self, version: int) -> str | None:
+        """The configured source address of IP `version` (4 or 6), if any."""
+        return next(
+            (ip for ip in self.outgoing_address if ipaddress.ip_address(ip).version == version),
+            None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +54,15 @@ class LimitsConfig:
 class TimeoutsConfig:
     handshake: float = 10.0
     connect: float = 10.0
+    connect_attempt_delay: float = 0.25  # RFC 8305 §5: "Connection Attempt Delay"
     idle: float = 3600.0  # 0 disables
+    bind: float = 60.0
+    udp_idle: float = 120.0  # 0 disables
+
+
+@dataclass(frozen=True, slots=True)
+class UdpConfig:
+    port_range: tuple[int, int] | None = None  # None: the OS picks
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +82,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     logging: LoggingConfig = LoggingConfig()
+    udp: UdpConfig = UdpConfig()
     users: tuple[User, ...] = ()
     source: str = "<defaults>"
 
@@ -138,6 +161,55 @@ def _text(limit: int) -> Callable[[Any], str]:
     return check
 
 
+def parse_listen_address(value: Any) -> tuple[str, int]:
+    """ "HOST:PORT" or "[V6]:PORT" → (host, port), host validated like server.host."""
+    if not isinstance(value, str):
+        raise ValueError(f'must be a "HOST:PORT" string, got {_describe(value)}')
+    host, sep, port_text = value.strip().rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f'must look like "127.0.0.1:1080" or "[::1]:1080", got {value!r}')
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f'IPv6 addresses need brackets, as in "[::1]:1080", got {value!r}')
+    return _host(host), _integer(0, 65535)(int(port_text))
+
+
+def _listen(value: Any) -> tuple[tuple[str, int], ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ValueError('must be a list like ["127.0.0.1:1080", "[::1]:1080"]')
+    addresses = tuple(parse_listen_address(item) for item in items)
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("lists the same address twice")
+    return addresses
+
+
+def _outgoing(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ValueError(f"must be an IP address or a list of them, got {_describe(value)}")
+    versions: dict[int, str] = {}
+    for item in items:
+        try:
+            address = ipaddress.ip_address(item)
+        except (ValueError, TypeError):
+            raise ValueError(f"is not an IP address: {item!r}") from None
+        if address.version in versions:
+            raise ValueError(f"gives two IPv{address.version} addresses; at most one of each")
+        versions[address.version] = str(address)
+    return tuple(versions.values())
+
+
+def _port_range(value: Any) -> tuple[int, int] | None:
+    if value == []:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError(f"must be [FIRST, LAST] (or [] for any), got {_describe(value)}")
+    first, last = (_integer(1, 65535)(item) for item in value)
+    if first > last:
+        raise ValueError(f"first port {first} is above last port {last}")
+    return (first, last)
+
+
 def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
@@ -145,15 +217,21 @@ def _describe(value: Any) -> str:
 SERVER_KEYS: dict[str, Callable[[Any], Any]] = {
     "host": _host,
     "port": _integer(0, 65535),
+    "listen": _listen,
     "mode": _choice(MODES),
     "backlog": _integer(1, 65535),
+    "outgoing_address": _outgoing,
 }
 LIMITS_KEYS: dict[str, Callable[[Any], Any]] = {"max_connections": _integer(1, 1_000_000)}
 TIMEOUTS_KEYS: dict[str, Callable[[Any], Any]] = {
     "handshake": _positive_seconds,
     "connect": _positive_seconds,
+    "connect_attempt_delay": _positive_seconds,
     "idle": _seconds,
+    "bind": _positive_seconds,
+    "udp_idle": _seconds,
 }
+UDP_KEYS: dict[str, Callable[[Any], Any]] = {"port_range": _port_range}
 LOGGING_KEYS: dict[str, Callable[[Any], Any]] = {"level": _choice(LOG_LEVELS)}
 USER_KEYS: dict[str, Callable[[Any], Any]] = {"name": _text(255), "password": _text(255)}
 
@@ -162,6 +240,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
     "limits": (LimitsConfig, LIMITS_KEYS),
     "timeouts": (TimeoutsConfig, TIMEOUTS_KEYS),
     "logging": (LoggingConfig, LOGGING_KEYS),
+    "udp": (UdpConfig, UDP_KEYS),
 }
 
 
@@ -188,6 +267,8 @@ def parse_config(document: Mapping[str, Any], source: str = "<config>") -> Confi
             raise ConfigError(f"{source}: unknown key {key!r} (expected one of: {_known()})")
         cls, validators = SECTIONS[key]
         sections[key] = _section(cls, validators, value, key, source)
+        if key == "server" and value.get("listen") and {"host", "port"} & set(value):
+            raise ConfigError(f"{source}: server.listen: give either listen or host/port, not both")
     users = _users(document.get("users", []), source)
     return Config(**sections, users=users, source=source)
 
@@ -250,7 +331,13 @@ def apply_overrides(config: Config, **overrides: Any) -> Config:
     Keys are `server.host`-style paths given as `server_host=...`, plus `users`,
     which replaces the file's users as a whole when given.
     """
+    given = {key for key, value in overrides.items() if value is not None}
+    if "server_listen" in given and given & {"server_host", "server_port"}:
+        raise ConfigError("--listen: give either --listen or --host/--port, not both")
     result = config
+    if given & {"server_host", "server_port"}:
+        # The short form on the command line replaces a listen list from the file.
+        result = dataclasses.replace(result, server=dataclasses.replace(result.server, listen=()))
     for key, value in overrides.items():
         if value is None:
             continue

@@ -85,7 +85,7 @@ class Daemon:
         """Create and bind the listening server (raises OSError, e.g. EADDRINUSE)."""
         server_class = SERVER_CLASSES[self.config.server.mode]
         server = server_class(
-            (self.config.server.host, self.config.server.port),
+            list(self.config.server.listen_addresses),
             Socks5Handler,
             backlog=self.config.server.backlog,
             max_connections=self.config.limits.max_connections,
@@ -99,8 +99,9 @@ class Daemon:
         """Serve until SIGTERM/SIGINT; returns the process exit code."""
         server = self.server or self.bind()
         previous = self._install_signal_handlers()
-        host, port = server.server_address[:2]
-        logger.info("listening on %s (%s)", format_address(host, port), self.config.server.mode)
+        for address in server.server_addresses:
+            where = format_address(*address[:2])
+            logger.info("listening on %s (%s)", where, self.config.server.mode)
         try:
             server.serve_forever(poll_interval=0.5)
         finally:

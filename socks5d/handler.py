@@ -76,11 +76,19 @@ class HandlerSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> HandlerSettings:
+        timeouts = config.timeouts
         return cls(
             authenticator=Authenticator.from_users(config.users),
-            handshake_timeout=config.timeouts.handshake,
-            connect_timeout=config.timeouts.connect,
-            idle_timeout=config.timeouts.idle or None,
+            handshake_timeout=timeouts.handshake,
+            connect_timeout=timeouts.connect,
+            idle_timeout=timeouts.idle or None,
+            bind_timeout=timeouts.bind,
+            attempt_delay=timeouts.connect_attempt_delay,
+            udp_idle_timeout=timeouts.udp_idle or None,
+            udp_port_range=config.udp.port_range,
+            outgoing=OutgoingAddresses(
+                config.server.outgoing_for(4), config.server.outgoing_for(6)
+            ),
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,70 @@ def test_user_flag_splits_at_the_first_colon():
 def test_password_is_not_in_repr():
     assert "secret" not in repr(User("alice", "secret"))
     assert "secret" not in repr(parse_config({"users": [{"name": "a", "password": "secret"}]}))
+
+
+def test_listen_list_and_outgoing_addresses_are_read():
+    config = parse_config(
+        {
+            "server": {
+                "listen": ["127.0.0.1:1080", "[::1]:1081", "localhost:1082"],
+                "outgoing_address": ["2001:db8::1", "192.0.2.1"],
+            },
+            "timeouts": {"bind": 5, "udp_idle": 0, "connect_attempt_delay": 0.1},
+            "udp": {"port_range": [40000, 40099]},
+        }
+    )
+    assert config.server.listen_addresses == (
+        ("127.0.0.1", 1080),
+        ("::1", 1081),
+        ("localhost", 1082),
+    )
+    assert config.server.outgoing_for(4) == "192.0.2.1"
+    assert config.server.outgoing_for(6) == "2001:db8::1"
+    assert config.timeouts.bind == 5.0 and config.timeouts.udp_idle == 0.0
+    assert config.udp.port_range == (40000, 40099)
+
+
+def test_without_listen_the_short_form_is_the_one_address():
+    assert Config().server.listen_addresses == (("127.0.0.1", 1080),)
+    assert Config().server.outgoing_for(4) is None
+
+
+@pytest.mark.parametrize(
+    ("server", "expected"),
+    [
+        ({"listen": ["127.0.0.1"]}, 'server.listen: must look like "127.0.0.1:1080"'),
+        ({"listen": ["::1:1080"]}, "server.listen: IPv6 addresses need brackets"),
+        ({"listen": ["127.0.0.1:99999"]}, "server.listen: must be between 0 and 65535"),
+        ({"listen": ["a:1", "a:1"]}, "server.listen: lists the same address twice"),
+        ({"listen": [1080]}, 'server.listen: must be a "HOST:PORT" string, got int 1080'),
+        ({"listen": ["127.0.0.1:1"], "port": 2}, "give either listen or host/port"),
+        ({"outgoing_address": ["10.0.0.1", "10.0.0.2"]}, "two IPv4 addresses"),
+        ({"outgoing_address": "eth0"}, "server.outgoing_address: is not an IP address: 'eth0'"),
+    ],
+)
+def test_bad_listen_and_outgoing_values(server, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse_config({"server": server}, "c.toml")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ([2, 1], "first port 2 is above last port 1"),
+        ([0, 10], "must be between 1 and 65535"),
+        ([1], "must be [FIRST, LAST]"),
+    ],
+)
+def test_bad_udp_port_range(value, expected):
+    with pytest.raises(ConfigError, match=re.escape(f"udp.port_range: {expected}")):
+        parse_config({"udp": {"port_range": value}}, "c.toml")
+
+
+def test_cli_short_form_replaces_the_files_listen_list():
+    base = parse_config({"server": {"listen": ["127.0.0.1:1", "[::1]:2"]}})
+    assert apply_overrides(base, server_port=3).server.listen_addresses == (("127.0.0.1", 3),)
+    result = apply_overrides(base, server_listen=["127.0.0.1:4"])
+    assert result.server.listen_addresses == (("127.0.0.1", 4),)
+    with pytest.raises(ConfigError, match="either --listen or --host/--port"):
+        apply_overrides(base, server_listen=["127.0.0.1:4"], server_port=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -254,3 +255,37 @@ def test_over_max_connections_a_client_is_closed_and_logged(
         for sock in held:
             sock.close()
     assert daemon.proc.poll() is None
+
+
+@needs_ipv6
+def test_listen_on_several_addresses_from_the_command_line(daemon_factory, echo_target):
+    daemon = daemon_factory("--listen", "127.0.0.1:0", "--listen", "[::1]:0")
+    found = re.findall(r"listening on (\S+):(\d+) \(threading\)", daemon.output())
+    assert [host for host, _ in found] == ["127.0.0.1", "[::1]"]
+    for host, port in found:
+        proxy = (host.strip("[]"), int(port))
+        with connect_through(proxy, local(echo_target)) as sock:
+            sock.sendall(b"multi")
+            assert recv_exactly(sock, 5) == b"multi"
+
+
+def test_outgoing_address_is_the_source_targets_see(daemon_factory, target_factory):
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.2", 0))
+    except OSError:
+        pytest.skip("127.0.0.2 is not bindable here")
+
+    def tell_peer(conn):
+        conn.sendall(conn.getpeername()[0].encode())
+
+    target = target_factory(tell_peer)
+    daemon = daemon_factory("--port", "0", "--outgoing-address", "127.0.0.2")
+    with connect_through(("127.0.0.1", daemon.port), local(target)) as sock:
+        assert recv_all(sock) == b"127.0.0.2"
+
+
+def test_listen_and_port_flags_together_exit_2():
+    result = run_cli("--listen", "127.0.0.1:0", "--port", "1")
+    assert result.returncode == 2
+    assert "either --listen or --host/--port" in result.stderr
