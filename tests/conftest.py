@@ -255,3 +255,38 @@ def daemon_factory() -> Iterator[Callable[..., DaemonProcess]]:
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """The port of a loopback listener that swallows SYNs, so a connect() to it hangs.
+
+    A listener with listen(0) whose accept queue is full (one connection the kernel completed
+    and nobody accepts) makes Linux drop every further SYN without an answer. Two more
+    never-completing clients keep it full; a probe connect must time out, else skip.
+    """
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    port = hole.getsockname()[1]
+    fillers: list[socket.socket] = []
+    try:
+        fillers.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+        for _ in range(2):
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        with socket.socket() as probe:
+            probe.settimeout(0.3)
+            try:
+                probe.connect(("127.0.0.1", port))
+            except TimeoutError:
+                pass
+            else:
+                pytest.skip("a full accept queue does not drop SYNs here")
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        hole.close()

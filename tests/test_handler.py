@@ -301,3 +301,23 @@ def test_two_hundred_concurrent_tunnels_carry_distinct_data(threading_proxy, ech
             sock.close()
     assert errors == []
     assert len(results) == count and all(results.values())
+
+
+def test_happy_eyeballs_through_the_proxy_skips_a_silent_first_address(echo_target, blackhole):
+    silent_port = blackhole
+
+    def resolver(host: str, port: int):
+        assert host == "two.test"
+        return [
+            (socket.AF_INET, ("127.0.0.1", silent_port)),
+            (socket.AF_INET, ("127.0.0.1", echo_target.port)),
+        ]
+
+    with running_proxy(resolver=resolver, connect_timeout=5.0, attempt_delay=0.1) as proxy:
+        started = time.monotonic()
+        target = Address(AddressType.DOMAINNAME, "two.test", 80)
+        with connect_through(proxy.address, target) as sock:
+            elapsed = time.monotonic() - started
+            sock.sendall(b"raced")
+            assert recv_exactly(sock, 5) == b"raced"
+    assert elapsed < 1.0  # the 5 s connect timeout was not spent on the silent address

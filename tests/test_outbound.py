@@ -8,7 +8,6 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 from clients import TIMEOUT, recv_exactly
@@ -89,39 +88,6 @@ def listener(host: str = "127.0.0.1", backlog: int = 8) -> socket.socket:
     sock.listen(backlog)
     sock.settimeout(TIMEOUT)
     return sock
-
-
-@pytest.fixture
-def blackhole() -> Iterator[int]:
-    """The port of a loopback listener that swallows SYNs, so a connect() to it hangs.
-
-    A listener with listen(0) whose accept queue is full (one connection the kernel completed
-    and nobody accepts) makes Linux drop every further SYN without an answer. Two more
-    never-completing clients keep it full; a probe connect must time out, else skip.
-    """
-    hole = listener(backlog=0)
-    port = hole.getsockname()[1]
-    fillers: list[socket.socket] = []
-    try:
-        fillers.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
-        for _ in range(2):
-            filler = socket.socket()
-            fillers.append(filler)
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-        with socket.socket() as probe:
-            probe.settimeout(0.3)
-            try:
-                probe.connect(("127.0.0.1", port))
-            except TimeoutError:
-                pass
-            else:
-                pytest.skip("a full accept queue does not drop SYNs here")
-        yield port
-    finally:
-        for filler in fillers:
-            filler.close()
-        hole.close()
 
 
 def test_every_resolved_address_is_tried_in_turn(echo_target):
