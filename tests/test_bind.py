@@ -8,8 +8,9 @@ import threading
 
 import pytest
 from clients import TIMEOUT, open_tunnel, read_reply, recv_all, recv_exactly
-from conftest import running_proxy
+from conftest import needs_ipv6, running_proxy
 
+from socks5d.outbound import OutgoingAddresses
 from socks5d.protocol import Address, AddressType, Command, Reply
 
 ANYONE = Address(AddressType.IPV4, "0.0.0.0", 0)
@@ -22,7 +23,7 @@ def bind_request(proxy, expected: Address = ANYONE):
 
 
 def connect_from(source_ip: str, bound: Address) -> socket.socket:
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET6 if ":" in source_ip else socket.AF_INET)
     sock.settimeout(TIMEOUT)
     sock.bind((source_ip, 0))
     sock.connect((bound.host, bound.port))
@@ -110,3 +111,39 @@ def test_client_leaving_during_the_wait_frees_the_listener(caplog):
         assert "client closed while waiting" in line
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((bound.host, bound.port), timeout=TIMEOUT)
+
+
+@needs_ipv6
+def test_bind_for_an_ipv6_peer_listens_on_ipv6(threading_proxy):
+    control, bound = bind_request(threading_proxy, Address(AddressType.IPV6, "::1", 0))
+    with control:
+        assert (bound.type, bound.host) == (AddressType.IPV6, "::1")
+        with connect_from("::1", bound) as incoming:
+            reply, peer = read_reply(control)
+            assert reply == Reply.SUCCEEDED
+            assert (peer.host, peer.port) == incoming.getsockname()[:2]
+            incoming.sendall(b"v6 peer")
+            assert recv_exactly(control, 7) == b"v6 peer"
+
+
+def test_bind_for_a_named_peer_expects_its_addresses(threading_proxy):
+    control, bound = bind_request(threading_proxy, Address(AddressType.DOMAINNAME, "localhost", 0))
+    with control:
+        assert bound.host in ("127.0.0.1", "::1")  # the route towards localhost
+        with connect_from(bound.host, bound) as incoming:
+            reply, peer = read_reply(control)
+            assert reply == Reply.SUCCEEDED
+            assert peer.host == bound.host
+            incoming.sendall(b"named")
+            assert recv_exactly(control, 5) == b"named"
+
+
+@pytest.mark.skipif(not loopback_alias_available(), reason="127.0.0.2 is not bindable here")
+def test_bind_listens_on_the_outgoing_address_when_one_is_set():
+    with running_proxy(outgoing=OutgoingAddresses(ipv4="127.0.0.2")) as proxy:
+        control, bound = bind_request(proxy, Address(AddressType.IPV4, "127.0.0.1", 0))
+        with control:
+            assert bound.host == "127.0.0.2"
+            with connect_from("127.0.0.1", bound):
+                reply, peer = read_reply(control)
+                assert (reply, peer.host) == (Reply.SUCCEEDED, "127.0.0.1")
