@@ -32,7 +32,12 @@ class ConfigProblem(click.ClickException):
     exit_code = 2
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXAMPLES)
+@click.group(
+    invoke_without_command=True,
+    subcommand_metavar="[COMMAND [ARGS]...]",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EXAMPLES,
+)
 @click.option(
     "--host", help="Address or host name to listen on ('::' for dual-stack).  [default: 127.0.0.1]"
 )
@@ -75,7 +80,9 @@ class ConfigProblem(click.ClickException):
     "--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), help="[default: info]"
 )
 @click.version_option(__version__, prog_name="socks5d")
+@click.pass_context
 def main(
+    context: click.Context,
     host: str | None,
     port: int | None,
     listen: tuple[str, ...],
@@ -85,7 +92,12 @@ def main(
     users: tuple[str, ...],
     log_level: str | None,
 ) -> None:
-    """A SOCKS5 proxy daemon (RFC 1928 CONNECT, BIND, UDP ASSOCIATE; RFC 1929 login)."""
+    """A SOCKS5 proxy daemon (RFC 1928 CONNECT, BIND, UDP ASSOCIATE; RFC 1929 login).
+
+    With no command it runs the proxy; the commands below are tools around it.
+    """
+    if context.invoked_subcommand is not None:
+        return
     overrides: dict[str, Any] = {
         "server_host": host,
         "server_port": port,
