@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 MODES = ("threading", "forking")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+ACTIONS = ("allow", "deny")
+PRIVATE_DESTINATIONS = ("auto", "allow", "deny")
+RULE_COMMANDS = ("connect", "bind", "udp")
+PASSWORD_HASH_SCHEMES = ("scrypt$", "pbkdf2_sha256$")
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -31,6 +39,10 @@ class ServerConfig:
     mode: str = "threading"
     backlog: int = 128
     outgoing_address: tuple[str, ...] = ()  # at most one IPv4 and one IPv6 source address
+    # A non-loopback listener with no users and no client restriction is refused unless set.
+    allow_open: bool = False
+    run_as_user: str = ""  # "": keep the user we were started as
+    run_as_group: str = ""  # "": the primary group of run_as_user
 
     @property
     def listen_addresses(self) -> tuple[tuple[str, int], ...]:
@@ -48,6 +60,8 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_connections: int = 1024
+    max_connections_per_ip: int = 64  # 0 = unlimited
+    max_connections_per_user: int = 256  # 0 = unlimited
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +72,7 @@ class TimeoutsConfig:
     idle: float = 3600.0  # 0 disables
     bind: float = 60.0
     udp_idle: float = 120.0  # 0 disables
+    shutdown_grace: float = 5.0  # SIGTERM: time tunnels get to finish; 0 cuts them at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +83,53 @@ class UdpConfig:
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
+    format: str = "text"  # or "json"
+    file: str = ""  # "": stderr only; else a file, reopened on SIGHUP
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Login throttling per client IP: the delay doubles per failure up to a cap; a quiet
+    window forgets the count."""
+
+    failure_delay: float = 0.5
+    failure_delay_max: float = 10.0
+    failure_window: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    default_action: str = "allow"  # when no [[rules]] entry matches
+    # "auto": private destinations are denied when any listener is not loopback-only.
+    private_destinations: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
 class User:
+    """A login: exactly one of `password` (plaintext) and `password_hash` (auth.py verifies)."""
+
     name: str
-    password: str = field(repr=False)
+    password: str | None = field(default=None, repr=False)
+    password_hash: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSpec:
+    """One validated [[rules]] entry. An empty field means the rule has no such key (any)."""
+
+    action: str  # "allow" | "deny"
+    sources: tuple[IPNetwork, ...] = ()  # `from`: client networks
+    destinations: tuple[IPNetwork, ...] = ()  # `to`: destination networks
+    host_patterns: tuple[str, ...] = ()  # `to`: "example.com" or "*.example.com", lowercased
+    ports: tuple[tuple[int, int], ...] = ()  # inclusive ranges
+    users: frozenset[str] = frozenset()
+    commands: frozenset[str] = frozenset()  # subset of RULE_COMMANDS
+    index: int = 0  # position in the file: rules[index]
+
+    @property
+    def has_to(self) -> bool:
+        """Whether the rule names its destinations (a `to` key)."""
+        return bool(self.destinations or self.host_patterns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +139,10 @@ class Config:
     timeouts: TimeoutsConfig = TimeoutsConfig()
     logging: LoggingConfig = LoggingConfig()
     udp: UdpConfig = UdpConfig()
+    auth: AuthConfig = AuthConfig()
+    access: AccessConfig = AccessConfig()
     users: tuple[User, ...] = ()
+    rules: tuple[RuleSpec, ...] = ()
     source: str = "<defaults>"
 
 
@@ -210,6 +269,138 @@ def _port_range(value: Any) -> tuple[int, int] | None:
     return (first, last)
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {_describe(value)}")
+    return value
+
+
+# POSIX portable user/group names (plus a numeric id); the daemon looks them up at start-up.
+_ACCOUNT = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]{0,255}\$?")
+
+
+def _account(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f'must be a user or group name (or ""), got {_describe(value)}')
+    if value and not _ACCOUNT.fullmatch(value):
+        raise ValueError(f"is not a valid user or group name: {value!r}")
+    return value
+
+
+def _path_or_empty(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f'must be a file path (or "" for none), got {_describe(value)}')
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+def _password_hash(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(PASSWORD_HASH_SCHEMES):
+        # Never echo the value: it may be a plaintext password put in the wrong key.
+        schemes = " or ".join(f'"{scheme}"' for scheme in PASSWORD_HASH_SCHEMES)
+        raise ValueError(f"must be a password hash starting with {schemes}")
+    if len(value) > 1024:
+        raise ValueError("must be at most 1024 characters")
+    return value
+
+
+def _items(value: Any, example: str) -> list[Any]:
+    """A rule key's list; a lone value is a list of one. Empty is an error: omit the key."""
+    if isinstance(value, dict):
+        raise ValueError(f"must be a list like {example}, got {_describe(value)}")
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError("must not be empty (leave the key out to match any)")
+    return items
+
+
+def _network(item: Any) -> IPNetwork:
+    if not isinstance(item, str):
+        raise ValueError(f"{item!r} is not an IP address or CIDR network")
+    text = item.strip()
+    if text.startswith("[") and "]" in text:  # "[2001:db8::]/32" or "[::1]"
+        text = text[1:].replace("]", "", 1)
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+        raise ValueError(f"{item!r} has host bits set (did you mean '{loose}'?)") from None
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    return tuple(_network(item) for item in _items(value, '["192.0.2.0/24", "2001:db8::/32"]'))
+
+
+def _destinations(value: Any) -> tuple[tuple[IPNetwork, ...], tuple[str, ...]]:
+    """`to`: CIDR networks (or bare addresses) and host-name patterns, kept apart."""
+    networks: list[IPNetwork] = []
+    patterns: list[str] = []
+    for item in _items(value, '["*.example.com", "198.51.100.0/24"]'):
+        problem = f"{item!r} is not a CIDR network, host name or pattern like '*.example.com'"
+        if not isinstance(item, str):
+            raise ValueError(problem)
+        try:
+            networks.append(_network(item))
+            continue
+        except ValueError as exc:
+            if "host bits" in str(exc):
+                raise
+        pattern = item.strip().rstrip(".").lower()
+        name = pattern[2:] if pattern.startswith("*.") else pattern
+        if not name or "*" in name or not _is_hostname(name):
+            raise ValueError(problem) from None
+        patterns.append(pattern)
+    return tuple(networks), tuple(patterns)
+
+
+_PORT_RANGE = re.compile(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?")
+
+
+def _ports(value: Any) -> tuple[tuple[int, int], ...]:
+    ranges: list[tuple[int, int]] = []
+    for item in _items(value, '[80, 443, "8000-8080"]'):
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not 0 <= item <= 65535:
+                raise ValueError(f"{item} is not a port (0-65535)")
+            ranges.append((item, item))
+            continue
+        match = _PORT_RANGE.fullmatch(item) if isinstance(item, str) else None
+        if match is None:
+            raise ValueError(f'{item!r} is not a port range (like 443 or "8000-8080")')
+        first = int(match[1])
+        last = int(match[2] or first)
+        if last > 65535:
+            raise ValueError(f"{item!r} is not a port range ({last} is above 65535)")
+        if first > last:
+            raise ValueError(f"{item!r} is not a port range ({first} is above {last})")
+        ranges.append((first, last))
+    return tuple(ranges)
+
+
+def _user_names(value: Any) -> frozenset[str]:
+    names = _items(value, '["alice", "bob"]')
+    check = _text(255)
+    for name in names:
+        try:
+            check(name)
+        except ValueError as exc:
+            raise ValueError(f"{name!r}: {exc}") from None
+    return frozenset(names)
+
+
+def _commands(value: Any) -> frozenset[str]:
+    commands = set()
+    for item in _items(value, '["connect", "bind", "udp"]'):
+        if not isinstance(item, str) or item.lower() not in RULE_COMMANDS:
+            raise ValueError(f"{item!r} is not one of {', '.join(RULE_COMMANDS)}")
+        commands.add(item.lower())
+    return frozenset(commands)
+
+
 def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
@@ -221,8 +412,15 @@ SERVER_KEYS: dict[str, Callable[[Any], Any]] = {
     "mode": _choice(MODES),
     "backlog": _integer(1, 65535),
     "outgoing_address": _outgoing,
+    "allow_open": _boolean,
+    "run_as_user": _account,
+    "run_as_group": _account,
 }
-LIMITS_KEYS: dict[str, Callable[[Any], Any]] = {"max_connections": _integer(1, 1_000_000)}
+LIMITS_KEYS: dict[str, Callable[[Any], Any]] = {
+    "max_connections": _integer(1, 1_000_000),
+    "max_connections_per_ip": _integer(0, 1_000_000),
+    "max_connections_per_user": _integer(0, 1_000_000),
+}
 TIMEOUTS_KEYS: dict[str, Callable[[Any], Any]] = {
     "handshake": _positive_seconds,
     "connect": _positive_seconds,
@@ -230,10 +428,36 @@ TIMEOUTS_KEYS: dict[str, Callable[[Any], Any]] = {
     "idle": _seconds,
     "bind": _positive_seconds,
     "udp_idle": _seconds,
+    "shutdown_grace": _seconds,
 }
 UDP_KEYS: dict[str, Callable[[Any], Any]] = {"port_range": _port_range}
-LOGGING_KEYS: dict[str, Callable[[Any], Any]] = {"level": _choice(LOG_LEVELS)}
-USER_KEYS: dict[str, Callable[[Any], Any]] = {"name": _text(255), "password": _text(255)}
+LOGGING_KEYS: dict[str, Callable[[Any], Any]] = {
+    "level": _choice(LOG_LEVELS),
+    "format": _choice(LOG_FORMATS),
+    "file": _path_or_empty,
+}
+AUTH_KEYS: dict[str, Callable[[Any], Any]] = {
+    "failure_delay": _seconds,
+    "failure_delay_max": _seconds,
+    "failure_window": _positive_seconds,
+}
+ACCESS_KEYS: dict[str, Callable[[Any], Any]] = {
+    "default_action": _choice(ACTIONS),
+    "private_destinations": _choice(PRIVATE_DESTINATIONS),
+}
+USER_KEYS: dict[str, Callable[[Any], Any]] = {
+    "name": _text(255),
+    "password": _text(255),
+    "password_hash": _password_hash,
+}
+RULE_KEYS: dict[str, Callable[[Any], Any]] = {
+    "action": _choice(ACTIONS),
+    "from": _networks,
+    "to": _destinations,
+    "ports": _ports,
+    "users": _user_names,
+    "commands": _commands,
+}
 
 SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
     "server": (ServerConfig, SERVER_KEYS),
@@ -241,7 +465,11 @@ SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
     "timeouts": (TimeoutsConfig, TIMEOUTS_KEYS),
     "logging": (LoggingConfig, LOGGING_KEYS),
     "udp": (UdpConfig, UDP_KEYS),
+    "auth": (AuthConfig, AUTH_KEYS),
+    "access": (AccessConfig, ACCESS_KEYS),
 }
+# Arrays of tables, validated entry by entry.
+ARRAYS = ("users", "rules")
 
 
 def load_config(path: str | Path) -> Config:
@@ -261,7 +489,7 @@ def parse_config(document: Mapping[str, Any], source: str = "<config>") -> Confi
     """Validate a parsed TOML document into a Config (pure; raises ConfigError)."""
     sections: dict[str, Any] = {}
     for key, value in document.items():
-        if key == "users":
+        if key in ARRAYS:
             continue
         if key not in SECTIONS:
             raise ConfigError(f"{source}: unknown key {key!r} (expected one of: {_known()})")
@@ -270,11 +498,28 @@ def parse_config(document: Mapping[str, Any], source: str = "<config>") -> Confi
         if key == "server" and value.get("listen") and {"host", "port"} & set(value):
             raise ConfigError(f"{source}: server.listen: give either listen or host/port, not both")
     users = _users(document.get("users", []), source)
-    return Config(**sections, users=users, source=source)
+    rules = _rules(document.get("rules", []), source)
+    config = Config(**sections, users=users, rules=rules, source=source)
+    problem = _cross_check(config)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    return config
 
 
 def _known() -> str:
-    return ", ".join([*SECTIONS, "users"])
+    return ", ".join([*SECTIONS, *ARRAYS])
+
+
+def _cross_check(config: Config) -> str | None:
+    """A problem between keys that are each valid alone, as "section.key: problem"."""
+    if config.server.run_as_group and not config.server.run_as_user:
+        return "server.run_as_group: is set but server.run_as_user is not (give both)"
+    if config.auth.failure_delay_max < config.auth.failure_delay:
+        return (
+            f"auth.failure_delay_max: {config.auth.failure_delay_max:g} is below "
+            f"auth.failure_delay ({config.auth.failure_delay:g})"
+        )
+    return None
 
 
 def _section(
@@ -304,14 +549,48 @@ def _users(entries: Any, source: str) -> tuple[User, ...]:
         if not isinstance(entry, dict):
             raise ConfigError(f"{source}: {where}: must be a table with name and password")
         section = _section(dict, USER_KEYS, entry, where, source)
-        for required in ("name", "password"):
-            if required not in section:
-                raise ConfigError(f"{source}: {where}.{required}: missing")
+        if "name" not in section:
+            raise ConfigError(f"{source}: {where}.name: missing")
+        if "password" not in section and "password_hash" not in section:
+            raise ConfigError(
+                f"{source}: {where}.password: missing (give password or password_hash)"
+            )
+        if "password" in section and "password_hash" in section:
+            raise ConfigError(
+                f"{source}: {where}.password_hash: give either password or password_hash, not both"
+            )
         if section["name"] in seen:
             raise ConfigError(f"{source}: {where}.name: duplicate user {section['name']!r}")
         seen.add(section["name"])
-        users.append(User(section["name"], section["password"]))
+        users.append(User(section["name"], section.get("password"), section.get("password_hash")))
     return tuple(users)
+
+
+def _rules(entries: Any, source: str) -> tuple[RuleSpec, ...]:
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: rules: must be an array of tables ([[rules]])")
+    rules: list[RuleSpec] = []
+    for index, entry in enumerate(entries):
+        where = f"rules[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{source}: {where}: must be a table with at least an action")
+        section = _section(dict, RULE_KEYS, entry, where, source)
+        if "action" not in section:
+            raise ConfigError(f'{source}: {where}.action: missing ("allow" or "deny")')
+        destinations, host_patterns = section.get("to", ((), ()))
+        rules.append(
+            RuleSpec(
+                action=section["action"],
+                sources=section.get("from", ()),
+                destinations=destinations,
+                host_patterns=host_patterns,
+                ports=section.get("ports", ()),
+                users=section.get("users", frozenset()),
+                commands=section.get("commands", frozenset()),
+                index=index,
+            )
+        )
+    return tuple(rules)
 
 
 def parse_user_flag(text: str) -> User:
@@ -345,11 +624,22 @@ def apply_overrides(config: Config, **overrides: Any) -> Config:
             result = dataclasses.replace(result, users=tuple(value))
             continue
         section_name, _, name = key.partition("_")
+        if section_name not in SECTIONS or name not in SECTIONS[section_name][1]:
+            raise TypeError(f"apply_overrides: unknown key {key!r}")
         _cls, validators = SECTIONS[section_name]
         try:
             cleaned = validators[name](value)
         except ValueError as exc:
-            raise ConfigError(f"--{name.replace('_', '-')}: {exc}") from None
+            raise ConfigError(f"{_flag(section_name, name)}: {exc}") from None
         section = dataclasses.replace(getattr(result, section_name), **{name: cleaned})
         result = dataclasses.replace(result, **{section_name: section})
+    problem = _cross_check(result)
+    if problem:
+        raise ConfigError(f"{result.source}: {problem} (after command-line options)")
     return result
+
+
+def _flag(section: str, name: str) -> str:
+    """The command-line flag of an override key: --port, --allow-open, --log-format."""
+    prefix = "log-" if section == "logging" else ""
+    return f"--{prefix}{name.replace('_', '-')}"

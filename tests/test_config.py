@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,11 @@ def test_example_file_loads_and_equals_the_embedded_defaults():
     assert config.limits == Config().limits
     assert config.timeouts == Config().timeouts
     assert config.logging == Config().logging
+    assert config.udp == Config().udp
+    assert config.auth == Config().auth
+    assert config.access == Config().access
     assert config.users == ()
+    assert config.rules == ()
 
 
 def test_example_file_documents_every_key():
@@ -54,11 +60,34 @@ def test_example_file_documents_every_key():
         "limits": Config().limits,
         "timeouts": Config().timeouts,
         "logging": Config().logging,
+        "udp": Config().udp,
+        "auth": Config().auth,
+        "access": Config().access,
     }.items():
         assert f"[{section}]" in text
         for key in type(keys).__slots__:
             assert f"\n{key} = " in text, f"{section}.{key} is not documented"
     assert "# [[users]]" in text and '# name = "alice"' in text
+    assert "# password_hash = " in text
+    assert "# [[rules]]" in text
+    for key in ("action", "from", "to", "ports", "users", "commands"):
+        assert f"\n# {key} = " in text, f"rules.{key} is not documented"
+
+
+def test_example_files_commented_tables_are_valid_when_uncommented():
+    text = (ROOT / "config.example.toml").read_text()
+    # Uncomment only the TOML lines of the [[rules]] / [[users]] examples, not the prose.
+    text = text.replace('"scrypt$..."', '"scrypt$placeholder"')
+    lines = [
+        line[2:] if re.match(r"# (\[\[\w+\]\]$|\w+ = )", line) else line
+        for line in text.splitlines()
+    ]
+    config = parse_config(tomllib.loads("\n".join(lines)), "example")
+    assert [rule.action for rule in config.rules] == ["allow", "deny"]
+    assert config.users == (
+        User("alice", password_hash="scrypt$placeholder"),
+        User("bob", "change me"),
+    )
 
 
 def test_full_file_is_read(tmp_path):
@@ -236,3 +265,260 @@ def test_cli_short_form_replaces_the_files_listen_list():
     assert result.server.listen_addresses == (("127.0.0.1", 4),)
     with pytest.raises(ConfigError, match="either --listen or --host/--port"):
         apply_overrides(base, server_listen=["127.0.0.1:4"], server_port=5)
+
+
+# ---- keys added with access rules, privilege dropping, throttling and log options ----
+
+
+def test_new_keys_default_to_the_documented_values():
+    config = Config()
+    assert (config.server.allow_open, config.server.run_as_user, config.server.run_as_group) == (
+        False,
+        "",
+        "",
+    )
+    assert config.limits.max_connections_per_ip == 64
+    assert config.limits.max_connections_per_user == 256
+    assert config.timeouts.shutdown_grace == 5.0
+    assert (config.auth.failure_delay, config.auth.failure_delay_max) == (0.5, 10.0)
+    assert config.auth.failure_window == 600.0
+    assert (config.logging.format, config.logging.file) == ("text", "")
+    assert (config.access.default_action, config.access.private_destinations) == ("allow", "auto")
+    assert config.rules == ()
+
+
+def test_new_keys_are_read(tmp_path):
+    path = write(
+        tmp_path,
+        """
+[server]
+host = "0.0.0.0"
+allow_open = true
+run_as_user = "socks5d"
+run_as_group = "nogroup"
+[limits]
+max_connections_per_ip = 0
+max_connections_per_user = 3
+[timeouts]
+shutdown_grace = 0
+[auth]
+failure_delay = 1
+failure_delay_max = 30
+failure_window = 60
+[logging]
+format = "JSON"
+file = "/var/log/socks5d.log"
+[access]
+default_action = "deny"
+private_destinations = "allow"
+[[users]]
+name = "alice"
+password_hash = "scrypt$16384$8$1$c2FsdA$aGFzaA"
+[[users]]
+name = "bob"
+password = "plain"
+""",
+    )
+    config = load_config(path)
+    assert config.server.allow_open is True
+    assert (config.server.run_as_user, config.server.run_as_group) == ("socks5d", "nogroup")
+    assert config.limits.max_connections_per_ip == 0
+    assert config.limits.max_connections_per_user == 3
+    assert config.timeouts.shutdown_grace == 0.0
+    assert (config.auth.failure_delay, config.auth.failure_delay_max) == (1.0, 30.0)
+    assert config.auth.failure_window == 60.0
+    assert (config.logging.format, config.logging.file) == ("json", "/var/log/socks5d.log")
+    assert (config.access.default_action, config.access.private_destinations) == ("deny", "allow")
+    alice, bob = config.users
+    assert alice == User("alice", password_hash="scrypt$16384$8$1$c2FsdA$aGFzaA")
+    assert alice.password is None
+    assert bob == User("bob", "plain") and bob.password_hash is None
+
+
+def test_rules_are_validated_into_rule_specs():
+    config = parse_config(
+        {
+            "rules": [
+                {
+                    "action": "DENY",
+                    "from": ["192.0.2.0/24", "2001:db8::1", "[2001:db8:1::]/48"],
+                    "to": ["*.Example.COM.", "example.org", "198.51.100.0/24", "2001:db8::/32"],
+                    "ports": [80, 443, "8000-8080", " 9000 "],
+                    "users": ["alice"],
+                    "commands": ["connect", "UDP"],
+                },
+                {"action": "allow"},
+                {"action": "allow", "from": "10.0.0.1", "ports": 22},
+            ]
+        }
+    )
+    first, second, third = config.rules
+    net = ipaddress.ip_network
+    assert first.action == "deny" and first.index == 0
+    assert first.sources == (net("192.0.2.0/24"), net("2001:db8::1/128"), net("2001:db8:1::/48"))
+    assert first.destinations == (net("198.51.100.0/24"), net("2001:db8::/32"))
+    assert first.host_patterns == ("*.example.com", "example.org")
+    assert first.ports == ((80, 80), (443, 443), (8000, 8080), (9000, 9000))
+    assert first.users == frozenset({"alice"})
+    assert first.commands == frozenset({"connect", "udp"})
+    assert first.has_to
+    # A key left out is empty: the rule does not look at it.
+    assert second.index == 1 and not second.has_to
+    assert (second.sources, second.ports, second.users, second.commands) == (
+        (),
+        (),
+        frozenset(),
+        frozenset(),
+    )
+    # A lone value is a list of one.
+    assert third.sources == (net("10.0.0.1/32"),) and third.ports == ((22, 22),)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[server]\nallow_open = "yes"\n', "server.allow_open: must be true or false, got str"),
+        ("[server]\nallow_open = 1\n", "server.allow_open: must be true or false, got int 1"),
+        ("[server]\nrun_as_user = 0\n", "server.run_as_user: must be a user or group name"),
+        ('[server]\nrun_as_user = "a b"\n', "server.run_as_user: is not a valid user or group"),
+        ('[server]\nrun_as_group = "-x"\n', "server.run_as_group: is not a valid user or group"),
+        (
+            '[server]\nrun_as_group = "nogroup"\n',
+            "server.run_as_group: is set but server.run_as_user is not",
+        ),
+        ("[limits]\nmax_connections_per_ip = -1\n", "limits.max_connections_per_ip: must be betw"),
+        ('[limits]\nmax_connections_per_user = "9"\n', "limits.max_connections_per_user: must be"),
+        ("[timeouts]\nshutdown_grace = -1\n", "timeouts.shutdown_grace: must be between 0"),
+        ('[timeouts]\nshutdown_grace = "5s"\n', "timeouts.shutdown_grace: must be a number"),
+        ("[auth]\nfailure_delay = -0.5\n", "auth.failure_delay: must be between 0"),
+        ("[auth]\nfailure_delay_max = true\n", "auth.failure_delay_max: must be a number"),
+        ("[auth]\nfailure_window = 0\n", "auth.failure_window: must be greater than 0"),
+        (
+            "[auth]\nfailure_delay = 20\n",
+            "auth.failure_delay_max: 10 is below auth.failure_delay (20)",
+        ),
+        ("[auth]\nfailure_dealy = 1\n", "unknown key 'auth.failure_dealy'"),
+        ('[logging]\nformat = "xml"\n', "logging.format: must be one of text, json"),
+        ("[logging]\nfile = 1\n", "logging.file: must be a file path"),
+        ('[logging]\nfile = "a\\u0000b"\n', "logging.file: must not contain a NUL"),
+        ('[access]\ndefault_action = "block"\n', "access.default_action: must be one of allow"),
+        ("[access]\nprivate_destinations = true\n", "access.private_destinations: must be one of"),
+        ('[access]\ndefault = "deny"\n', "unknown key 'access.default'"),
+        ('[[users]]\nname = "a"\npassword_hash = "hunter2"\n', "users[0].password_hash: must be"),
+        ('[[users]]\nname = "a"\npassword_hash = ""\n', "users[0].password_hash: must be"),
+        ('[[users]]\npassword = "x"\n', "users[0].name: missing"),
+        (
+            '[[users]]\nname = "a"\npassword = "x"\npassword_hash = "scrypt$y"\n',
+            "users[0].password_hash: give either password or password_hash, not both",
+        ),
+        ('rules = "deny"\n', "rules: must be an array of tables"),
+        ("rules = [1]\n", "rules[0]: must be a table"),
+        ('[[rules]]\nfrom = ["10.0.0.0/8"]\n', "rules[0].action: missing"),
+        ('[[rules]]\naction = "reject"\n', "rules[0].action: must be one of allow, deny"),
+        ('[[rules]]\naction = "deny"\nform = ["10.0.0.0/8"]\n', "unknown key 'rules[0].form'"),
+        ('[[rules]]\naction = "deny"\nfrom = []\n', "rules[0].from: must not be empty"),
+        ('[[rules]]\naction = "deny"\nfrom = ["foo"]\n', "rules[0].from: 'foo' is not an IP"),
+        ('[[rules]]\naction = "deny"\nfrom = [10]\n', "rules[0].from: 10 is not an IP address"),
+        (
+            '[[rules]]\naction = "deny"\nfrom = ["10.1.2.3/8"]\n',
+            "rules[0].from: '10.1.2.3/8' has host bits set (did you mean '10.0.0.0/8'?)",
+        ),
+        ('[[rules]]\naction = "deny"\nto = []\n', "rules[0].to: must not be empty"),
+        ('[[rules]]\naction = "deny"\nto = ["*"]\n', "rules[0].to: '*' is not a CIDR network"),
+        ('[[rules]]\naction = "deny"\nto = ["a.*.com"]\n', "rules[0].to: 'a.*.com' is not a"),
+        ('[[rules]]\naction = "deny"\nto = ["bad name"]\n', "rules[0].to: 'bad name' is not a"),
+        ('[[rules]]\naction = "deny"\nto = ["10.0.0.0/33"]\n', "rules[0].to: '10.0.0.0/33'"),
+        ('[[rules]]\naction = "deny"\nto = [{a = 1}]\n', "rules[0].to: {'a': 1} is not a CIDR"),
+        ('[[rules]]\naction = "deny"\nto = {a = 1}\n', "rules[0].to: must be a list like"),
+        (
+            '[[rules]]\naction = "deny"\nto = ["10.0.0.1/8"]\n',
+            "rules[0].to: '10.0.0.1/8' has host bits set",
+        ),
+        ('[[rules]]\naction = "deny"\nports = []\n', "rules[0].ports: must not be empty"),
+        (
+            '[[rules]]\naction = "deny"\n[[rules]]\naction = "deny"\nports = ["80-70"]\n',
+            "rules[1].ports: '80-70' is not a port range",
+        ),
+        ('[[rules]]\naction = "deny"\nports = ["http"]\n', "rules[0].ports: 'http' is not a port"),
+        ('[[rules]]\naction = "deny"\nports = [70000]\n', "rules[0].ports: 70000 is not a port"),
+        ('[[rules]]\naction = "deny"\nports = ["1-70000"]\n', "'1-70000' is not a port range"),
+        ('[[rules]]\naction = "deny"\nports = [true]\n', "rules[0].ports: True is not a port"),
+        ('[[rules]]\naction = "deny"\nports = [1.5]\n', "rules[0].ports: 1.5 is not a port"),
+        ('[[rules]]\naction = "deny"\nusers = []\n', "rules[0].users: must not be empty"),
+        ('[[rules]]\naction = "deny"\nusers = [""]\n', "rules[0].users: '': must be 1 to 255"),
+        ('[[rules]]\naction = "deny"\nusers = [7]\n', "rules[0].users: 7: must be a string"),
+        ('[[rules]]\naction = "deny"\ncommands = []\n', "rules[0].commands: must not be empty"),
+        (
+            '[[rules]]\naction = "deny"\ncommands = ["get"]\n',
+            "rules[0].commands: 'get' is not one of connect, bind, udp",
+        ),
+    ],
+)
+def test_bad_new_key_names_file_key_and_problem(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_a_wrong_password_hash_is_not_echoed():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"users": [{"name": "a", "password_hash": "my secret"}]}, "c.toml")
+    assert "my secret" not in str(caught.value)
+
+
+def test_user_positional_form_and_repr_hide_passwords_and_hashes():
+    assert User("alice", "secret") == User(name="alice", password="secret")
+    assert User("alice", "secret").password_hash is None
+    hashed = User("alice", password_hash="scrypt$abc")
+    assert "scrypt$abc" not in repr(hashed) and "alice" in repr(hashed)
+    config = parse_config({"users": [{"name": "a", "password_hash": "scrypt$abc"}]})
+    assert "scrypt$abc" not in repr(config)
+
+
+def test_new_override_keys_are_applied():
+    result = apply_overrides(
+        Config(),
+        logging_format="json",
+        logging_file="/tmp/socks5d.log",
+        server_run_as_user="nobody",
+        server_run_as_group="nogroup",
+        server_allow_open=True,
+    )
+    assert (result.logging.format, result.logging.file) == ("json", "/tmp/socks5d.log")
+    assert (result.server.run_as_user, result.server.run_as_group) == ("nobody", "nogroup")
+    assert result.server.allow_open is True
+    assert apply_overrides(result, server_allow_open=False).server.allow_open is False
+    unchanged = apply_overrides(Config(), server_allow_open=None, logging_file=None)
+    assert unchanged == Config()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"server_allow_open": "yes"}, "--allow-open: must be true or false, got str 'yes'"),
+        ({"server_run_as_user": "a b"}, "--run-as-user: is not a valid user or group name"),
+        ({"server_run_as_group": "a:b"}, "--run-as-group: is not a valid user or group name"),
+        ({"logging_format": "xml"}, "--log-format: must be one of text, json"),
+        ({"logging_file": 3}, "--log-file: must be a file path"),
+        ({"logging_level": "loud"}, "--log-level: must be one of debug"),
+        ({"server_run_as_group": "nogroup"}, "server.run_as_group: is set but server.run_as_user"),
+    ],
+)
+def test_bad_new_override_names_the_flag(overrides, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        apply_overrides(Config(), **overrides)
+
+
+def test_run_as_group_from_the_file_is_fine_with_the_user_from_a_flag():
+    base = Config()
+    result = apply_overrides(base, server_run_as_user="nobody", server_run_as_group="nogroup")
+    assert result.server.run_as_group == "nogroup"
+
+
+def test_unknown_override_key_is_a_programming_error():
+    with pytest.raises(TypeError, match="server_colour"):
+        apply_overrides(Config(), server_colour="blue")
