@@ -11,12 +11,15 @@ import dataclasses
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from . import systemd
 from .config import Config, ConfigError, apply_overrides, load_config
 from .handler import HandlerSettings, Socks5Handler
+from .privileges import drop_privileges
 from .server import ForkingTCPServer, ThreadingTCPServer
 
 logger = logging.getLogger("socks5d")
@@ -34,6 +37,21 @@ class SocksServerMixIn:
         super().service_actions()  # type: ignore[misc]
         if self.periodic is not None:
             self.periodic()
+
+    # ---- systemd STATUS= counter ----
+    # Connections handed to a handler since start. Counted in the serving thread (the
+    # only one that calls process_request), so it needs no lock and works in forking mode.
+    served: int = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.served += 1
+        super().process_request(request, client_address)  # type: ignore[misc]
+
+    def handle_overload(self, request: Any, client_address: Any) -> None:
+        self.served -= 1  # refused at max_connections: counted above, not served
+        super().handle_overload(request, client_address)  # type: ignore[misc]
+
+    # ---- end systemd STATUS= counter ----
 
 
 class ThreadingSocksServer(SocksServerMixIn, ThreadingTCPServer):
@@ -84,12 +102,31 @@ class Daemon:
     def bind(self) -> SocksServer:
         """Create and bind the listening server (raises OSError, e.g. EADDRINUSE)."""
         server_class = SERVER_CLASSES[self.config.server.mode]
+        # ---- systemd socket activation: adopt passed sockets instead of binding ----
+        adopted = systemd.listen_fds()
+        if adopted:
+            logger.info(
+                "adopted %d socket(s) from systemd; the configured listen addresses are ignored",
+                len(adopted),
+            )
+        # ---- end socket activation ----
         server = server_class(
             list(self.config.server.listen_addresses),
             Socks5Handler,
             backlog=self.config.server.backlog,
             max_connections=self.config.limits.max_connections,
+            listen_sockets=adopted or None,
         )
+        # ---- drop root once the sockets are bound (run_as_user / run_as_group) ----
+        run_as_user = getattr(self.config.server, "run_as_user", "")
+        run_as_group = getattr(self.config.server, "run_as_group", "")
+        if run_as_user:
+            try:
+                drop_privileges(run_as_user, run_as_group or None)
+            except BaseException:
+                server.server_close()
+                raise
+        # ---- end privilege drop ----
         server.settings = HandlerSettings.from_config(self.config)
         server.periodic = self._periodic
         self.server = server
@@ -102,9 +139,11 @@ class Daemon:
         for address in server.server_addresses:
             where = format_address(*address[:2])
             logger.info("listening on %s (%s)", where, self.config.server.mode)
+        systemd.ready(self._status_text(server))  # systemd: READY=1 + STATUS=
         try:
             server.serve_forever(poll_interval=0.5)
         finally:
+            systemd.stopping()  # systemd: STOPPING=1 (the loop ends only to stop)
             self._restore_signal_handlers(previous)
             self._close(server)
         return 0
@@ -144,7 +183,41 @@ class Daemon:
     def _periodic(self) -> None:
         if self.reload_requested:
             self.reload_requested = False
-            self.reload()
+            # systemd: RELOADING=1 before the reload, READY=1 after it, applied or rejected.
+            systemd.reloading()
+            try:
+                self.reload()
+            finally:
+                systemd.ready(self._status_text(self.server) if self.server else None)
+        self._notify_status()
+
+    # ---- systemd notifications (STATUS= with live counters) ----
+
+    # Seconds between STATUS= checks; a line is sent only when the text changed.
+    STATUS_INTERVAL = 2.0
+    _status_checked_at = float("-inf")
+    _status_sent = ""
+
+    def _status_text(self, server: SocksServer) -> str:
+        active = getattr(server, "active_count", 0)
+        where = ", ".join(format_address(*address[:2]) for address in server.server_addresses)
+        return (
+            f"{active} active connection{'' if active == 1 else 's'}, "
+            f"{server.served} served, listening on {where}"
+        )
+
+    def _notify_status(self) -> None:
+        if self.server is None or not systemd.enabled():
+            return
+        now = time.monotonic()
+        if now - self._status_checked_at < self.STATUS_INTERVAL:
+            return
+        self._status_checked_at = now
+        text = self._status_text(self.server)
+        if text != self._status_sent and systemd.status(text):
+            self._status_sent = text
+
+    # ---- end systemd notifications ----
 
     # ---- reload ----
 

@@ -14,6 +14,7 @@ bottom layer and knows nothing of what the handler speaks. Stdlib only.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import io
@@ -25,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Self, cast
 
 __all__ = [
@@ -76,6 +78,14 @@ _WAKEUP = "wakeup"
 _LISTENER = "listener"
 
 
+def client_ip(client_address: Any) -> str:
+    """The client's IP as text, IPv4-mapped IPv6 (dual-stack listeners) unmapped."""
+    host = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
 def _format_address(address: Any) -> str:
     """host:port, with brackets around IPv6 hosts; anything else as str()."""
     if isinstance(address, tuple) and len(address) >= 2:
@@ -125,10 +135,12 @@ class BaseServer:
     - server_address
     - RequestHandlerClass
     - max_connections (None: unlimited; may be changed while serving)
+    - max_connections_per_ip (None: unlimited; may be changed while serving)
     """
 
     timeout: float | None = None
     max_connections: int | None = None
+    max_connections_per_ip: int | None = None
     overload_log_interval: float = 1.0
 
     def __init__(self, server_address: Any, RequestHandlerClass: type[BaseRequestHandler]) -> None:
@@ -397,8 +409,25 @@ class BaseServer:
         """The descriptor to wait on. Must be overridden."""
         raise NotImplementedError
 
+    @property
+    def active_count(self) -> int:
+        """Requests being handled now; the mixins count their threads or children."""
+        return 0
+
+    def active_for(self, client_ip: str) -> int:
+        """Requests being handled now for one client address (see client_ip())."""
+        return 0
+
+    def over_limit(self, client_address: Any) -> bool:
+        """Whether a new client must go to handle_overload(): the total or its address's cap."""
+        limit = self.max_connections
+        if limit is not None and self.active_count >= limit:
+            return True
+        per_ip = self.max_connections_per_ip
+        return per_ip is not None and self.active_for(client_ip(client_address)) >= per_ip
+
     def handle_overload(self, request: socket.socket, client_address: Any) -> None:
-        """Called instead of process_request() when max_connections handlers are active.
+        """Called instead of process_request() when over_limit() says so.
 
         The default counts the refusal for a rate-limited WARNING (at most one line per
         overload_log_interval, with the number refused) and closes the connection with a
@@ -415,8 +444,10 @@ class BaseServer:
         if now - self._overload_logged_at < self.overload_log_interval:
             return
         logger.warning(
-            "connection limit reached (max_connections=%s): refused %d connection(s)",
+            "connection limit reached (max_connections=%s, max_connections_per_ip=%s): "
+            "refused %d connection(s)",
             self.max_connections,
+            self.max_connections_per_ip,
             self._overload_refused,
         )
         self._overload_refused = 0
@@ -488,7 +519,7 @@ class TCPServer(BaseServer):
     Methods for the caller:
 
     - __init__(server_address, RequestHandlerClass, bind_and_activate=True, *,
-               backlog=128, max_connections=None)
+               backlog=128, max_connections=None, listen_sockets=None)
     - serve_forever(poll_interval=0.5)
     - shutdown()
     - handle_request()  # if you don't use serve_forever()
@@ -523,6 +554,11 @@ class TCPServer(BaseServer):
     server_address may also be a list of addresses: the server then listens on each
     (say 127.0.0.1 and ::1), all served by one accept loop and one max_connections.
 
+    listen_sockets=[...] adopts sockets that already listen (systemd socket activation)
+    instead of binding: server_address and bind_and_activate are then ignored, and
+    sockets, server_addresses and address_family come from the adopted sockets, which
+    server_close() closes like its own.
+
     Instance variables:
 
     - server_address (the bound address after server_bind(): port 0 becomes the real port)
@@ -548,12 +584,18 @@ class TCPServer(BaseServer):
         *,
         backlog: int = 128,
         max_connections: int | None = None,
+        listen_sockets: Sequence[socket.socket] | None = None,
     ) -> None:
         """Constructor. May be extended, do not override."""
         if backlog < 0:
             raise ValueError(f"backlog must be >= 0, not {backlog}")
         if max_connections is not None and max_connections < 1:
             raise ValueError(f"max_connections must be >= 1 or None, not {max_connections}")
+        # ---- adopted sockets (systemd socket activation) ----
+        if listen_sockets is not None:
+            self._adopt(listen_sockets, RequestHandlerClass, backlog, max_connections)
+            return
+        # ---- end adopted sockets ----
         # A list listens on every address in it, all served by the one accept loop (and
         # sharing max_connections); a single address is the socketserver form.
         addresses = server_address if isinstance(server_address, list) else [server_address]
@@ -587,6 +629,54 @@ class TCPServer(BaseServer):
             except BaseException:
                 self.server_close()
                 raise
+
+    # ---- adopted sockets (systemd socket activation) ----
+
+    def _adopt(
+        self,
+        listen_sockets: Sequence[socket.socket],
+        RequestHandlerClass: type[BaseRequestHandler],
+        backlog: int,
+        max_connections: int | None,
+    ) -> None:
+        """Serve on sockets that already listen (say, passed by systemd) instead of binding.
+
+        Each must be a listening TCP socket over IPv4 or IPv6; otherwise ValueError, and
+        the caller keeps the sockets. Once adopted they belong to the server:
+        server_close() closes them. No bind() or listen() happens, so the backlog of
+        whoever created them applies; server_address is ignored.
+        """
+        sockets = list(listen_sockets)
+        if not sockets:
+            raise ValueError("listen_sockets is empty")
+        accept_conn = getattr(socket, "SO_ACCEPTCONN", None)
+        for sock in sockets:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                raise ValueError(
+                    f"cannot adopt socket fd {sock.fileno()}: {sock.family.name}, "
+                    "not AF_INET or AF_INET6"
+                )
+            if sock.type != self.socket_type:
+                raise ValueError(
+                    f"cannot adopt socket fd {sock.fileno()}: {sock.type.name}, "
+                    f"not {self.socket_type.name}"
+                )
+            # An unlistening socket would make every accept() fail with EINVAL.
+            if accept_conn is not None and not sock.getsockopt(socket.SOL_SOCKET, accept_conn):
+                raise ValueError(f"cannot adopt socket fd {sock.fileno()}: not listening")
+        BaseServer.__init__(self, sockets[0].getsockname(), RequestHandlerClass)
+        self.address_family = sockets[0].family
+        self.backlog = backlog
+        self.max_connections = max_connections
+        self.server_addresses = [sock.getsockname() for sock in sockets]
+        self._dual_stack = [False] * len(sockets)
+        self.sockets = sockets
+        for sock in sockets:
+            # As for our own sockets: a vanished connection must not block the loop.
+            sock.setblocking(False)
+        self.socket = sockets[0]
+
+    # ---- end adopted sockets ----
 
     def server_bind(self) -> None:
         """Set socket options and bind each socket; records the real addresses.
@@ -696,7 +786,9 @@ class ThreadingMixIn(_MixInBase):
         # this same thread while it held the lock.
         self._threads_lock = threading.RLock()
         self._threads: set[threading.Thread] = set()
-        self._active_requests: set[socket.socket] = set()
+        # request -> client IP, and how many requests each IP has (for the per-IP cap).
+        self._active_requests: dict[socket.socket, str] = {}
+        self._per_ip: collections.Counter[str] = collections.Counter()
         super().__init__(*args, **kwargs)
 
     @property
@@ -704,6 +796,18 @@ class ThreadingMixIn(_MixInBase):
         """Requests being handled now (a client that has seen EOF is no longer counted)."""
         with self._threads_lock:
             return len(self._active_requests)
+
+    def active_for(self, client_ip: str) -> int:
+        with self._threads_lock:
+            return self._per_ip[client_ip]
+
+    def _untrack_request(self, request: socket.socket) -> None:
+        with self._threads_lock:
+            ip = self._active_requests.pop(request, None)
+            if ip is not None:
+                self._per_ip[ip] -= 1
+                if not self._per_ip[ip]:
+                    del self._per_ip[ip]
 
     def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
         """Run the request in this thread; errors go to handle_error()."""
@@ -715,8 +819,7 @@ class ThreadingMixIn(_MixInBase):
             # Untrack the socket before closing it: abort_active_requests() must never
             # shut down a descriptor number that close() has already released for reuse,
             # and a client that sees EOF may count on the slot being free.
-            with self._threads_lock:
-                self._active_requests.discard(request)
+            self._untrack_request(request)
             try:
                 self.shutdown_request(request)
             finally:
@@ -724,9 +827,8 @@ class ThreadingMixIn(_MixInBase):
                     self._threads.discard(threading.current_thread())
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
-        """Start a thread for the request, or hand it to handle_overload() at the cap."""
-        limit = self.max_connections
-        if limit is not None and self.active_count >= limit:
+        """Start a thread for the request, or hand it to handle_overload() at a cap."""
+        if self.over_limit(client_address):
             self.handle_overload(request, client_address)
             return
         thread = threading.Thread(
@@ -735,15 +837,17 @@ class ThreadingMixIn(_MixInBase):
             name=f"handler {_format_address(client_address)}",
             daemon=self.daemon_threads,
         )
+        ip = client_ip(client_address)
         with self._threads_lock:
             self._threads.add(thread)
-            self._active_requests.add(request)
+            self._active_requests[request] = ip
+            self._per_ip[ip] += 1
         try:
             thread.start()
         except BaseException:
             with self._threads_lock:
                 self._threads.discard(thread)
-                self._active_requests.discard(request)
+            self._untrack_request(request)
             raise
 
     def abort_active_requests(self) -> int:
@@ -830,7 +934,9 @@ class ForkingMixIn(_MixInBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # RLock: abort_active_requests() may run in a signal handler in the serving thread.
         self._children_lock = threading.RLock()
-        self._children: set[int] = set()
+        # pid -> client IP, and how many children each IP has (for the per-IP cap).
+        self._children: dict[int, str] = {}
+        self._per_ip: collections.Counter[str] = collections.Counter()
         super().__init__(*args, **kwargs)
 
     @property
@@ -838,6 +944,18 @@ class ForkingMixIn(_MixInBase):
         """Children forked and not yet reaped."""
         with self._children_lock:
             return len(self._children)
+
+    def active_for(self, client_ip: str) -> int:
+        with self._children_lock:
+            return self._per_ip[client_ip]
+
+    def _forget_child(self, pid: int) -> None:
+        with self._children_lock:
+            ip = self._children.pop(pid, None)
+            if ip is not None:
+                self._per_ip[ip] -= 1
+                if not self._per_ip[ip]:
+                    del self._per_ip[ip]
 
     def collect_children(self) -> None:
         """Reap every child that has exited, without blocking."""
@@ -848,10 +966,11 @@ class ForkingMixIn(_MixInBase):
                 except ChildProcessError:
                     # No children at all: whatever we tracked is gone.
                     self._children.clear()
+                    self._per_ip.clear()
                     return
                 if pid == 0:
                     return
-                self._children.discard(pid)
+                self._forget_child(pid)
 
     def handle_timeout(self) -> None:
         """Reap children when handle_request() has been idle for self.timeout."""
@@ -865,8 +984,7 @@ class ForkingMixIn(_MixInBase):
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         """Fork a child for the request, or hand it to handle_overload() at the cap."""
         self.collect_children()
-        limit = self.max_connections
-        if limit is not None and self.active_count >= limit:
+        if self.over_limit(client_address):
             self.handle_overload(request, client_address)
             return
         blocked = set(_CHILD_DEFAULT_SIGNALS)
@@ -880,7 +998,9 @@ class ForkingMixIn(_MixInBase):
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 raise
             if pid:
-                self._children.add(pid)
+                ip = client_ip(client_address)
+                self._children[pid] = ip
+                self._per_ip[ip] += 1
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             self.close_request(request)
@@ -902,7 +1022,8 @@ class ForkingMixIn(_MixInBase):
     def _become_child(self, old_mask: Any) -> None:
         # The lock may have been held by another parent thread at fork time.
         self._children_lock = threading.RLock()
-        self._children = set()
+        self._children = {}
+        self._per_ip = collections.Counter()
         for sock in self.sockets:
             sock.close()
         # The parent may have pointed signal.set_wakeup_fd() at the socketpair we are
@@ -959,7 +1080,7 @@ class ForkingMixIn(_MixInBase):
             for pid in pids:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
-                self._children.discard(pid)
+                self._forget_child(pid)
 
 
 class ThreadingTCPServer(ThreadingMixIn, TCPServer):
