@@ -1,32 +1,173 @@
-"""Authentication policy: which RFC 1928 method to pick, and RFC 1929 credential checks.
+"""Authentication policy: which RFC 1928 method to pick, RFC 1929 credential checks,
+password hashes, and the per-client back-off after failed logins.
 
-Pure decisions, no sockets. Credentials are compared in constant time, and an unknown
-user costs the same as a wrong password so a client cannot probe for user names.
+No sockets. Credentials are compared in constant time; an unknown user costs the same
+as a wrong password so a client cannot probe for user names; passwords are stored as
+self-describing scrypt or PBKDF2 hashes (plaintext still works, with a warning).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
-from collections.abc import Iterable
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .config import User
+from .config import ConfigError, User
 from .protocol import Method
+
+# ---- password hashes ----
+
+# scrypt with N = 2**14, r = 8, p = 1: 16 MiB and tens of milliseconds per check (the
+# parameters RFC 7914 §2 and OWASP suggest for interactive logins).
+SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P = 14, 8, 1
+PBKDF2_ITERATIONS = 600_000  # OWASP 2023 for PBKDF2-HMAC-SHA256
+
+
+class HashFormatError(ValueError):
+    """A password_hash string that is not one of our self-describing formats."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def hash_password(password: str, scheme: str = "scrypt") -> str:
+    """A self-describing hash: `scrypt$ln=14,r=8,p=1$SALT$HASH` or `pbkdf2_sha256$N$SALT$HASH`."""
+    salt = os.urandom(16)
+    secret = password.encode()
+    if scheme == "scrypt":
+        digest = _scrypt(secret, salt, SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P)
+        params = f"ln={SCRYPT_LOG_N},r={SCRYPT_R},p={SCRYPT_P}"
+        return f"scrypt${params}${_b64(salt)}${_b64(digest)}"
+    if scheme == "pbkdf2_sha256":
+        digest = hashlib.pbkdf2_hmac("sha256", secret, salt, PBKDF2_ITERATIONS)
+        return f"pbkdf2_sha256${PBKDF2_ITERATIONS}${_b64(salt)}${_b64(digest)}"
+    raise ValueError(f"unknown scheme {scheme!r} (scrypt or pbkdf2_sha256)")
+
+
+def _scrypt(secret: bytes, salt: bytes, log_n: int, r: int, p: int) -> bytes:
+    n = 1 << log_n
+    return hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=256 * n * r, dklen=32)
+
+
+def parse_hash(encoded: str) -> Callable[[bytes], bytes]:
+    """Check a hash string's shape; returns a function computing the digest to compare.
+
+    Raises HashFormatError naming what is wrong, so config errors are caught at load.
+    """
+    scheme, _, rest = encoded.partition("$")
+    parts = rest.split("$")
+    try:
+        if scheme == "scrypt" and len(parts) == 3:
+            params = dict(item.split("=", 1) for item in parts[0].split(","))
+            log_n, r, p = int(params["ln"]), int(params["r"]), int(params["p"])
+            if not (1 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16):
+                raise HashFormatError("scrypt parameters out of range")
+            salt = _unb64(parts[1])
+            return lambda secret: _scrypt(secret, salt, log_n, r, p)
+        if scheme == "pbkdf2_sha256" and len(parts) == 3:
+            iterations = int(parts[0])
+            if not 1_000 <= iterations <= 10_000_000:
+                raise HashFormatError("pbkdf2 iterations out of range")
+            salt = _unb64(parts[1])
+            return lambda secret: hashlib.pbkdf2_hmac("sha256", secret, salt, iterations)
+    except (KeyError, ValueError) as exc:
+        if isinstance(exc, HashFormatError):
+            raise
+        raise HashFormatError(f"malformed {scheme} hash: {exc}") from None
+    raise HashFormatError("expected scrypt$ln=..,r=..,p=..$SALT$HASH or pbkdf2_sha256$N$SALT$HASH")
+
+
+def _expected_digest(encoded: str) -> bytes:
+    return _unb64(encoded.rsplit("$", 1)[1])
+
+
+@dataclass(frozen=True, slots=True)
+class _Credential:
+    compute: Callable[[bytes], bytes] = field(repr=False)
+    expected: bytes = field(repr=False)
+
+
+def _credential(user: User) -> _Credential:
+    if user.password_hash:
+        return _Credential(parse_hash(user.password_hash), _expected_digest(user.password_hash))
+    plain = (user.password or "").encode()
+    # Plaintext: hash both sides with a per-process key so the compare is constant time
+    # whatever the lengths.
+    return _Credential(_keyed, _keyed(plain))
+
+
+_PROCESS_KEY = os.urandom(32)
+
+
+def _keyed(secret: bytes) -> bytes:
+    return hmac.new(_PROCESS_KEY, secret, hashlib.sha256).digest()
+
+
+class _VerifiedCache:
+    """Remembers recent successful (user, password) pairs by a keyed digest.
+
+    A scrypt check costs tens of milliseconds of CPU; a client opening many short
+    connections with the right password must not pay it every time. Only successes are
+    cached, keyed by credentials (never by client address), in a bounded LRU.
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self.entries: OrderedDict[bytes, None] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def key(self, username: bytes, password: bytes) -> bytes:
+        return _keyed(len(username).to_bytes(2, "big") + username + password)
+
+    def __contains__(self, key: bytes) -> bool:
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return True
+            return False
+
+    def add(self, key: bytes) -> None:
+        with self.lock:
+            self.entries[key] = None
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+
+# ---- method choice and credential check ----
 
 
 @dataclass(frozen=True, slots=True)
 class Authenticator:
     """The users known to this server; none means no authentication is required."""
 
-    passwords: dict[bytes, bytes] = field(default_factory=dict, repr=False)
+    credentials: dict[bytes, _Credential] = field(default_factory=dict, repr=False)
+    verified: _VerifiedCache = field(default_factory=_VerifiedCache, repr=False, compare=False)
 
     @classmethod
-    def from_users(cls, users: Iterable[User]) -> Authenticator:
-        return cls({user.name.encode(): user.password.encode() for user in users})
+    def from_users(cls, users: Iterable[User], source: str = "<config>") -> Authenticator:
+        """Raises ConfigError naming the user whose password_hash is malformed."""
+        credentials = {}
+        for index, user in enumerate(users):
+            try:
+                credentials[user.name.encode()] = _credential(user)
+            except HashFormatError as exc:
+                raise ConfigError(f"{source}: users[{index}].password_hash: {exc}") from None
+        return cls(credentials)
 
     @property
     def required(self) -> bool:
-        return bool(self.passwords)
+        return bool(self.credentials)
 
     def choose_method(self, offered: Iterable[int]) -> Method:
         """RFC 1928 §3: pick the one method we accept among those the client offers."""
@@ -35,9 +176,92 @@ class Authenticator:
 
     def check(self, username: bytes, password: bytes) -> bool:
         """RFC 1929 §2: constant-time check; unknown users compare against a dummy."""
-        expected = self.passwords.get(username)
-        known = expected is not None
-        if expected is None:
-            expected = b"\0" * max(len(password), 1)
-        matches = hmac.compare_digest(expected, password)
-        return known and matches
+        cache_key = self.verified.key(username, password)
+        if cache_key in self.verified:
+            return True
+        credential = self.credentials.get(username)
+        known = credential is not None
+        if credential is None:
+            # Spend what a real check of the costliest kind would cost.
+            credential = max(self.credentials.values(), key=_cost, default=_DUMMY)
+        matches = hmac.compare_digest(credential.compute(password), credential.expected)
+        if known and matches:
+            self.verified.add(cache_key)
+            return True
+        return False
+
+
+def _cost(credential: _Credential) -> int:
+    return 0 if credential.compute is _keyed else 1
+
+
+_DUMMY = _Credential(_keyed, _keyed(os.urandom(16)))
+
+
+# ---- back-off after failed logins ----
+
+
+@dataclass(slots=True)
+class _Failures:
+    count: int = 0
+    last: float = 0.0
+    next_slot: float = 0.0
+
+
+class FailedLoginBackoff:
+    """Makes password guessing from one client address slow.
+
+    After a failed login, the next check for the same address waits `delay * 2**(n-1)`
+    (capped at `max_delay`) after the previous one, so parallel connections queue up
+    instead of multiplying the guessing rate. Forgotten after `window` quiet seconds or
+    a successful login. Bounded memory: the oldest addresses are dropped first.
+    Per process: in forking mode each child starts from the parent's (empty) state.
+    """
+
+    def __init__(
+        self,
+        delay: float = 0.5,
+        max_delay: float = 10.0,
+        window: float = 600.0,
+        capacity: int = 65536,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.delay = delay
+        self.max_delay = max_delay
+        self.window = window
+        self.capacity = capacity
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.clients: OrderedDict[str, _Failures] = OrderedDict()
+
+    def wait_time(self, client_ip: str) -> float:
+        """Seconds this attempt must wait before its credentials are checked; books a slot."""
+        now = self.clock()
+        with self.lock:
+            state = self.clients.get(client_ip)
+            if state is None or state.count == 0:
+                return 0.0
+            if now - state.last > self.window:
+                del self.clients[client_ip]
+                return 0.0
+            slot = max(now, state.next_slot)
+            state.next_slot = slot + self._delay(state.count)
+            return slot - now
+
+    def failed(self, client_ip: str) -> None:
+        now = self.clock()
+        with self.lock:
+            state = self.clients.pop(client_ip, None) or _Failures()
+            state.count += 1
+            state.last = now
+            state.next_slot = max(state.next_slot, now + self._delay(state.count))
+            self.clients[client_ip] = state
+            while len(self.clients) > self.capacity:
+                self.clients.popitem(last=False)
+
+    def succeeded(self, client_ip: str) -> None:
+        with self.lock:
+            self.clients.pop(client_ip, None)
+
+    def _delay(self, count: int) -> float:
+        return min(self.delay * 2 ** min(count - 1, 30), self.max_delay)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 from typing import Any
 
 import click
 
 from . import __version__
+from .auth import hash_password
 from .config import LOG_LEVELS, MODES, Config, ConfigError, apply_overrides, load_config
 from .config import parse_user_flag as parse_user
 from .daemon import Daemon, configure_logging, format_address
@@ -77,7 +79,29 @@ class ConfigProblem(click.ClickException):
     help="Require RFC 1929 login; repeatable. Replaces the config file's users.",
 )
 @click.option(
+    "--allow-open",
+    is_flag=True,
+    default=None,
+    help="Start even on a public address with no login and no client restriction.",
+)
+@click.option(
+    "--run-as-user",
+    metavar="USER",
+    help="When started as root: switch to this user once the sockets are bound.",
+)
+@click.option("--run-as-group", metavar="GROUP", help="Group for --run-as-user (default: its own).")
+@click.option(
     "--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), help="[default: info]"
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    help="Text lines, or one JSON object per line.  [default: text]",
+)
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write logs to this file instead of stderr (reopened on SIGHUP).",
 )
 @click.version_option(__version__, prog_name="socks5d")
 @click.pass_context
@@ -90,7 +114,12 @@ def main(
     mode: str | None,
     config_path: str | None,
     users: tuple[str, ...],
+    allow_open: bool | None,
+    run_as_user: str | None,
+    run_as_group: str | None,
     log_level: str | None,
+    log_format: str | None,
+    log_file: str | None,
 ) -> None:
     """A SOCKS5 proxy daemon (RFC 1928 CONNECT, BIND, UDP ASSOCIATE; RFC 1929 login).
 
@@ -104,7 +133,12 @@ def main(
         "server_listen": list(listen) or None,
         "server_outgoing_address": list(outgoing) or None,
         "server_mode": mode,
+        "server_allow_open": allow_open,
+        "server_run_as_user": run_as_user,
+        "server_run_as_group": run_as_group,
         "logging_level": log_level,
+        "logging_format": log_format,
+        "logging_file": log_file,
         "users": None,
     }
     try:
@@ -135,3 +169,32 @@ def _bind_error(exc: OSError, host: str, port: int) -> str:
     if isinstance(exc, socket.gaierror):
         return f"cannot listen on {where}: {exc.strerror}"
     return f"cannot listen on {where}: {exc.strerror or exc}"
+
+
+@main.command("hash-password")
+@click.option(
+    "--scheme",
+    type=click.Choice(["scrypt", "pbkdf2_sha256"]),
+    default="scrypt",
+    show_default=True,
+    help="Hash function.",
+)
+def hash_password_command(scheme: str) -> None:
+    """Print a password hash for [[users]] password_hash.
+
+    Asks twice without echo on a terminal; otherwise reads the password from the first
+    line of standard input, so it never has to appear on a command line:
+
+    \b
+      socks5d hash-password
+      printf '%s\\n' "$PASSWORD" | socks5d hash-password
+    """
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ConfigProblem("hash-password: the password is empty")
+    if len(password.encode()) > 255:
+        raise ConfigProblem("hash-password: RFC 1929 passwords are at most 255 bytes")
+    click.echo(hash_password(password, scheme))

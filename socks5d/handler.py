@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -25,9 +25,11 @@ from .outbound import (
     ConnectFailed,
     OutgoingAddresses,
     Resolver,
-    open_connection,
+    SockAddr,
+    connect_any,
     reply_for_error,
     resolve,
+    resolve_target,
     system_resolver,
 )
 from .protocol import (
@@ -35,6 +37,7 @@ from .protocol import (
     MAX_REQUEST_SIZE,
     MAX_USERNAME_PASSWORD_SIZE,
     Address,
+    AddressType,
     AuthStatus,
     Command,
     Method,
@@ -49,7 +52,9 @@ from .protocol import (
     parse_username_password,
 )
 from .relay import relay
-from .server import BaseRequestHandler
+from .rules import Decision, Policy
+from .server import BaseRequestHandler, client_ip
+from .session import Session
 from .udp import open_udp_endpoint, serve_association
 
 logger = logging.getLogger(__name__)
@@ -73,12 +78,16 @@ class HandlerSettings:
     udp_port_range: tuple[int, int] | None = None
     outgoing: OutgoingAddresses = ANY_SOURCE
     resolver: Resolver = system_resolver
+    policy: Policy | None = None  # None: every destination allowed (tests, embedding)
 
     @classmethod
-    def from_config(cls, config: Config) -> HandlerSettings:
+    def from_config(
+        cls, config: Config, listening: Iterable[tuple[str, int]] = ()
+    ) -> HandlerSettings:
+        """`listening`: the bound (host, port) addresses, for the rules' loop guard."""
         timeouts = config.timeouts
         return cls(
-            authenticator=Authenticator.from_users(config.users),
+            authenticator=Authenticator.from_users(config.users, config.source),
             handshake_timeout=timeouts.handshake,
             connect_timeout=timeouts.connect,
             idle_timeout=timeouts.idle or None,
@@ -89,7 +98,11 @@ class HandlerSettings:
             outgoing=OutgoingAddresses(
                 config.server.outgoing_for(4), config.server.outgoing_for(6)
             ),
+            policy=Policy.from_config(config, listening),
         )
+
+
+DEFAULTS = HandlerSettings()
 
 
 class ClientGone(Exception):
@@ -154,55 +167,44 @@ class HandshakeReader:
         return remaining
 
 
-@dataclass(slots=True)
-class Session:
-    """What the access log line reports about one connection."""
-
-    client: str
-    started: float = field(default_factory=time.monotonic)
-    user: str = "-"
-    command: str = "-"
-    target: str = "-"
-    remote: str = "-"
-    reply: Reply | None = None
-    up: int = 0
-    down: int = 0
-    end: str = "-"
-
-    def log_line(self) -> str:
-        reply = "-" if self.reply is None else f"{self.reply:02x}"
-        duration = time.monotonic() - self.started
-        return (
-            f"client={self.client} user={self.user} cmd={self.command} target={self.target} "
-            f"remote={self.remote} reply={reply} up={self.up} down={self.down} "
-            f"time={duration:.3f}s end={self.end!r}"
-        )
-
-
 class Socks5Handler(BaseRequestHandler):
     """Serves one SOCKS5 client (RFC 1928, RFC 1929).
 
     Reads its settings from `server.settings` (a HandlerSettings), so a reload swaps one
-    attribute and new connections see the new policy while old ones keep theirs.
+    attribute and new connections see the new policy while old ones keep theirs. State
+    that outlives a reload (login back-off, per-user slots) lives on the server too.
     """
 
+    def setup(self) -> None:
+        self.settings: HandlerSettings = getattr(self.server, "settings", None) or DEFAULTS
+        self.client_ip = client_ip(self.client_address)
+        self.session = Session(client=_format_peer(self.client_address))
+        self.user: str | None = None  # set once RFC 1929 login succeeded
+        self.user_slot = False
+
     def handle(self) -> None:
-        settings: HandlerSettings = getattr(self.server, "settings", None) or HandlerSettings()
-        session = Session(client=_format_peer(self.client_address))
+        session = self.session
         try:
-            self.serve(settings, session)
+            self.serve(session)
         except (ClientGone, ConnectionError):
             session.end = "client closed during handshake"
+            session.closed_by = "client"
         except HandshakeTimeout:
             session.end = "handshake timeout"
+            session.closed_by = "proxy"
         except OSError as exc:
             session.end = f"error: {exc.strerror or exc}"
         finally:
+            if self.user_slot and self.user is not None:
+                slots = getattr(self.server, "user_slots", None)
+                if slots is not None:
+                    slots.release(self.user)
             if session.reply is not Reply.SUCCEEDED:
                 linger_close(self.request)
-            access_logger.info("%s", session.log_line())
+            access_logger.info("%s", session.log_line(), extra={"access": session.as_dict()})
 
-    def serve(self, settings: HandlerSettings, session: Session) -> None:
+    def serve(self, session: Session) -> None:
+        settings = self.settings
         reader = HandshakeReader(self.request, settings.handshake_timeout)
         try:
             if not self.negotiate(reader, settings.authenticator, session):
@@ -210,18 +212,22 @@ class Socks5Handler(BaseRequestHandler):
             request = reader.read(parse_request, MAX_REQUEST_SIZE)
         except ProtocolError as exc:
             session.end = f"protocol error: {exc.message}"
+            session.closed_by = "proxy"
             if exc.reply is not None:
                 session.reply = exc.reply
                 reader.send_reply(exc.reply)
             return
         session.command = request.command.name
         session.target = str(request.address)
+        if self.user is not None and not self.take_user_slot(self.user):
+            self.fail(reader, session, Reply.GENERAL_FAILURE, "per-user connection limit")
+            return
         if request.command is Command.CONNECT:
-            self.connect(request, reader, settings, session)
+            self.connect(request, reader, session)
         elif request.command is Command.BIND:
-            self.bind(request, reader, settings, session)
+            self.bind(request, reader, session)
         else:
-            self.udp_associate(request, reader, settings, session)
+            self.udp_associate(request, reader, session)
 
     def negotiate(self, reader: HandshakeReader, auth: Authenticator, session: Session) -> bool:
         """RFC 1928 §3 method selection, then RFC 1929 when that is the method."""
@@ -230,31 +236,84 @@ class Socks5Handler(BaseRequestHandler):
         reader.send(encode_method_selection(method))
         if method is Method.NO_ACCEPTABLE_METHODS:
             session.end = "no acceptable method offered"
+            session.closed_by = "proxy"
             return False
         if method is Method.USERNAME_PASSWORD:
             return self.authenticate(reader, auth, session)
         return True
 
     def authenticate(self, reader: HandshakeReader, auth: Authenticator, session: Session) -> bool:
-        """RFC 1929 §2: a non-zero status means the connection must close."""
+        """RFC 1929 §2: a non-zero status means the connection must close.
+
+        After failed logins from this client's address each check waits its turn
+        (FailedLoginBackoff), so guessing passwords is slow however many connections
+        the guesser opens.
+        """
         credentials = reader.read(parse_username_password, MAX_USERNAME_PASSWORD_SIZE)
-        session.user = credentials.username.decode("utf-8", "backslashreplace") or "''"
-        if auth.check(credentials.username, credentials.password):
+        name = credentials.username.decode("utf-8", "backslashreplace")
+        session.user = name or "''"
+        backoff = getattr(self.server, "login_backoff", None)
+        wait = backoff.wait_time(self.client_ip) if backoff is not None else 0.0
+        if wait and wait >= reader.deadline - time.monotonic():
+            ok = False  # the turn comes after the handshake deadline: refuse unchecked
+        else:
+            if wait:
+                time.sleep(wait)
+            ok = auth.check(credentials.username, credentials.password)
+            if backoff is not None:
+                (backoff.succeeded if ok else backoff.failed)(self.client_ip)
+        if ok:
             reader.send(encode_auth_status(AuthStatus.SUCCESS))
+            self.user = name
             return True
         reader.send(encode_auth_status(AuthStatus.FAILURE))
         session.end = "authentication failed"
+        session.closed_by = "proxy"
         return False
 
-    def connect(
-        self, request: Request, reader: HandshakeReader, settings: HandlerSettings, session: Session
-    ) -> None:
+    def take_user_slot(self, user: str) -> bool:
+        slots = getattr(self.server, "user_slots", None)
+        if slots is None:
+            return True
+        self.user_slot = slots.acquire(user)
+        return self.user_slot
+
+    def check(
+        self, command: str, host: str | None, ip: str | None, port: int | None
+    ) -> Decision | None:
+        """The access decision for one destination; None when no policy is set."""
+        policy = self.settings.policy
+        if policy is None:
+            return None
+        return policy.check(self.client_ip, self.user, command, host, ip, port)
+
+    def allowed_candidates(
+        self, command: str, address: Address, candidates: list[SockAddr], session: Session
+    ) -> list[SockAddr]:
+        """Keep the resolved addresses the rules allow; a name is checked address by address
+        (a name that resolves to 127.0.0.1 is caught like the literal)."""
+        host = address.host if address.type is AddressType.DOMAINNAME else None
+        allowed: list[SockAddr] = []
+        for family, sockaddr in candidates:
+            decision = self.check(command, host, canonical_ip(sockaddr[0]), address.port)
+            if decision is None or decision.allowed:
+                allowed.append((family, sockaddr))
+            elif session.rule == "-":
+                session.rule = decision.reason
+        return allowed
+
+    def connect(self, request: Request, reader: HandshakeReader, session: Session) -> None:
         """RFC 1928 §4 CONNECT: reply with the outbound socket's address, then relay."""
+        settings = self.settings
         try:
-            upstream = open_connection(
-                request.address,
+            candidates = resolve_target(request.address, settings.resolver)
+            allowed = self.allowed_candidates("connect", request.address, candidates, session)
+            if not allowed:
+                self.deny(reader, session)
+                return
+            upstream = connect_any(
+                allowed,
                 settings.connect_timeout,
-                settings.resolver,
                 attempt_delay=settings.attempt_delay,
                 outgoing=settings.outgoing,
             )
@@ -262,20 +321,26 @@ class Socks5Handler(BaseRequestHandler):
             self.fail(reader, session, exc.reply, exc.reason)
             return
         with upstream:
-            session.remote = _format_peer(upstream.getpeername())
+            session.resolved = _format_peer(upstream.getpeername())
+            bound = Address.from_sockaddr(upstream.getsockname())
+            session.egress = str(bound)
             session.reply = Reply.SUCCEEDED
-            reader.send_reply(Reply.SUCCEEDED, Address.from_sockaddr(upstream.getsockname()))
-            self.tunnel(upstream, reader, settings, session)
+            reader.send_reply(Reply.SUCCEEDED, bound)
+            self.tunnel(upstream, reader, session)
 
-    def bind(
-        self, request: Request, reader: HandshakeReader, settings: HandlerSettings, session: Session
-    ) -> None:
+    def bind(self, request: Request, reader: HandshakeReader, session: Session) -> None:
         """RFC 1928 §4 BIND: first reply with where to connect, second with who did."""
+        settings = self.settings
         try:
-            resolved = [sockaddr[0] for _, sockaddr in resolve(request.address, settings.resolver)]
+            candidates = resolve(request.address, settings.resolver)
         except OSError as exc:
             self.fail(reader, session, reply_for_error(exc), f"resolve failed: {exc}")
             return
+        candidates = self.allowed_candidates("bind", request.address, candidates, session)
+        if not candidates:
+            self.deny(reader, session)
+            return
+        resolved = [sockaddr[0] for _, sockaddr in candidates]
         expected = expected_peer_ips(request.address, resolved)
         # An all-zero DST gives no route to look up: listen where the client reached us.
         routable = [ip for ip in resolved if not ipaddress.ip_address(ip).is_unspecified]
@@ -288,76 +353,92 @@ class Socks5Handler(BaseRequestHandler):
             return
         with listener:
             bound = Address.from_sockaddr(listener.getsockname())
+            session.egress = str(bound)
             reader.send_reply(Reply.SUCCEEDED, bound)
             try:
                 accepted = wait_for_peer(listener, self.request, expected, settings.bind_timeout)
             except ClientLeft:
                 session.end = "client closed while waiting for the BIND peer"
+                session.closed_by = "client"
                 return
         if accepted is None:
             # Nobody (expected) connected in time: the same code as a connect timeout.
             self.fail(reader, session, Reply.HOST_UNREACHABLE, "no BIND peer before the timeout")
             return
         with accepted.sock:
-            session.remote = str(accepted.peer)
+            session.resolved = str(accepted.peer)
             session.reply = Reply.SUCCEEDED
             reader.send_reply(Reply.SUCCEEDED, accepted.peer)
-            self.tunnel(accepted.sock, reader, settings, session)
+            self.tunnel(accepted.sock, reader, session)
 
-    def udp_associate(
-        self, request: Request, reader: HandshakeReader, settings: HandlerSettings, session: Session
-    ) -> None:
+    def udp_associate(self, request: Request, reader: HandshakeReader, session: Session) -> None:
         """RFC 1928 §7: a UDP relay that lives exactly as long as this TCP connection."""
+        settings = self.settings
+        # The association itself: client, user and command (destinations come per datagram).
+        decision = self.check("udp", None, None, None)
+        if decision is not None and not decision.allowed:
+            session.rule = decision.reason
+            self.deny(reader, session)
+            return
         local_ip = canonical_ip(self.request.getsockname()[0])
         try:
             endpoint = open_udp_endpoint(local_ip, settings.udp_port_range)
         except OSError as exc:
             self.fail(reader, session, Reply.GENERAL_FAILURE, f"no UDP port: {exc}")
             return
-        session.remote = str(Address.from_sockaddr(endpoint.getsockname()))
+        bound = Address.from_sockaddr(endpoint.getsockname())
+        session.egress = str(bound)
         session.reply = Reply.SUCCEEDED
         try:
-            reader.send_reply(Reply.SUCCEEDED, Address.from_sockaddr(endpoint.getsockname()))
+            reader.send_reply(Reply.SUCCEEDED, bound)
         except BaseException:
             endpoint.close()
             raise
         stats = serve_association(
             self.request,
             endpoint,
-            canonical_ip(self.client_address[0]),
+            self.client_ip,
             request.address,
             idle_timeout=settings.udp_idle_timeout,
             outgoing=settings.outgoing,
             resolver=settings.resolver,
+            allow=self.allow_datagram if settings.policy is not None else None,
         )
         session.up, session.down = stats.bytes_up, stats.bytes_down
+        session.closed_by = "client" if stats.end == "control closed" else "proxy"
         session.end = (
             f"{stats.end} (datagrams up={stats.datagrams_up} down={stats.datagrams_down}"
             f" dropped={stats.dropped})"
         )
 
-    def tunnel(
-        self,
-        upstream: socket.socket,
-        reader: HandshakeReader,
-        settings: HandlerSettings,
-        session: Session,
-    ) -> None:
+    def allow_datagram(self, address: Address, sockaddr: tuple[Any, ...]) -> bool:
+        """Rules for each UDP destination, as for CONNECT."""
+        host = address.host if address.type is AddressType.DOMAINNAME else None
+        decision = self.check("udp", host, canonical_ip(sockaddr[0]), address.port)
+        return decision is None or decision.allowed
+
+    def tunnel(self, upstream: socket.socket, reader: HandshakeReader, session: Session) -> None:
         """Relay between the client and `upstream`; pipelined client bytes go first."""
         pending = bytes(reader.buffer)
         reader.buffer.clear()
         result = relay(
-            self.request, upstream, idle_timeout=settings.idle_timeout, pending_a_to_b=pending
+            self.request, upstream, idle_timeout=self.settings.idle_timeout, pending_a_to_b=pending
         )
         session.up, session.down = result.a_to_b, result.b_to_a
         closer = {"a": "client", "b": "target"}.get(result.closed_first, result.closed_first)
+        session.closed_by = closer
         session.end = f"{closer} {result.reason}"
+
+    def deny(self, reader: HandshakeReader, session: Session) -> None:
+        """RFC 1928 §6 reply 02: a rule said no (named in the access log)."""
+        self.fail(reader, session, Reply.CONNECTION_NOT_ALLOWED, f"denied by {session.rule}")
 
     @staticmethod
     def fail(reader: HandshakeReader, session: Session, reply: Reply, reason: str) -> None:
         """Send a failure reply; the connection closes right after (RFC 1928 §6)."""
         session.reply = reply
         session.end = reason
+        session.closed_by = "proxy"
         reader.send_reply(reply)
 
 

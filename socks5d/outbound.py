@@ -161,12 +161,32 @@ def open_connection(
     closed. Returns a blocking socket without a timeout. Raises ConnectFailed with the most
     informative failure (`most_informative_failure`) when no address accepts.
     """
+    return connect_any(
+        resolve_target(address, resolver), timeout, attempt_delay=attempt_delay, outgoing=outgoing
+    )
+
+
+def resolve_target(address: Address, resolver: Resolver = system_resolver) -> list[SockAddr]:
+    """`resolve`, with failures as ConnectFailed carrying their reply (DNS failure: 04)."""
     try:
         candidates = resolve(address, resolver)
     except OSError as exc:
         raise ConnectFailed(reply_for_error(exc), f"resolve failed: {exc}") from None
     if not candidates:
         raise ConnectFailed(Reply.HOST_UNREACHABLE, "resolve returned no address")
+    return candidates
+
+
+def connect_any(
+    candidates: list[SockAddr],
+    timeout: float,
+    *,
+    attempt_delay: float = 0.25,
+    outgoing: OutgoingAddresses = ANY_SOURCE,
+) -> socket.socket:
+    """The Happy Eyeballs race of `open_connection` over addresses already resolved."""
+    if not candidates:
+        raise ConnectFailed(Reply.HOST_UNREACHABLE, "no address to connect to")
     racer = _Race(interleave(candidates), outgoing)
     try:
         winner = racer.run(timeout, attempt_delay)

@@ -15,13 +15,43 @@ ALLOWED = {
     "config": set(),
     "relay": set(),
     "server": set(),
+    "limits": set(),
+    "logs": set(),
+    "systemd": set(),
+    "privileges": set(),
+    "session": {"protocol"},
+    "rules": {"config", "protocol"},
     "auth": {"protocol", "config"},
     "outbound": {"protocol"},
     "bind": {"protocol", "outbound"},
     "udp": {"protocol", "outbound"},
-    "handler": {"protocol", "config", "auth", "outbound", "bind", "udp", "relay", "server"},
-    "daemon": {"protocol", "config", "auth", "outbound", "relay", "server", "handler"},
-    "cli": {"config", "daemon", "__init__"},
+    "handler": {
+        "protocol",
+        "config",
+        "auth",
+        "outbound",
+        "bind",
+        "udp",
+        "relay",
+        "rules",
+        "server",
+        "session",
+    },
+    "daemon": {
+        "protocol",
+        "config",
+        "auth",
+        "outbound",
+        "relay",
+        "rules",
+        "server",
+        "handler",
+        "limits",
+        "logs",
+        "systemd",
+        "privileges",
+    },
+    "cli": {"config", "auth", "rules", "daemon", "logs", "__init__"},
     "__main__": {"cli"},
     "__init__": set(),
 }
@@ -34,7 +64,12 @@ def project_imports(path: Path) -> tuple[set[str], set[str]]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level == 1:
-                project.add(node.module or "__init__")  # `from . import x` is the package
+                if node.module:
+                    project.add(node.module)
+                else:  # `from . import x`: module x if there is one, else the package
+                    for alias in node.names:
+                        is_module = (PACKAGE / f"{alias.name}.py").exists()
+                        project.add(alias.name if is_module else "__init__")
             elif node.module and node.module.startswith("socks5d"):
                 project.add(node.module.partition(".")[2] or "__init__")
             elif node.module:

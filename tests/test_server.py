@@ -34,6 +34,7 @@ from socks5d.server import (
     StreamRequestHandler,
     TCPServer,
     ThreadingTCPServer,
+    client_ip,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1039,3 +1040,51 @@ def test_several_addresses_share_one_connection_cap():
 def test_empty_address_list_is_rejected():
     with pytest.raises(ValueError, match="no address"):
         TCPServer([], BaseRequestHandler)
+
+
+# ---- per-client-address cap ----
+
+
+def _alias_ok() -> bool:
+    try:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.2", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _alias_ok(), reason="127.0.0.2 is not bindable here")
+@pytest.mark.parametrize("server_class", [ThreadingTCPServer, ForkingTCPServer])
+def test_per_ip_cap_refuses_only_the_busy_address(server_class, caplog):
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+
+    class Hold(BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(b"in")
+            self.request.recv(1)  # until the client closes
+
+    srv = server_class(("127.0.0.1", 0), Hold)
+    srv.max_connections_per_ip = 1
+    with serving(srv, poll_interval=0.05):
+        address = srv.server_address
+        with connect(address) as first:
+            assert first.recv(2) == b"in"
+            with connect(address) as second:
+                assert recv_all(second) == b""  # same address, over its cap
+            other = socket.socket()
+            other.settimeout(TIMEOUT)
+            other.bind(("127.0.0.2", 0))
+            with other:
+                other.connect(address)
+                assert other.recv(2) == b"in"  # another address still gets in
+                assert srv.active_for("127.0.0.2") == 1
+        # Forked children hold copies of this process's client sockets: end them now.
+        srv.abort_active_requests()
+    assert "max_connections_per_ip=1" in caplog.text
+
+
+def test_client_ip_unmaps_ipv4_mapped_addresses():
+    assert client_ip(("::ffff:192.0.2.1", 5, 0, 0)) == "192.0.2.1"
+    assert client_ip(("2001:db8::1", 5, 0, 0)) == "2001:db8::1"
+    assert client_ip(("192.0.2.1", 5)) == "192.0.2.1"

@@ -1,0 +1,70 @@
+"""The access-log record of one client connection, as a text line or a JSON-ready dict.
+
+Filled in by the handler as the connection goes through its phases and logged once at
+the end. Stdlib and the protocol's Reply enum only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .protocol import Reply
+
+
+def new_session_id() -> str:
+    """12 hex digits: unique enough to grep one connection's lines, cheap to make."""
+    return os.urandom(6).hex()
+
+
+@dataclass(slots=True)
+class Session:
+    """What the access log reports about one connection."""
+
+    client: str
+    id: str = field(default_factory=new_session_id)
+    started: float = field(default_factory=time.monotonic)
+    user: str = "-"
+    command: str = "-"
+    target: str = "-"  # as requested: a name or an address, with the port
+    resolved: str = "-"  # the address actually connected to (or the BIND peer)
+    egress: str = "-"  # our address on the outside: outbound socket, BIND or UDP socket
+    reply: Reply | None = None
+    up: int = 0  # bytes client -> target
+    down: int = 0  # bytes target -> client
+    closed_by: str = "-"  # "client", "target", "idle", "proxy", ...
+    end: str = "-"  # why it ended, in words
+    rule: str = "-"  # the access decision that applied, when one denied
+
+    def duration(self) -> float:
+        return time.monotonic() - self.started
+
+    def log_line(self) -> str:
+        reply = "-" if self.reply is None else f"{self.reply:02x}"
+        return (
+            f"id={self.id} client={self.client} user={self.user} cmd={self.command} "
+            f"target={self.target} resolved={self.resolved} egress={self.egress} "
+            f"reply={reply} up={self.up} down={self.down} time={self.duration():.3f}s "
+            f"closed_by={self.closed_by} rule={self.rule} end={self.end!r}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "event": "access",
+            "session": self.id,
+            "client": self.client,
+            "user": None if self.user == "-" else self.user,
+            "command": self.command,
+            "target": self.target,
+            "resolved": None if self.resolved == "-" else self.resolved,
+            "egress": None if self.egress == "-" else self.egress,
+            "reply": None if self.reply is None else int(self.reply),
+            "bytes_up": self.up,
+            "bytes_down": self.down,
+            "duration": round(self.duration(), 6),
+            "closed_by": self.closed_by,
+            "rule": None if self.rule == "-" else self.rule,
+            "end": self.end,
+        }
