@@ -17,7 +17,7 @@ from . import __version__
 from .auth import hash_password
 from .config import LOG_LEVELS, MODES, Config, ConfigError, apply_overrides, load_config
 from .config import parse_user_flag as parse_user
-from .daemon import Daemon, configure_logging, format_address
+from .daemon import Daemon, apply_logging, format_address, raise_open_file_limit
 
 EXAMPLES = """\b
 Examples:
@@ -148,13 +148,23 @@ def main(
         config = apply_overrides(config, **overrides)
     except ConfigError as exc:
         raise ConfigProblem(str(exc)) from None
-    configure_logging(config.logging.level)
+    try:
+        apply_logging(config)
+    except OSError as exc:
+        raise ConfigProblem(
+            f"logging.file: cannot open {config.logging.file}: {exc.strerror or exc}"
+        ) from None
+    raise_open_file_limit()
     daemon = Daemon(config, config_path, overrides)
     try:
         daemon.bind()
+    except ConfigError as exc:  # an open proxy refused, a malformed password hash
+        raise ConfigProblem(str(exc)) from None
     except OSError as exc:
         host, port = getattr(exc, "bind_address", config.server.listen_addresses[0])[:2]
         raise click.ClickException(_bind_error(exc, host, port)) from None
+    except (ValueError, RuntimeError) as exc:  # run_as_user unknown, unusable systemd socket
+        raise click.ClickException(str(exc)) from None
     raise SystemExit(daemon.run())
 
 

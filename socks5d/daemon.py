@@ -1,30 +1,35 @@
 """Assembly and lifecycle: build the server from a Config, run it, react to signals.
 
-SIGTERM/SIGINT stop the accept loop, close open tunnels and exit 0; SIGHUP re-reads the
-config file and swaps the handler settings without dropping established tunnels. Signal
-handlers only set flags and wake the loop; the work happens in the serving thread.
+SIGTERM/SIGINT stop accepting at once, let open tunnels finish for up to
+timeouts.shutdown_grace, cut the rest and exit 0 (a second signal cuts at once);
+SIGHUP re-reads the config file, validates it whole, and swaps users, rules, limits and
+logging without dropping established tunnels (a bad file is rejected, the old config
+stays). Signal handlers only set flags and wake the loop; the work happens in the
+serving thread.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import resource
 import signal
-import sys
 import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from . import systemd
+from .auth import FailedLoginBackoff
 from .config import Config, ConfigError, apply_overrides, load_config
 from .handler import HandlerSettings, Socks5Handler
+from .limits import UserSlots
+from .logs import configure_logging
 from .privileges import drop_privileges
+from .rules import exposure_problem
 from .server import ForkingTCPServer, ThreadingTCPServer
 
 logger = logging.getLogger("socks5d")
-
-LOG_FORMAT = "%(levelname)s %(message)s"
 
 
 class SocksServerMixIn:
@@ -32,6 +37,9 @@ class SocksServerMixIn:
 
     settings: HandlerSettings = HandlerSettings()
     periodic: Callable[[], None] | None = None
+    # State that outlives a reload; the handler reads it from here.
+    login_backoff: FailedLoginBackoff | None = None
+    user_slots: UserSlots | None = None
 
     def service_actions(self) -> None:
         super().service_actions()  # type: ignore[misc]
@@ -70,14 +78,22 @@ SERVER_CLASSES: dict[str, type[SocksServer]] = {
 }
 
 
-def configure_logging(level: str) -> None:
-    """Plain lines to stderr; journald adds the timestamps."""
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(handler)
-    root.setLevel(level.upper())
+def apply_logging(config: Config) -> None:
+    """Install the config's log level, format and file (OSError if the file won't open)."""
+    configure_logging(config.logging.level, config.logging.format, config.logging.file or None)
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit: each tunnel holds two
+    descriptors, and the soft default (often 1024) is far below what a proxy needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft, hard
 
 
 def format_address(host: str, port: int) -> str:
@@ -98,39 +114,74 @@ class Daemon:
         self.overrides = overrides or {}
         self.server: SocksServer | None = None
         self.reload_requested = False
+        self.stopping = False
+        self.stop_requested = False
 
     def bind(self) -> SocksServer:
-        """Create and bind the listening server (raises OSError, e.g. EADDRINUSE)."""
-        server_class = SERVER_CLASSES[self.config.server.mode]
-        # ---- systemd socket activation: adopt passed sockets instead of binding ----
+        """Create and bind the listening server, ready to serve.
+
+        Raises OSError (EADDRINUSE...), ConfigError (an open proxy refused, a malformed
+        password hash), ValueError (an unknown run_as_user, an unusable systemd socket).
+        """
+        config = self.config
+        server_class = SERVER_CLASSES[config.server.mode]
+        # systemd socket activation: adopt the passed sockets instead of binding.
         adopted = systemd.listen_fds()
         if adopted:
             logger.info(
                 "adopted %d socket(s) from systemd; the configured listen addresses are ignored",
                 len(adopted),
             )
-        # ---- end socket activation ----
+        else:
+            # Refuse an open proxy before it has listened at all, not just before serving.
+            problem = exposure_problem(config, config.server.listen_addresses)
+            if problem:
+                raise ConfigError(problem)
         server = server_class(
-            list(self.config.server.listen_addresses),
+            list(config.server.listen_addresses),
             Socks5Handler,
-            backlog=self.config.server.backlog,
-            max_connections=self.config.limits.max_connections,
+            backlog=config.server.backlog,
+            max_connections=config.limits.max_connections,
             listen_sockets=adopted or None,
         )
-        # ---- drop root once the sockets are bound (run_as_user / run_as_group) ----
-        run_as_user = getattr(self.config.server, "run_as_user", "")
-        run_as_group = getattr(self.config.server, "run_as_group", "")
-        if run_as_user:
-            try:
-                drop_privileges(run_as_user, run_as_group or None)
-            except BaseException:
-                server.server_close()
-                raise
-        # ---- end privilege drop ----
-        server.settings = HandlerSettings.from_config(self.config)
+        try:
+            problem = exposure_problem(config, server.server_addresses)
+            if problem:
+                raise ConfigError(problem)
+            server.login_backoff = FailedLoginBackoff()
+            server.user_slots = UserSlots()
+            self._apply(server, config)
+            # Last: with root gone, nothing more may need to open a privileged resource.
+            if config.server.run_as_user:
+                drop_privileges(config.server.run_as_user, config.server.run_as_group or None)
+        except BaseException:
+            server.server_close()
+            raise
         server.periodic = self._periodic
         self.server = server
         return server
+
+    def _apply(self, server: SocksServer, config: Config) -> None:
+        """Put a validated config into effect for new connections."""
+        limits = config.limits
+        server.settings = HandlerSettings.from_config(config, server.server_addresses)
+        server.max_connections = limits.max_connections
+        server.max_connections_per_ip = limits.max_connections_per_ip or None
+        if server.user_slots is not None:
+            server.user_slots.limit = limits.max_connections_per_user or None
+        if server.login_backoff is not None:
+            server.login_backoff.delay = config.auth.failure_delay
+            server.login_backoff.max_delay = config.auth.failure_delay_max
+            server.login_backoff.window = config.auth.failure_window
+        for index, user in enumerate(config.users):
+            if user.password is not None:
+                logger.warning(
+                    "users[%d] (%s) has a plaintext password in %s; store password_hash "
+                    "instead (socks5d hash-password)",
+                    index,
+                    user.name,
+                    config.source,
+                )
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit code."""
@@ -144,15 +195,23 @@ class Daemon:
             server.serve_forever(poll_interval=0.5)
         finally:
             systemd.stopping()  # systemd: STOPPING=1 (the loop ends only to stop)
-            self._restore_signal_handlers(previous)
-            self._close(server)
+            try:
+                self._close(server)  # still under our handlers: a second signal cuts short
+            finally:
+                self._restore_signal_handlers(previous)
         return 0
 
     def _close(self, server: SocksServer) -> None:
-        active = getattr(server, "active_count", 0)
+        """Graceful stop: refuse new clients now, let open ones finish, cut the rest."""
+        server.stop_listening()
+        grace = self.config.timeouts.shutdown_grace
+        active = server.active_count
+        if active and grace > 0:
+            logger.info("stopping: waiting up to %.1f s for %d open connection(s)", grace, active)
+            active = server.wait_for_idle(grace, cancelled=lambda: self.stop_requested)
         if active:
-            logger.info("stopping: closing %d open connection(s)", active)
-        server.abort_active_requests()
+            server.abort_active_requests()
+            logger.warning("stopping: cut %d connection(s) still open", active)
         server.server_close()
         logger.info("stopped")
 
@@ -174,6 +233,9 @@ class Daemon:
             signal.signal(signum, handler)
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            self.stop_requested = True  # a second signal: cut the grace period short
+        self.stopping = True
         if self.server is not None:
             self.server.shutdown()
 
@@ -225,17 +287,29 @@ class Daemon:
         """Re-read the config file; keep the old config if the new one is bad."""
         if self.server is None:
             return False
+        server = self.server
         try:
             fresh = load_config(self.config_path) if self.config_path else Config()
             fresh = apply_overrides(fresh, **self.overrides)
+            if fresh.server != self.config.server:
+                logger.warning("reload: [server] changes (listen address, mode) need a restart")
+            # Listening addresses and mode stay as they are until a restart.
+            fresh = dataclasses.replace(fresh, server=self.config.server)
+            problem = exposure_problem(fresh, server.server_addresses)
+            if problem:
+                raise ConfigError(problem)
+            HandlerSettings.from_config(fresh, server.server_addresses)  # validates hashes
         except ConfigError as exc:
             logger.error("reload rejected, keeping the running config: %s", exc)
             return False
-        if dataclasses.astuple(fresh.server) != dataclasses.astuple(self.config.server):
-            logger.warning("reload: [server] changes (listen address, mode) need a restart")
-        self.server.settings = HandlerSettings.from_config(fresh)
-        self.server.max_connections = fresh.limits.max_connections
-        configure_logging(fresh.logging.level)
-        self.config = dataclasses.replace(fresh, server=self.config.server)
-        logger.info("reloaded %s (%d user(s))", self.config.source, len(fresh.users))
+        try:
+            apply_logging(fresh)  # also reopens the log file, for logrotate
+        except OSError as exc:
+            logger.error("reload rejected: cannot open log file: %s", exc)
+            return False
+        self._apply(server, fresh)
+        logger.info(
+            "reloaded %s (%d user(s), %d rule(s))", fresh.source, len(fresh.users), len(fresh.rules)
+        )
+        self.config = fresh
         return True

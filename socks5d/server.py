@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Self, cast
 
 __all__ = [
@@ -418,6 +418,26 @@ class BaseServer:
         """Requests being handled now for one client address (see client_ip())."""
         return 0
 
+    def wait_for_idle(self, timeout: float, cancelled: Callable[[], bool] | None = None) -> int:
+        """Wait up to `timeout` s for active requests to finish (sooner if `cancelled()`).
+
+        Returns how many are still active. Polls in short steps: handler threads and
+        children end on their own schedule and have nothing to wait on together.
+        """
+        deadline = time.monotonic() + timeout
+        step = 0.005
+        while True:
+            self._reap()
+            active = self.active_count
+            remaining = deadline - time.monotonic()
+            if not active or remaining <= 0 or (cancelled is not None and cancelled()):
+                return active
+            time.sleep(min(step, remaining))
+            step = min(step * 2, 0.05)
+
+    def _reap(self) -> None:
+        """Collect finished workers; ForkingMixIn reaps its children here."""
+
     def over_limit(self, client_address: Any) -> bool:
         """Whether a new client must go to handle_overload(): the total or its address's cap."""
         limit = self.max_connections
@@ -709,10 +729,15 @@ class TCPServer(BaseServer):
         for sock in self.sockets:
             sock.listen(self.backlog)
 
-    def server_close(self) -> None:
-        """Stop listening and release the server's descriptors. May be extended."""
+    def stop_listening(self) -> None:
+        """Close the listening sockets now (idempotent): new clients are refused at once
+        while the requests in progress go on, as a graceful stop needs."""
         for sock in self.sockets:
             sock.close()
+
+    def server_close(self) -> None:
+        """Stop listening and release the server's descriptors. May be extended."""
+        self.stop_listening()
         super().server_close()
 
     def fileno(self) -> int:
@@ -974,6 +999,9 @@ class ForkingMixIn(_MixInBase):
 
     def handle_timeout(self) -> None:
         """Reap children when handle_request() has been idle for self.timeout."""
+        self.collect_children()
+
+    def _reap(self) -> None:
         self.collect_children()
 
     def service_actions(self) -> None:

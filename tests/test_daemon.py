@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,8 +69,12 @@ def test_socks5d_command_serves_and_stops_on_sigterm(daemon_factory, echo_target
 
 
 @pytest.mark.parametrize("mode", ["threading", "forking"])
-def test_sigterm_closes_open_tunnels_and_leaves_no_child(daemon_factory, echo_target, mode):
-    daemon = daemon_factory("--port", "0", "--mode", mode)
+def test_sigterm_cuts_idle_tunnels_after_the_grace_and_leaves_no_child(
+    daemon_factory, echo_target, mode, tmp_path
+):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[server]\nmode = "{mode}"\n[timeouts]\nshutdown_grace = 0.5\n')
+    daemon = daemon_factory("--config", str(config), "--port", "0")
     tunnels = [connect_through(("127.0.0.1", daemon.port), local(echo_target)) for _ in range(3)]
     try:
         for sock in tunnels:
@@ -85,9 +91,56 @@ def test_sigterm_closes_open_tunnels_and_leaves_no_child(daemon_factory, echo_ta
             assert recv_all(sock) == b""  # the tunnel was closed, not left hanging
         for child in children:
             assert not Path(f"/proc/{child}").exists(), f"child {child} outlived the daemon"
+        assert "waiting up to 0.5 s for 3 open connection(s)" in daemon.output()
+        assert "cut 3 connection(s) still open" in daemon.output()
     finally:
         for sock in tunnels:
             sock.close()
+
+
+@pytest.mark.parametrize("mode", ["threading", "forking"])
+def test_sigterm_lets_an_in_flight_50_mib_transfer_finish(
+    daemon_factory, target_factory, mode, tmp_path
+):
+    blob = os.urandom(50 * 1024 * 1024)
+    expected = hashlib.sha256(blob).hexdigest()
+    started_sending = threading.Event()
+
+    def slow_source(conn):
+        view = memoryview(blob)
+        for offset in range(0, len(blob), 1024 * 1024):
+            conn.sendall(view[offset : offset + 1024 * 1024])
+            started_sending.set()
+            time.sleep(0.01)  # ~0.5 s in all: the transfer is still running at SIGTERM
+
+    target = target_factory(slow_source)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[server]\nmode = "{mode}"\n[timeouts]\nshutdown_grace = 20\n')
+    daemon = daemon_factory("--config", str(config), "--port", "0")
+    with connect_through(("127.0.0.1", daemon.port), local(target)) as sock:
+        assert started_sending.wait(TIMEOUT)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: "waiting up to 20.0 s" in daemon.output())
+        with pytest.raises(OSError):  # no new clients while draining
+            socket.create_connection(("127.0.0.1", daemon.port), timeout=TIMEOUT).close()
+        received = hashlib.sha256(recv_all(sock)).hexdigest()
+    assert received == expected  # every byte arrived, then EOF
+    assert daemon.stop() == 0
+    assert "cut" not in daemon.output()
+
+
+def test_a_second_sigterm_cuts_the_grace_short(daemon_factory, echo_target, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text("[timeouts]\nshutdown_grace = 60\n")
+    daemon = daemon_factory("--config", str(config), "--port", "0")
+    with connect_through(("127.0.0.1", daemon.port), local(echo_target)) as sock:
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: "waiting up to 60.0 s" in daemon.output())
+        started = time.monotonic()
+        assert daemon.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 5.0
+        assert recv_all(sock) == b""
+    assert "cut 1 connection(s) still open" in daemon.output()
 
 
 def test_sigint_also_stops_cleanly(daemon_factory):
@@ -223,8 +276,10 @@ def test_no_descriptor_leak_in_the_daemon(daemon_factory, echo_target):
 
 
 @needs_ipv6
-def test_host_double_colon_listens_dual_stack(daemon_factory, echo_target):
-    daemon = daemon_factory("--host", "::", "--port", "0")
+def test_host_double_colon_listens_dual_stack(daemon_factory, echo_target, tmp_path):
+    config = tmp_path / "config.toml"  # an exposed listener: say open and local are fine
+    config.write_text('[access]\nprivate_destinations = "allow"\n')
+    daemon = daemon_factory("--config", str(config), "--host", "::", "--port", "0", "--allow-open")
     assert f"listening on [::]:{daemon.port} (threading)" in daemon.output()
     for proxy_host in ("127.0.0.1", "::1"):
         with connect_through((proxy_host, daemon.port), local(echo_target)) as sock:
