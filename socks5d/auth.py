@@ -11,9 +11,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import mmap
+import multiprocessing
 import os
+import struct
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -200,12 +204,9 @@ _DUMMY = _Credential(_keyed, _keyed(os.urandom(16)))
 
 # ---- back-off after failed logins ----
 
-
-@dataclass(slots=True)
-class _Failures:
-    count: int = 0
-    last: float = 0.0
-    next_slot: float = 0.0
+# One slot per client address: failure count, time of the last failure, and the time
+# from which the next check may run (CLOCK_MONOTONIC is the same for every process).
+_SLOT = struct.Struct("=idd")
 
 
 class FailedLoginBackoff:
@@ -214,8 +215,12 @@ class FailedLoginBackoff:
     After a failed login, the next check for the same address waits `delay * 2**(n-1)`
     (capped at `max_delay`) after the previous one, so parallel connections queue up
     instead of multiplying the guessing rate. Forgotten after `window` quiet seconds or
-    a successful login. Bounded memory: the oldest addresses are dropped first.
-    Per process: in forking mode each child starts from the parent's (empty) state.
+    a successful login.
+
+    The state lives in an anonymous shared memory table created before any fork, so
+    forked children (forking mode) see and extend each other's failures. Addresses hash
+    into `capacity` slots: memory is fixed, and two addresses sharing a slot only slow
+    each other down, never let a guesser go faster.
     """
 
     def __init__(
@@ -231,37 +236,43 @@ class FailedLoginBackoff:
         self.window = window
         self.capacity = capacity
         self.clock = clock
-        self.lock = threading.Lock()
-        self.clients: OrderedDict[str, _Failures] = OrderedDict()
+        self.table = mmap.mmap(-1, capacity * _SLOT.size)  # MAP_SHARED | MAP_ANONYMOUS
+        self.lock = multiprocessing.Lock()
+
+    def _offset(self, client_ip: str) -> int:
+        return (zlib.crc32(client_ip.encode()) % self.capacity) * _SLOT.size
 
     def wait_time(self, client_ip: str) -> float:
         """Seconds this attempt must wait before its credentials are checked; books a slot."""
+        offset = self._offset(client_ip)
         now = self.clock()
         with self.lock:
-            state = self.clients.get(client_ip)
-            if state is None or state.count == 0:
+            count, last, next_slot = _SLOT.unpack_from(self.table, offset)
+            if count == 0:
                 return 0.0
-            if now - state.last > self.window:
-                del self.clients[client_ip]
+            if now - last > self.window:
+                _SLOT.pack_into(self.table, offset, 0, 0.0, 0.0)
                 return 0.0
-            slot = max(now, state.next_slot)
-            state.next_slot = slot + self._delay(state.count)
+            slot = max(now, next_slot)
+            _SLOT.pack_into(self.table, offset, count, last, slot + self._delay(count))
             return slot - now
 
     def failed(self, client_ip: str) -> None:
+        offset = self._offset(client_ip)
         now = self.clock()
         with self.lock:
-            state = self.clients.pop(client_ip, None) or _Failures()
-            state.count += 1
-            state.last = now
-            state.next_slot = max(state.next_slot, now + self._delay(state.count))
-            self.clients[client_ip] = state
-            while len(self.clients) > self.capacity:
-                self.clients.popitem(last=False)
+            count, _, next_slot = _SLOT.unpack_from(self.table, offset)
+            count += 1
+            next_slot = max(next_slot, now + self._delay(count))
+            _SLOT.pack_into(self.table, offset, count, now, next_slot)
 
     def succeeded(self, client_ip: str) -> None:
         with self.lock:
-            self.clients.pop(client_ip, None)
+            _SLOT.pack_into(self.table, self._offset(client_ip), 0, 0.0, 0.0)
+
+    def failures(self, client_ip: str) -> int:
+        with self.lock:
+            return _SLOT.unpack_from(self.table, self._offset(client_ip))[0]
 
     def _delay(self, count: int) -> float:
         return min(self.delay * 2 ** min(count - 1, 30), self.max_delay)

@@ -14,10 +14,11 @@ from typing import Any
 import click
 
 from . import __version__
-from .auth import hash_password
+from .auth import Authenticator, hash_password
 from .config import LOG_LEVELS, MODES, Config, ConfigError, apply_overrides, load_config
 from .config import parse_user_flag as parse_user
 from .daemon import Daemon, apply_logging, format_address, raise_open_file_limit
+from .rules import describe_policy, exposure_problem
 
 EXAMPLES = """\b
 Examples:
@@ -208,3 +209,25 @@ def hash_password_command(scheme: str) -> None:
     if len(password.encode()) > 255:
         raise ConfigProblem("hash-password: RFC 1929 passwords are at most 255 bytes")
     click.echo(hash_password(password, scheme))
+
+
+@main.command("check-config")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, readable=True))
+def check_config_command(file: str) -> None:
+    """Validate FILE and print the policy it gives: listeners, login, rules, exposure.
+
+    Exits 0 when the daemon would start with it, 2 when it would refuse (a bad key, a
+    malformed password hash, an open proxy on a public address).
+    """
+    try:
+        config = load_config(file)
+        Authenticator.from_users(config.users, config.source)  # checks password hashes
+    except ConfigError as exc:
+        raise ConfigProblem(str(exc)) from None
+    listening = config.server.listen_addresses
+    for line in describe_policy(config, listening):
+        click.echo(line)
+    problem = exposure_problem(config, listening)
+    if problem:
+        raise ConfigProblem(f"{file}: {problem}")
+    click.echo(f"{file}: OK")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from socks5d.auth import (
@@ -151,8 +153,18 @@ def test_success_and_quiet_window_forget_the_failures():
     assert backoff.wait_time("192.0.2.3") == 0.0
 
 
-def test_memory_is_bounded():
-    backoff = FailedLoginBackoff(capacity=3, clock=Clock())
-    for index in range(10):
-        backoff.failed(f"192.0.2.{index}")
-    assert list(backoff.clients) == ["192.0.2.7", "192.0.2.8", "192.0.2.9"]
+def test_addresses_share_slots_only_to_be_stricter():
+    backoff = FailedLoginBackoff(capacity=1, delay=1.0, clock=Clock())
+    backoff.failed("192.0.2.1")
+    assert backoff.wait_time("192.0.2.99") == 1.0  # same slot: slowed, never sped up
+
+
+def test_forked_children_share_the_failures():
+    backoff = FailedLoginBackoff(delay=1.0, clock=Clock())
+    pid = os.fork()
+    if pid == 0:  # a child fails a login, as a forking-mode handler would
+        backoff.failed("192.0.2.1")
+        os._exit(0)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert backoff.failures("192.0.2.1") == 1
+    assert backoff.wait_time("192.0.2.1") == 1.0
