@@ -62,6 +62,11 @@ class ConfigProblem(click.ClickException):
     help="Source address for outbound connections (one IPv4 and/or one IPv6); repeatable.",
 )
 @click.option(
+    "--workers",
+    metavar="N|auto",
+    help="Processes accepting on the same sockets (auto: one per CPU).  [default: 1]",
+)
+@click.option(
     "--mode",
     type=click.Choice(MODES),
     help="One thread or one process per client.  [default: threading]",
@@ -112,6 +117,7 @@ def main(
     port: int | None,
     listen: tuple[str, ...],
     outgoing: tuple[str, ...],
+    workers: str | None,
     mode: str | None,
     config_path: str | None,
     users: tuple[str, ...],
@@ -134,6 +140,7 @@ def main(
         "server_listen": list(listen) or None,
         "server_outgoing_address": list(outgoing) or None,
         "server_mode": mode,
+        "server_workers": workers,
         "server_allow_open": allow_open,
         "server_run_as_user": run_as_user,
         "server_run_as_group": run_as_group,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -43,6 +44,7 @@ class ServerConfig:
     allow_open: bool = False
     run_as_user: str = ""  # "": keep the user we were started as
     run_as_group: str = ""  # "": the primary group of run_as_user
+    workers: int = 1  # processes accepting on the same sockets; "auto" in the file = CPUs
 
     @property
     def listen_addresses(self) -> tuple[tuple[str, int], ...]:
@@ -401,6 +403,16 @@ def _commands(value: Any) -> frozenset[str]:
     return frozenset(commands)
 
 
+def _workers(value: Any) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, str):
+        if not value.isdigit():
+            raise ValueError(f'must be a number of processes or "auto", got {value!r}')
+        value = int(value)  # from the command line
+    return _integer(1, 256)(value)
+
+
 def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
@@ -411,6 +423,7 @@ SERVER_KEYS: dict[str, Callable[[Any], Any]] = {
     "listen": _listen,
     "mode": _choice(MODES),
     "backlog": _integer(1, 65535),
+    "workers": _workers,
     "outgoing_address": _outgoing,
     "allow_open": _boolean,
     "run_as_user": _account,

@@ -10,8 +10,10 @@ serving thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import resource
 import signal
 import time
@@ -186,15 +188,24 @@ class Daemon:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit code."""
         server = self.server or self.bind()
-        previous = self._install_signal_handlers()
         for address in server.server_addresses:
             where = format_address(*address[:2])
             logger.info("listening on %s (%s)", where, self.config.server.mode)
-        systemd.ready(self._status_text(server))  # systemd: READY=1 + STATUS=
+        if self.config.server.workers > 1:
+            return Supervisor(self, self.config.server.workers).run()
+        return self.serve(notify=True)
+
+    def serve(self, notify: bool) -> int:
+        """The accept loop of this process, then the graceful stop."""
+        server = self.server or self.bind()
+        previous = self._install_signal_handlers()
+        if notify:
+            systemd.ready(self._status_text(server))  # systemd: READY=1 + STATUS=
         try:
             server.serve_forever(poll_interval=0.5)
         finally:
-            systemd.stopping()  # systemd: STOPPING=1 (the loop ends only to stop)
+            if notify:
+                systemd.stopping()  # systemd: STOPPING=1 (the loop ends only to stop)
             try:
                 self._close(server)  # still under our handlers: a second signal cuts short
             finally:
@@ -313,3 +324,102 @@ class Daemon:
         )
         self.config = fresh
         return True
+
+
+class Supervisor:
+    """`server.workers` processes serving the same listening sockets, watched over.
+
+    The parent binds, forks the workers and then only waits for signals: SIGTERM/SIGINT
+    and SIGHUP are passed on to every worker (each drains or reloads itself), a worker
+    that dies is logged and replaced (at most once a second per slot). Limits count per
+    worker; the login back-off and per-user slots live in shared memory and count for
+    all of them.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+    RESTART_INTERVAL = 1.0
+
+    def __init__(self, daemon: Daemon, count: int) -> None:
+        self.daemon = daemon
+        self.count = count
+        self.workers: dict[int, float] = {}  # pid -> start time
+        self.stopping = False
+
+    def run(self) -> int:
+        # Blocked, the signals queue up for sigwaitinfo(): no handler runs between checks.
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        try:
+            for _ in range(self.count):
+                self.start_worker(previous_mask)
+            logger.info("started %d worker processes", self.count)
+            systemd.ready(f"{self.count} workers")
+            while self.workers:
+                info = signal.sigwaitinfo(self.SIGNALS)
+                self.on_signal(info.si_signo, previous_mask)
+        finally:
+            for pid in list(self.workers):  # only on an error of our own: leave nothing
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self.reap(block=True)
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        if self.daemon.server is not None:
+            self.daemon.server.server_close()
+        logger.info("stopped")
+        return 0
+
+    def start_worker(self, previous_mask: Any) -> None:
+        pid = os.fork()
+        if pid:
+            self.workers[pid] = time.monotonic()
+            return
+        code = 1
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+            os.environ.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
+            assert self.daemon.server is not None
+            self.daemon.server.reinit_after_fork()
+            code = self.daemon.serve(notify=False)
+        except BaseException:
+            logger.exception("worker %d failed", os.getpid())
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def on_signal(self, signo: int, previous_mask: Any) -> None:
+        if signo == signal.SIGCHLD:
+            self.reap(block=False, previous_mask=previous_mask)
+            return
+        if signo in (signal.SIGTERM, signal.SIGINT):
+            if not self.stopping:
+                logger.info("stopping %d worker(s)", len(self.workers))
+                systemd.stopping()
+            self.stopping = True
+        elif signo == signal.SIGHUP:
+            systemd.reloading()
+        for pid in list(self.workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signo)
+        if signo == signal.SIGHUP:
+            systemd.ready(f"{len(self.workers)} workers")
+
+    def reap(self, block: bool, previous_mask: Any = None) -> None:
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                self.workers.clear()
+                return
+            if pid == 0:
+                return
+            started = self.workers.pop(pid, None)
+            if started is None or self.stopping or previous_mask is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            logger.error("worker %d exited (%s); starting a new one", pid, _exit_text(code))
+            # A worker that dies at once would otherwise be restarted in a tight loop.
+            time.sleep(max(0.0, self.RESTART_INTERVAL - (time.monotonic() - started)))
+            self.start_worker(previous_mask)
+
+
+def _exit_text(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"

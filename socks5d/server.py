@@ -263,6 +263,16 @@ class BaseServer:
             return
         self._is_shut_down.wait()
 
+    def reinit_after_fork(self) -> None:
+        """Give a forked copy of this server (a worker process) its own wake-up socket.
+
+        A shared one would let one process's shutdown() byte be drained by another's loop.
+        """
+        self._close_wakeup()
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
+
     def _wake(self) -> None:
         # Full (a wake-up is already pending) or closed by server_close(): either way
         # there is nothing more to do.
