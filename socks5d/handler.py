@@ -201,7 +201,10 @@ class Socks5Handler(BaseRequestHandler):
                     slots.release(self.user)
             if session.reply is not Reply.SUCCEEDED:
                 linger_close(self.request)
-            access_logger.info("%s", session.log_line(), extra={"access": session.as_dict()})
+            if access_logger.isEnabledFor(logging.INFO):
+                # The record carries the session; the line (or JSON) is built only by
+                # a handler that emits it.
+                access_logger.info("%s", session, extra={"access": session})
 
     def serve(self, session: Session) -> None:
         settings = self.settings

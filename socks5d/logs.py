@@ -28,7 +28,7 @@ class JsonFormatter(logging.Formatter):
         }
         access = getattr(record, "access", None)
         if access is not None:
-            entry.update(access)
+            entry.update(access.as_dict())
         else:
             entry["message"] = record.getMessage()
         if record.exc_info:

@@ -41,6 +41,9 @@ class Session:
     def duration(self) -> float:
         return time.monotonic() - self.started
 
+    def __str__(self) -> str:
+        return self.log_line()
+
     def log_line(self) -> str:
         reply = "-" if self.reply is None else f"{self.reply:02x}"
         return (
