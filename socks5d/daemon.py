@@ -188,6 +188,10 @@ class Daemon:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit code."""
         server = self.server or self.bind()
+        # Handlers before the "listening" line: whoever reads it may signal us at once.
+        # They stay installed after the stop: a late SIGTERM while the process exits
+        # must not turn a clean exit into death by signal.
+        self._install_signal_handlers()
         for address in server.server_addresses:
             where = format_address(*address[:2])
             logger.info("listening on %s (%s)", where, self.config.server.mode)
@@ -353,6 +357,8 @@ class Supervisor:
                 self.start_worker(previous_mask)
             logger.info("started %d worker processes", self.count)
             systemd.ready(f"{self.count} workers")
+            if self.daemon.stopping:  # a stop signal came before the signals were blocked
+                self.on_signal(signal.SIGTERM, previous_mask)
             while self.workers:
                 info = signal.sigwaitinfo(self.SIGNALS)
                 self.on_signal(info.si_signo, previous_mask)
