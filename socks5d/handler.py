@@ -290,6 +290,17 @@ class Socks5Handler(BaseRequestHandler):
             return None
         return policy.check(self.client_ip, self.user, command, host, ip, port)
 
+    def allowed_by_name(self, command: str, address: Address, session: Session) -> bool:
+        """Rules that deny a name whatever it resolves to, before any DNS lookup: the
+        name must not leak to DNS, and the client gets 02, not a resolver error."""
+        if address.type is not AddressType.DOMAINNAME:
+            return True
+        decision = self.check(command, address.host, None, address.port)
+        if decision is None or decision.allowed:
+            return True
+        session.rule = decision.reason
+        return False
+
     def allowed_candidates(
         self, command: str, address: Address, candidates: list[SockAddr], session: Session
     ) -> list[SockAddr]:
@@ -308,6 +319,9 @@ class Socks5Handler(BaseRequestHandler):
     def connect(self, request: Request, reader: HandshakeReader, session: Session) -> None:
         """RFC 1928 §4 CONNECT: reply with the outbound socket's address, then relay."""
         settings = self.settings
+        if not self.allowed_by_name("connect", request.address, session):
+            self.deny(reader, session)
+            return
         try:
             candidates = resolve_target(request.address, settings.resolver)
             allowed = self.allowed_candidates("connect", request.address, candidates, session)
@@ -334,6 +348,9 @@ class Socks5Handler(BaseRequestHandler):
     def bind(self, request: Request, reader: HandshakeReader, session: Session) -> None:
         """RFC 1928 §4 BIND: first reply with where to connect, second with who did."""
         settings = self.settings
+        if not self.allowed_by_name("bind", request.address, session):
+            self.deny(reader, session)
+            return
         try:
             candidates = resolve(request.address, settings.resolver)
         except OSError as exc:

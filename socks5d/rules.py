@@ -188,7 +188,7 @@ class Policy:
         if (
             self.protect_private
             and target is not None
-            and not (rule is not None and rule.has_to)
+            and not (rule is not None and _names_explicitly(rule, name, target))
             and is_private(target)
         ):
             return _deny("private destination")
@@ -248,6 +248,18 @@ def _to_matches(rule: RuleSpec, name: str | None, target: IPAddress | None) -> b
         return None  # no destination at all yet: any of them
     # A name not yet resolved: one of its addresses may still fall in a `to` CIDR.
     return None if rule.destinations else False
+
+
+def _names_explicitly(rule: RuleSpec, name: str | None, target: IPAddress) -> bool:
+    """Whether an allow rule names this private destination on purpose: a `to` network
+    holding the address, or the exact host name. A wildcard ("*.example.com") does not
+    count: whoever controls a matching name's DNS could point it at 169.254.169.254."""
+    if _in_any(target, rule.destinations):
+        return True
+    return name is not None and any(
+        not pattern.startswith("*.") and _host_matches(name, pattern)
+        for pattern in rule.host_patterns
+    )
 
 
 def _port_matches(rule: RuleSpec, port: int | None) -> bool | None:

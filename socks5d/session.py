@@ -47,7 +47,7 @@ class Session:
     def log_line(self) -> str:
         reply = "-" if self.reply is None else f"{self.reply:02x}"
         return (
-            f"id={self.id} client={self.client} user={self.user} cmd={self.command} "
+            f"id={self.id} client={self.client} user={_field(self.user)} cmd={self.command} "
             f"target={self.target} resolved={self.resolved} egress={self.egress} "
             f"reply={reply} up={self.up} down={self.down} time={self.duration():.3f}s "
             f"closed_by={self.closed_by} rule={self.rule} end={self.end!r}"
@@ -71,3 +71,13 @@ class Session:
             "rule": None if self.rule == "-" else self.rule,
             "end": self.end,
         }
+
+
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@+-")
+
+
+def _field(text: str) -> str:
+    """A client-chosen value (the login name) as one unforgeable field of the line:
+    anything beyond plain characters is quoted with escapes, so a name holding a newline
+    or `key=value` text cannot fake a field or a log line."""
+    return text if text and _PLAIN.issuperset(text) else repr(text)

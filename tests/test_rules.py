@@ -293,14 +293,25 @@ def test_public_destination_is_not_private(ip):
 @pytest.mark.parametrize(
     ("entry", "changes", "expected"),
     [
-        # An allow rule naming the destination by CIDR or host pattern unlocks it.
+        # An allow rule naming the destination by CIDR or exact host name unlocks it.
         ({"action": "allow", "to": ["10.0.0.0/8"]}, {"ip": "10.1.2.3"}, "rules[0]"),
         ({"action": "allow", "to": ["169.254.169.254"]}, {"ip": "169.254.169.254"}, "rules[0]"),
         ({"action": "allow", "to": ["fd00::/8"]}, {"ip": "fd00::1"}, "rules[0]"),
         (
-            {"action": "allow", "to": ["*.corp.test"]},
+            {"action": "allow", "to": ["db.corp.test"]},
             {"host": "db.corp.test", "ip": "10.1.2.3"},
             "rules[0]",
+        ),
+        # A wildcard is not explicit: whoever runs a matching name's DNS picks the address.
+        (
+            {"action": "allow", "to": ["*.corp.test"]},
+            {"host": "db.corp.test", "ip": "10.1.2.3"},
+            "private destination",
+        ),
+        (
+            {"action": "allow", "to": ["*.com"]},
+            {"host": "evil.com", "ip": "169.254.169.254"},
+            "private destination",
         ),
         # ... only what it names.
         ({"action": "allow", "to": ["10.0.0.0/8"]}, {"ip": "192.168.1.1"}, "private destination"),
