@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from clients import TIMEOUT, connect_through, open_tunnel, recv_all, recv_exactly
-from conftest import needs_ipv6
+from conftest import DaemonProcess, TargetServer, echo, needs_ipv6
+from netns import call_in_netns, needs_netns, netns_only
 
 from socks5d import __version__
 from socks5d.cli import main
@@ -275,19 +276,34 @@ def test_no_descriptor_leak_in_the_daemon(daemon_factory, echo_target):
     assert wait_until(lambda: len(os.listdir(fd_dir)) <= baseline)
 
 
+@netns_only
+def double_colon_in_netns(config: str) -> dict[str, object]:
+    """Run inside a private network namespace (call_in_netns): `socks5d --host ::`."""
+    target = TargetServer(echo)
+    daemon = DaemonProcess("--config", config, "--host", "::", "--port", "0", "--allow-open")
+    echoed = {}
+    try:
+        for proxy_host in ("127.0.0.1", "::1"):
+            with connect_through((proxy_host, daemon.port), local(target)) as sock:
+                sock.sendall(proxy_host.encode())
+                echoed[proxy_host] = recv_exactly(sock, len(proxy_host)).decode()
+    finally:
+        daemon.stop()
+        target.close()
+    return {"port": daemon.port, "echoed": echoed, "output": daemon.output()}
+
+
 @needs_ipv6
-def test_host_double_colon_listens_dual_stack(daemon_factory, echo_target, tmp_path):
+@needs_netns
+def test_host_double_colon_listens_dual_stack(tmp_path):
     config = tmp_path / "config.toml"  # an exposed listener: say open and local are fine
     config.write_text('[access]\nprivate_destinations = "allow"\n')
-    daemon = daemon_factory("--config", str(config), "--host", "::", "--port", "0", "--allow-open")
-    assert f"listening on [::]:{daemon.port} (threading)" in daemon.output()
-    for proxy_host in ("127.0.0.1", "::1"):
-        with connect_through((proxy_host, daemon.port), local(echo_target)) as sock:
-            sock.sendall(proxy_host.encode())
-            assert recv_exactly(sock, len(proxy_host)) == proxy_host.encode()
-    daemon.stop()
-    assert "client=127.0.0.1:" in daemon.output()  # v4-mapped clients are logged as IPv4
-    assert "client=[::1]:" in daemon.output()
+    # "::" listens on every address of the host: only in a private network namespace.
+    result = call_in_netns(double_colon_in_netns, str(config))
+    assert f"listening on [::]:{result['port']} (threading)" in result["output"]
+    assert result["echoed"] == {"127.0.0.1": "127.0.0.1", "::1": "::1"}
+    assert "client=127.0.0.1:" in result["output"]  # v4-mapped clients are logged as IPv4
+    assert "client=[::1]:" in result["output"]
 
 
 @pytest.mark.parametrize("mode", ["threading", "forking"])
@@ -315,7 +331,9 @@ def test_over_max_connections_a_client_is_closed_and_logged(
 @needs_ipv6
 def test_listen_on_several_addresses_from_the_command_line(daemon_factory, echo_target):
     daemon = daemon_factory("--listen", "127.0.0.1:0", "--listen", "[::1]:0")
-    found = re.findall(r"listening on (\S+):(\d+) \(threading\)", daemon.output())
+    pattern = r"listening on (\S+):(\d+) \(threading\)"
+    assert wait_until(lambda: len(re.findall(pattern, daemon.output())) == 2)
+    found = re.findall(pattern, daemon.output())
     assert [host for host, _ in found] == ["127.0.0.1", "[::1]"]
     for host, port in found:
         proxy = (host.strip("[]"), int(port))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from netns import call_in_netns, needs_netns, netns_only
 
 from socks5d.server import (
     BaseRequestHandler,
@@ -221,28 +222,60 @@ def test_echo_round_trips_distinct_payloads(server_class: type[TCPServer], host:
     assert replies == payloads
 
 
-@needs_dualstack
-def test_dual_stack_any_accepts_ipv4_client() -> None:
+@netns_only
+def dual_stack_any_in_netns() -> dict[str, Any]:
+    """Run inside a private network namespace (call_in_netns): an echo server on "::"."""
     server = ThreadingTCPServer(("::", 0), EchoHandler)
-    assert server.address_family == socket.AF_INET6
-    assert server.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
     port = server.server_address[1]
     with serving(server):
-        assert round_trip(("127.0.0.1", port), b"IPv4 client on ::") == b"IPv4 client on ::"
-        assert round_trip(("::1", port), b"IPv6 client on ::") == b"IPv6 client on ::"
+        return {
+            "family": int(server.address_family),
+            "v6only": server.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
+            "ipv4": round_trip(("127.0.0.1", port), b"IPv4 client on ::").decode(),
+            "ipv6": round_trip(("::1", port), b"IPv6 client on ::").decode(),
+        }
 
 
-def test_empty_host_listens_on_all_interfaces() -> None:
+@needs_dualstack
+@needs_netns
+def test_dual_stack_any_accepts_ipv4_client() -> None:
+    # "::" listens on every address of the host: bound only in a private network namespace.
+    result = call_in_netns(dual_stack_any_in_netns)
+    assert result["family"] == socket.AF_INET6
+    assert result["v6only"] == 0
+    assert result["ipv4"] == "IPv4 client on ::"
+    assert result["ipv6"] == "IPv6 client on ::"
+
+
+@netns_only
+def empty_host_in_netns() -> dict[str, Any]:
+    """Run inside a private network namespace (call_in_netns): an echo server on ""."""
     server = ThreadingTCPServer(("", 0), EchoHandler)
-    if socket.has_dualstack_ipv6():
-        assert server.address_family == socket.AF_INET6
-        assert server.server_address[0] == "::"
-        assert server.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
-    else:
-        assert server.address_family == socket.AF_INET
-        assert server.server_address[0] == "0.0.0.0"
+    ipv6 = server.address_family == socket.AF_INET6
     with serving(server):
-        assert round_trip(("127.0.0.1", server.server_address[1]), b"any") == b"any"
+        return {
+            "dualstack": socket.has_dualstack_ipv6(),
+            "family": int(server.address_family),
+            "host": server.server_address[0],
+            "v6only": (
+                server.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) if ipv6 else None
+            ),
+            "echo": round_trip(("127.0.0.1", server.server_address[1]), b"any").decode(),
+        }
+
+
+@needs_netns
+def test_empty_host_listens_on_all_interfaces() -> None:
+    # "" listens on every address of the host: bound only in a private network namespace.
+    result = call_in_netns(empty_host_in_netns)
+    if result["dualstack"]:
+        assert result["family"] == socket.AF_INET6
+        assert result["host"] == "::"
+        assert result["v6only"] == 0
+    else:
+        assert result["family"] == socket.AF_INET
+        assert result["host"] == "0.0.0.0"
+    assert result["echo"] == "any"
 
 
 # ---- the listening socket ----
@@ -1088,3 +1121,51 @@ def test_client_ip_unmaps_ipv4_mapped_addresses():
     assert client_ip(("::ffff:192.0.2.1", 5, 0, 0)) == "192.0.2.1"
     assert client_ip(("2001:db8::1", 5, 0, 0)) == "2001:db8::1"
     assert client_ip(("192.0.2.1", 5)) == "192.0.2.1"
+
+
+# ---- handler threads are reused ----
+
+
+class _ThreadIdent(BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.sendall(str(threading.get_ident()).encode())
+
+
+def test_a_finished_thread_serves_the_next_request():
+    srv = ThreadingTCPServer(("127.0.0.1", 0), _ThreadIdent)
+    with serving(srv, poll_interval=0.05):
+        first = round_trip(srv.server_address, b"")
+        assert wait_for(lambda: len(srv._idle) == 1)
+        second = round_trip(srv.server_address, b"")
+    assert first == second  # no new thread for the second client
+
+
+def test_idle_threads_exit_after_their_timeout_and_at_close():
+    srv = ThreadingTCPServer(("127.0.0.1", 0), _ThreadIdent)
+    srv.idle_thread_timeout = 0.2
+    baseline = threading.active_count()
+    with serving(srv, poll_interval=0.05):
+        round_trip(srv.server_address, b"")
+        assert wait_for(lambda: len(srv._threads) == 0)  # timed out and left
+        round_trip(srv.server_address, b"")
+    assert not srv._threads and not srv._idle  # server_close woke the idle one
+    assert wait_for(lambda: threading.active_count() <= baseline)
+
+
+def test_max_idle_threads_zero_means_a_thread_per_request():
+    srv = ThreadingTCPServer(("127.0.0.1", 0), _ThreadIdent)
+    srv.max_idle_threads = 0
+    with serving(srv, poll_interval=0.05):
+        round_trip(srv.server_address, b"")
+        assert wait_for(lambda: len(srv._threads) == 0)
+        assert srv._idle == []
+
+
+def wait_for(condition, timeout: float = TIMEOUT) -> bool:
+    """Poll internal state that has no event to wait on, within a deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()

@@ -40,7 +40,7 @@ def test_workers_serve_restart_reload_and_stop(daemon_factory, echo_target):
     daemon = daemon_factory("--port", "0", "--workers", "2")
     parent = daemon.proc.pid
     assert wait_until(lambda: len(children_of(parent)) == 2)
-    assert "started 2 worker processes" in daemon.output()
+    assert wait_until(lambda: "started 2 worker processes" in daemon.output())
     for index in range(20):  # both workers take clients; every one is served
         payload = f"client {index}".encode()
         assert round_trip(daemon.port, echo_target, payload) == payload
