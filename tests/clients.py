@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 from socks5d.protocol import (
     Address,
@@ -83,3 +86,38 @@ def connect_through(
         sock.close()
         raise AssertionError(f"CONNECT {target} failed with reply {reply:#04x}")
     return sock
+
+
+# ---- small helpers shared by the test files ----
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    """Poll state that has no event to wait on (a log line, /proc), within a deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def children_of(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def loopback_alias_available(ip: str = "127.0.0.2") -> bool:
+    """Linux routes all of 127/8 to lo; elsewhere only 127.0.0.1 may be bindable."""
+    try:
+        with socket.socket() as sock:
+            sock.bind((ip, 0))
+        return True
+    except OSError:
+        return False
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (bound and released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

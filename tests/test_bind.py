@@ -7,7 +7,14 @@ import socket
 import threading
 
 import pytest
-from clients import TIMEOUT, open_tunnel, read_reply, recv_all, recv_exactly
+from clients import (
+    TIMEOUT,
+    loopback_alias_available,
+    open_tunnel,
+    read_reply,
+    recv_all,
+    recv_exactly,
+)
 from conftest import needs_ipv6, running_proxy
 
 from socks5d.outbound import OutgoingAddresses
@@ -28,15 +35,6 @@ def connect_from(source_ip: str, bound: Address) -> socket.socket:
     sock.bind((source_ip, 0))
     sock.connect((bound.host, bound.port))
     return sock
-
-
-def loopback_alias_available() -> bool:
-    try:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.2", 0))
-        return True
-    except OSError:
-        return False
 
 
 def test_bind_sends_two_replies_then_relays(proxy):

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from clients import TIMEOUT, connect_through, open_tunnel, recv_all, recv_exactly
+from clients import (
+    TIMEOUT,
+    children_of,
+    connect_through,
+    open_tunnel,
+    recv_all,
+    recv_exactly,
+    wait_until,
+)
 from conftest import DaemonProcess, TargetServer, echo, needs_ipv6
 from netns import call_in_netns, needs_netns, netns_only
 
@@ -38,21 +46,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def local(target) -> Address:
     return Address(AddressType.IPV4, "127.0.0.1", target.port)
-
-
-def children_of(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in path.read_text().split()] if path.exists() else []
-
-
-def wait_until(condition, timeout: float = TIMEOUT) -> bool:
-    """Poll a condition on /proc-style state that has no event to wait on."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 @pytest.mark.parametrize("mode", ["threading", "forking"])

@@ -9,7 +9,15 @@ import threading
 import time
 
 import pytest
-from clients import TIMEOUT, connect_through, open_tunnel, read_reply, recv_all, recv_exactly
+from clients import (
+    TIMEOUT,
+    closed_port,
+    connect_through,
+    open_tunnel,
+    read_reply,
+    recv_all,
+    recv_exactly,
+)
 from conftest import needs_ipv6, running_proxy
 
 from socks5d.config import User
@@ -21,12 +29,6 @@ ALICE = (User("alice", "secret"),)
 def target_address(target) -> Address:
     kind = AddressType.IPV6 if ":" in target.host else AddressType.IPV4
     return Address(kind, target.host, target.port)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_connect_ipv4_relays_and_reports_the_outbound_address(proxy, echo_target):

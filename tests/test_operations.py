@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clients import TIMEOUT, connect_through, open_tunnel, recv_all, recv_exactly
+from clients import TIMEOUT, connect_through, open_tunnel, recv_all, recv_exactly, wait_until
 from conftest import DaemonProcess, TargetServer, echo
 from netns import call_in_netns, needs_netns, netns_only
 
@@ -40,16 +40,6 @@ LISTENING = re.compile(r"listening on (\S+):(\d+) \((\w+)\)")
 
 
 # ---- helpers ----
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    """Poll state that has no event to wait on (log lines, files)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def local(port: int) -> Address:

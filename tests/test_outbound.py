@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from clients import TIMEOUT, recv_exactly
+from clients import TIMEOUT, closed_port, loopback_alias_available, recv_exactly
 from conftest import needs_ipv6
 
 from socks5d.outbound import (
@@ -58,12 +58,6 @@ def test_literal_addresses_skip_the_resolver():
     assert resolve(Address(AddressType.IPV6, "::1", 80), resolver) == [
         (socket.AF_INET6, ("::1", 80, 0, 0))
     ]
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def v4(port: int) -> tuple[socket.AddressFamily, tuple]:
@@ -279,15 +273,6 @@ def test_most_informative_failure_prefers_refused_then_unreachable_then_timeout(
 
 
 # Egress (source) addresses.
-
-
-def loopback_alias_available() -> bool:
-    try:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.2", 0))
-        return True
-    except OSError:
-        return False
 
 
 needs_alias = pytest.mark.skipif(

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clients import TIMEOUT, read_reply, recv_all, recv_exactly
+from clients import TIMEOUT, read_reply, recv_all, recv_exactly, wait_until
 from conftest import DaemonProcess, TargetServer, echo
 from netns import call_in_netns, json_in_netns, needs_netns, netns_only, netns_unavailable
 
@@ -47,16 +47,6 @@ ANY_IPV4 = Address(AddressType.IPV4, "0.0.0.0", 0)
 
 
 # ---- helpers ----
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    """Poll state that has no event to wait on (the daemon's log lines)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def ip(host: str, port: int) -> Address:

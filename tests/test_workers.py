@@ -4,29 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
-from clients import connect_through, recv_exactly
+from clients import children_of, connect_through, recv_exactly, wait_until
 
 from socks5d.protocol import Address, AddressType
 
 TIMEOUT = 10.0
-
-
-def children_of(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in path.read_text().split()] if path.exists() else []
-
-
-def wait_until(condition, timeout: float = TIMEOUT) -> bool:
-    """Poll /proc-style state that has no event to wait on, within a deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def round_trip(port: int, target, payload: bytes) -> bytes:
