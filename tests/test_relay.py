@@ -4,12 +4,17 @@ Topology of every test::
 
     client <──TCP──> a ══ relay ══ b <──TCP──> target
 
-Every wait is bounded (socket timeouts, join timeouts); nothing sleeps to synchronise.
+The behaviour tests run once per way of moving bytes (``mode``: "splice", "copy") and check
+that the tunnel really used that way. Every wait is bounded (socket timeouts, join timeouts,
+``wait_until`` deadlines); nothing sleeps to synchronise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -22,17 +27,58 @@ import sys
 import textwrap
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from socks5d.relay import RelayResult, relay
+from socks5d import relay as relay_module
+from socks5d.relay import SPLICE_AVAILABLE, RelayResult, relay
 
 TIMEOUT = 10.0  # upper bound for any single wait; a healthy run never comes close
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
+
+needs_splice = pytest.mark.skipif(
+    not SPLICE_AVAILABLE, reason="os.splice is Linux-only (Python >= 3.10): only copy runs here"
+)
+needs_proc_fd = pytest.mark.skipif(
+    not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc/self/fd"
+)
+
+
+@pytest.fixture(params=[pytest.param("splice", marks=needs_splice), "copy"])
+def mode(request: pytest.FixtureRequest) -> str:
+    """Each way of moving bytes; the tests assert that the tunnel really used it."""
+    return str(request.param)
+
+
+def open_fds() -> dict[int, str]:
+    """This process's descriptors and what they point at (``pipe:[...]``, ``socket:[...]``)."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, gone by now
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+def open_pipes() -> set[tuple[int, str]]:
+    """The pipe descriptors (both ends of each pipe) as (fd, "pipe:[inode]")."""
+    return {(fd, target) for fd, target in open_fds().items() if target.startswith("pipe:")}
+
+
+def more_pipes_than(before: set[tuple[int, str]]) -> bool:
+    return open_pipes() > before
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    """Poll an observable condition (bounded); for states the relay does not announce."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def tcp_pair(
@@ -170,12 +216,12 @@ def make_tunnel() -> Iterator[Callable[..., Tunnel]]:
 
 
 def test_ten_mib_each_way_at_once_arrives_intact_with_exact_counts(
-    make_tunnel: Callable[..., Tunnel],
+    make_tunnel: Callable[..., Tunnel], mode: str
 ) -> None:
     rng = random.Random(1928)
     up = rng.randbytes(10 * MiB)
     down = rng.randbytes(10 * MiB)
-    t = make_tunnel().start()
+    t = make_tunnel().start(mode=mode)
 
     senders = [Worker(send_and_shut, t.client, up), Worker(send_and_shut, t.target, down)]
     readers = [Worker(sha256_of_stream, t.target), Worker(sha256_of_stream, t.client)]
@@ -190,15 +236,16 @@ def test_ten_mib_each_way_at_once_arrives_intact_with_exact_counts(
     assert (res.a_to_b, res.b_to_a) == (len(up), len(down))
     assert res.reason == "eof"
     assert res.closed_first in ("a", "b")
+    assert res.mode == mode
 
 
 def test_pending_bytes_reach_target_before_later_client_data(
-    make_tunnel: Callable[..., Tunnel],
+    make_tunnel: Callable[..., Tunnel], mode: str
 ) -> None:
     # Larger than the buffer, so delivering it takes several sends interleaved with polls.
     pending = b"P" * 5000 + b"<end of pipelined bytes>"
     later = b"L" * 3000
-    t = make_tunnel().start(pending_a_to_b=pending, buffer_size=1024)
+    t = make_tunnel().start(pending_a_to_b=pending, buffer_size=1024, mode=mode)
 
     t.client.sendall(later)
     t.client.shutdown(socket.SHUT_WR)
@@ -207,14 +254,14 @@ def test_pending_bytes_reach_target_before_later_client_data(
 
     res = t.result()
     assert res.a_to_b == len(pending) + len(later)
-    assert (res.b_to_a, res.closed_first, res.reason) == (0, "a", "eof")
+    assert (res.b_to_a, res.closed_first, res.reason, res.mode) == (0, "a", "eof", mode)
 
 
 @pytest.mark.parametrize("first", ["client", "target"])
 def test_half_close_passes_eof_and_keeps_the_other_direction_flowing(
-    make_tunnel: Callable[..., Tunnel], first: str
+    make_tunnel: Callable[..., Tunnel], first: str, mode: str
 ) -> None:
-    t = make_tunnel().start()
+    t = make_tunnel().start(mode=mode)
     closer, other = (t.client, t.target) if first == "client" else (t.target, t.client)
     request = b"request body, then my FIN"
     reply = random.Random(1929).randbytes(1 * MiB)
@@ -229,7 +276,7 @@ def test_half_close_passes_eof_and_keeps_the_other_direction_flowing(
     assert reader.result() == reply
 
     res = t.result()
-    assert res.reason == "eof"
+    assert (res.reason, res.mode) == ("eof", mode)
     if first == "client":
         assert (res.closed_first, res.a_to_b, res.b_to_a) == ("a", len(request), len(reply))
     else:
@@ -237,16 +284,16 @@ def test_half_close_passes_eof_and_keeps_the_other_direction_flowing(
 
 
 def test_backpressure_bounds_what_the_relay_accepts_from_a_fast_sender(
-    make_tunnel: Callable[..., Tunnel],
+    make_tunnel: Callable[..., Tunnel], mode: str
 ) -> None:
-    buffer_size = 65536
+    buffer_size = 65536  # the bound on each direction's backlog: buffer, or bytes in the pipe
     small = 128 * 1024  # fixed socket buffers disable autotuning, so the bound is tight
     t = make_tunnel(
         client_opts={socket.SO_SNDBUF: small},
         a_to_client_opts={socket.SO_RCVBUF: small},
         b_opts={socket.SO_SNDBUF: small},
         target_opts={socket.SO_RCVBUF: small},
-    ).start(buffer_size=buffer_size)
+    ).start(buffer_size=buffer_size, mode=mode)
     data = random.Random(1080).randbytes(64 * MiB)
     view = memoryview(data)
 
@@ -282,13 +329,13 @@ def test_backpressure_bounds_what_the_relay_accepts_from_a_fast_sender(
     sender.result()
     t.target.shutdown(socket.SHUT_WR)
     res = t.result()
-    assert (res.a_to_b, res.b_to_a, res.reason) == (len(data), 0, "eof")
+    assert (res.a_to_b, res.b_to_a, res.reason, res.mode) == (len(data), 0, "eof", mode)
 
 
 def test_target_reset_ends_the_relay_promptly_with_reason_reset(
-    make_tunnel: Callable[..., Tunnel],
+    make_tunnel: Callable[..., Tunnel], mode: str
 ) -> None:
-    t = make_tunnel().start()
+    t = make_tunnel().start(mode=mode)
     t.client.sendall(b"ping")
     assert recv_exactly(t.target, 4) == b"ping"
 
@@ -299,16 +346,17 @@ def test_target_reset_ends_the_relay_promptly_with_reason_reset(
     res = t.result(timeout=2)
     assert time.monotonic() - started < 1
     assert (res.closed_first, res.reason, res.a_to_b, res.b_to_a) == ("b", "reset", 4, 0)
+    assert res.mode == mode
 
     t.a.close()  # what the handler does after relay() returns
     with contextlib.suppress(ConnectionResetError):  # EOF or a reset, never a hang
         assert t.client.recv(1) == b""
 
 
-def test_idle_timeout_ends_a_quiet_tunnel(make_tunnel: Callable[..., Tunnel]) -> None:
+def test_idle_timeout_ends_a_quiet_tunnel(make_tunnel: Callable[..., Tunnel], mode: str) -> None:
     t = make_tunnel()
     started = time.monotonic()
-    t.start(idle_timeout=0.3)
+    t.start(idle_timeout=0.3, mode=mode)
     res = t.result(timeout=3)
     elapsed = time.monotonic() - started
     assert 0.2 <= elapsed <= 2, elapsed
@@ -316,11 +364,11 @@ def test_idle_timeout_ends_a_quiet_tunnel(make_tunnel: Callable[..., Tunnel]) ->
 
 
 def test_idle_timeout_does_not_cut_a_tunnel_that_keeps_moving_bytes(
-    make_tunnel: Callable[..., Tunnel],
+    make_tunnel: Callable[..., Tunnel], mode: str
 ) -> None:
     # Ping-pong for more than twice the idle timeout: every exchange restarts the idle clock.
     idle = 0.3
-    t = make_tunnel().start(idle_timeout=idle)
+    t = make_tunnel().start(idle_timeout=idle, mode=mode)
     started = time.monotonic()
     rounds = 0
     while time.monotonic() - started < 2.5 * idle:
@@ -333,14 +381,14 @@ def test_idle_timeout_does_not_cut_a_tunnel_that_keeps_moving_bytes(
     t.client.shutdown(socket.SHUT_WR)
     t.target.shutdown(socket.SHUT_WR)
     res = t.result()
-    assert (res.a_to_b, res.b_to_a, res.reason) == (4 * rounds, 5 * rounds, "eof")
+    assert (res.a_to_b, res.b_to_a, res.reason, res.mode) == (4 * rounds, 5 * rounds, "eof", mode)
 
 
 @pytest.mark.parametrize("side", ["a", "b"])
 def test_shutdown_rdwr_from_another_thread_aborts_an_idle_relay_within_a_second(
-    make_tunnel: Callable[..., Tunnel], side: str
+    make_tunnel: Callable[..., Tunnel], side: str, mode: str
 ) -> None:
-    t = make_tunnel().start()
+    t = make_tunnel().start(mode=mode)
     t.client.sendall(b"x")  # proves the relay loop is running before we pull the plug
     assert recv_exactly(t.target, 1) == b"x"
 
@@ -348,7 +396,7 @@ def test_shutdown_rdwr_from_another_thread_aborts_an_idle_relay_within_a_second(
     (t.a if side == "a" else t.b).shutdown(socket.SHUT_RDWR)  # how the server stops tunnels
     res = t.result(timeout=1)
     assert time.monotonic() - started < 1
-    assert (res.closed_first, res.a_to_b, res.b_to_a) == ("abort", 1, 0)
+    assert (res.closed_first, res.a_to_b, res.b_to_a, res.mode) == ("abort", 1, 0, mode)
 
 
 HIGH_FD_SCRIPT = textwrap.dedent(
@@ -400,7 +448,7 @@ HIGH_FD_SCRIPT = textwrap.dedent(
     ]
     for t in threads:
         t.start()
-    result = relay(a, b, idle_timeout=10)
+    result = relay(a, b, idle_timeout=10, mode=sys.argv[1])
     for t in threads:
         t.join(10)
     print(json.dumps({
@@ -408,6 +456,7 @@ HIGH_FD_SCRIPT = textwrap.dedent(
         "a_to_b": result.a_to_b,
         "b_to_a": result.b_to_a,
         "reason": result.reason,
+        "mode": result.mode,
         "up_ok": digests.get("up") == hashlib.sha256(up).hexdigest(),
         "down_ok": digests.get("down") == hashlib.sha256(down).hexdigest(),
     }))
@@ -415,7 +464,7 @@ HIGH_FD_SCRIPT = textwrap.dedent(
 )
 
 
-def test_relays_through_descriptors_above_1024() -> None:
+def test_relays_through_descriptors_above_1024(mode: str) -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 2048:
         pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 2048")
@@ -423,7 +472,7 @@ def test_relays_through_descriptors_above_1024() -> None:
         os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     )
     proc = subprocess.run(
-        [sys.executable, "-c", HIGH_FD_SCRIPT],
+        [sys.executable, "-c", HIGH_FD_SCRIPT, mode],
         capture_output=True,
         text=True,
         timeout=30,
@@ -438,6 +487,7 @@ def test_relays_through_descriptors_above_1024() -> None:
         "a_to_b": 1 << 20,
         "b_to_a": 1 << 20,
         "reason": "eof",
+        "mode": mode,
         "up_ok": True,
         "down_ok": True,
     }
@@ -455,57 +505,420 @@ class PartialSendCountingSocket(socket.socket):
         return n
 
 
+def count_partial_splices_into(monkeypatch: pytest.MonkeyPatch, fd: int) -> list[int]:
+    """Wrap the relay's os.splice; the returned list grows by one per partial write to ``fd``."""
+    real = relay_module._splice
+    assert real is not None
+    partial: list[int] = []
+
+    def splice(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
+        n = real(src, dst, count, *args, **kwargs)
+        if dst == fd and n < count:
+            partial.append(n)
+        return n
+
+    monkeypatch.setattr(relay_module, "_splice", splice)
+    return partial
+
+
 def test_partial_writes_to_a_tiny_send_buffer_lose_nothing(
-    make_tunnel: Callable[..., Tunnel],
+    make_tunnel: Callable[..., Tunnel], mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The relay's outbound socket gets a tiny SO_SNDBUF before connect, like a slow target.
-    t = make_tunnel(b_opts={socket.SO_SNDBUF: 4096}, b_class=PartialSendCountingSocket).start()
+    # Copy: a socket class counts partial sends. Splice: os.splice is counted instead (a
+    # class that overrides send is never spliced; see the test after this one).
+    b_class = PartialSendCountingSocket if mode == "copy" else socket.socket
+    t = make_tunnel(b_opts={socket.SO_SNDBUF: 4096}, b_class=b_class)
+    partial_splices = count_partial_splices_into(monkeypatch, t.b.fileno())
+    t.start(mode=mode)
     data = random.Random(4).randbytes(4 * MiB)
     sender = Worker(send_and_shut, t.client, data)
     sender.start()
     assert sha256_of_stream(t.target) == (hashlib.sha256(data).hexdigest(), len(data))
     sender.result()
     t.target.shutdown(socket.SHUT_WR)
-    assert t.result() == RelayResult(len(data), 0, "a", "eof")
-    assert isinstance(t.b, PartialSendCountingSocket)
-    assert t.b.partial_sends > 0, "the test did not exercise partial sends"
+    res = t.result()
+    assert res == RelayResult(len(data), 0, "a", "eof")
+    assert res.mode == mode
+    partial = t.b.partial_sends if isinstance(t.b, PartialSendCountingSocket) else partial_splices
+    assert partial, "the test did not exercise partial writes"
+
+
+@needs_splice
+def test_socket_classes_that_override_io_are_copied_not_spliced(
+    make_tunnel: Callable[..., Tunnel],
+) -> None:
+    # Splicing the descriptor would bypass the override (think ssl.SSLSocket).
+    t = make_tunnel(b_opts={socket.SO_SNDBUF: 4096}, b_class=PartialSendCountingSocket)
+    t.start(mode="splice")
+    data = random.Random(5).randbytes(1 * MiB)
+    send_and_shut(t.client, data)
+    assert recv_all(t.target) == data
+    t.target.shutdown(socket.SHUT_WR)
+    res = t.result()
+    assert (res.a_to_b, res.mode) == (len(data), "copy")
+    assert isinstance(t.b, PartialSendCountingSocket) and t.b.partial_sends > 0
 
 
 def test_sets_tcp_nodelay_and_restores_socket_timeouts(
-    make_tunnel: Callable[..., Tunnel],
+    make_tunnel: Callable[..., Tunnel], mode: str
 ) -> None:
     t = make_tunnel()
     t.a.settimeout(7.0)
     t.b.settimeout(None)
-    t.start(idle_timeout=0.05)
+    t.start(idle_timeout=0.05, mode=mode)
     assert t.result().closed_first == "idle"
     assert t.a.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     assert t.b.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     assert (t.a.gettimeout(), t.b.gettimeout()) == (7.0, None)
 
 
-def test_works_on_unix_socketpairs_where_tcp_nodelay_does_not_apply() -> None:
+def relay_over_socketpairs(**kwargs: Any) -> RelayResult:
+    """client <-AF_UNIX-> a == relay == b <-AF_UNIX-> target, one exchange each way."""
     client, a = socket.socketpair()
     b, target = socket.socketpair()
     socks = (client, a, b, target)
     try:
         for s in socks:
             s.settimeout(TIMEOUT)
-        worker = Worker(relay, a, b)
+        worker = Worker(relay, a, b, **kwargs)
         worker.start()
         send_and_shut(client, b"hello")
         assert recv_all(target) == b"hello"
         send_and_shut(target, b"world")
         assert recv_all(client) == b"world"
-        assert worker.result() == RelayResult(5, 5, "a", "eof")
+        res = worker.result()
+        assert isinstance(res, RelayResult)
+        return res
     finally:
         for s in socks:
             s.close()
 
 
+def test_works_on_unix_socketpairs_where_tcp_nodelay_does_not_apply(mode: str) -> None:
+    # Whether this kernel splices AF_UNIX or not, the bytes and counts are the same.
+    assert relay_over_socketpairs(mode=mode) == RelayResult(5, 5, "a", "eof")
+
+
+@needs_splice
+@pytest.mark.parametrize(
+    ("refused", "used"), [("socket to pipe", "copy"), ("pipe to socket", "mixed")]
+)
+def test_splice_falls_back_to_copy_when_the_kernel_refuses_the_socket(
+    monkeypatch: pytest.MonkeyPatch, refused: str, used: str
+) -> None:
+    # Like a kernel without splice support for AF_UNIX: EINVAL for any AF_UNIX descriptor,
+    # on the way in (nothing read yet) or on the way out (bytes already in the pipe: those
+    # are read back and sent, hence "mixed").
+    real = relay_module._splice
+    assert real is not None
+
+    def is_unix(fd: int) -> bool:
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+            return False  # one of the relay's pipes
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            return sock.family == socket.AF_UNIX
+
+    def splice(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
+        if is_unix(src if refused == "socket to pipe" else dst):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(src, dst, count, *args, **kwargs)
+
+    monkeypatch.setattr(relay_module, "_splice", splice)
+    pipes_before = open_pipes()
+    res = relay_over_socketpairs(mode="splice")
+    assert res == RelayResult(5, 5, "a", "eof")
+    assert res.mode == used
+    assert open_pipes() <= pipes_before
+
+
+@needs_splice
+def test_splice_forbidden_by_seccomp_is_not_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # systemd's SystemCallErrorNumber=EPERM: splice fails with EPERM. Copy instead, and let
+    # later tunnels of this process skip splice altogether.
+    monkeypatch.setattr(relay_module, "_splice_gone", False)
+    calls: list[int] = []
+
+    def splice(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
+        calls.append(src)
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(relay_module, "_splice", splice)
+    assert relay_over_socketpairs(mode="splice").mode == "copy"
+    assert calls
+    calls.clear()
+    assert relay_over_socketpairs(mode="splice").mode == "copy"
+    assert calls == []
+
+
+@needs_splice
+def test_auto_copies_when_the_pipe_cannot_get_its_size(
+    make_tunnel: Callable[..., Tunnel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An unprivileged user past /proc/sys/fs/pipe-user-pages-soft gets 2-page pipes that
+    # F_SETPIPE_SZ may not grow; splicing through those loses to copying, so "auto" copies.
+    # "splice" keeps splicing through whatever pipe it got.
+    real_fcntl = relay_module.fcntl.fcntl
+
+    def fcntl(fd: int, cmd: int, arg: int = 0) -> Any:
+        if cmd == relay_module._F_SETPIPE_SZ:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(relay_module.fcntl, "fcntl", fcntl)
+    data = random.Random(6).randbytes(2 * MiB)
+    for mode, used in [("auto", "copy"), ("splice", "splice")]:
+        t = make_tunnel().start(mode=mode)
+        send_and_shut(t.client, data)
+        assert recv_all(t.target) == data
+        send_and_shut(t.target, data)
+        assert recv_all(t.client) == data
+        res = t.result()
+        assert (res.a_to_b, res.b_to_a, res.mode) == (len(data), len(data), used)
+
+
+@needs_splice
+def test_splice_moves_64_mib_through_a_tiny_receive_buffer(
+    make_tunnel: Callable[..., Tunnel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The target's tiny receive window keeps b's send buffer full, so splices into b come
+    # out partial: the pipe holds the backlog, a is not read meanwhile, and nothing is lost
+    # or reordered.
+    t = make_tunnel(target_opts={socket.SO_RCVBUF: 4096})
+    partial = count_partial_splices_into(monkeypatch, t.b.fileno())
+    t.start(mode="splice")
+    data = random.Random(7).randbytes(64 * MiB)
+    sender = Worker(send_and_shut, t.client, data)
+    sender.start()
+    assert sha256_of_stream(t.target) == (hashlib.sha256(data).hexdigest(), len(data))
+    sender.result()
+    t.target.shutdown(socket.SHUT_WR)
+    res = t.result()
+    assert (res.a_to_b, res.b_to_a, res.reason, res.mode) == (len(data), 0, "eof", "splice")
+    assert len(partial) >= 10, f"only {len(partial)} partial splices"
+
+
+@needs_splice
+def test_splice_sends_the_pending_bytes_first_even_to_a_slow_target(
+    make_tunnel: Callable[..., Tunnel],
+) -> None:
+    # The pending bytes go out with plain sends (partial ones here: tiny window), and the
+    # client's later bytes, spliced, only after the last pending byte.
+    t = make_tunnel(target_opts={socket.SO_RCVBUF: 4096})
+    rng = random.Random(8)
+    pending, later = rng.randbytes(1 * MiB), rng.randbytes(4 * MiB)
+    t.start(pending_a_to_b=pending, mode="splice")
+    sender = Worker(send_and_shut, t.client, later)
+    sender.start()
+    assert sha256_of_stream(t.target) == (
+        hashlib.sha256(pending + later).hexdigest(),
+        len(pending) + len(later),
+    )
+    sender.result()
+    t.target.shutdown(socket.SHUT_WR)
+    res = t.result()
+    assert (res.a_to_b, res.b_to_a, res.mode) == (len(pending) + len(later), 0, "splice")
+
+
+def test_tcp_urgent_data_neither_stalls_nor_truncates_the_stream(
+    make_tunnel: Callable[..., Tunnel], mode: str
+) -> None:
+    # splice stops for good at TCP's urgent mark (EAGAIN, or 0 once the FIN is in), where
+    # recv skips the out-of-band byte: the relay must switch to recv, not spin or cut short.
+    t = make_tunnel().start(mode=mode)
+    t.client.sendall(b"abc")
+    assert recv_exactly(t.target, 3) == b"abc"
+    t.client.send(b"!", socket.MSG_OOB)
+    t.client.sendall(b"def")
+    t.client.shutdown(socket.SHUT_WR)
+    assert recv_all(t.target) == b"def"
+    t.target.shutdown(socket.SHUT_WR)
+    res = t.result()
+    assert (res.a_to_b, res.b_to_a, res.reason) == (6, 0, "eof")
+    assert res.mode == ("mixed" if mode == "splice" else "copy")  # spliced "abc", copied "def"
+
+
+@needs_proc_fd
+def test_no_descriptor_leaks_after_many_relays(
+    make_tunnel: Callable[..., Tunnel], mode: str
+) -> None:
+    # Every way a tunnel ends; but for idle ones, with bytes still on their way to a target
+    # that does not read, so a splice tunnel ends with its pipes open (and holding data).
+    before = open_fds()
+    stuck = random.Random(9).randbytes(512 * 1024)
+    reasons = {
+        "eof": {"eof"},
+        "reset": {"reset"},
+        "abort": {"hangup", "reset"},  # an abort while writing into b may surface as EPIPE
+        "idle": {"idle timeout"},
+    }
+    for ending in list(reasons) * 10:
+        t = make_tunnel(target_opts={socket.SO_RCVBUF: 4096})
+        pipes_before = open_pipes()
+        t.start(mode=mode, idle_timeout=0.05 if ending == "idle" else None)
+        if ending == "eof":
+            send_and_shut(t.client, b"bye")
+            assert recv_all(t.target) == b"bye"
+            send_and_shut(t.target, b"bye")
+            assert recv_all(t.client) == b"bye"
+        elif ending != "idle":
+            t.client.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                t.client.send(stuck)
+            if mode == "splice":
+                wait_until(functools.partial(more_pipes_than, pipes_before), "the relay's pipe")
+            if ending == "reset":
+                t.target.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01" + b"\x00" * 7)
+                t.target.close()
+            else:
+                t.b.shutdown(socket.SHUT_RDWR)  # how the server aborts a tunnel
+        assert t.result().reason in reasons[ending]
+        t.close()
+    leaked = {fd: target for fd, target in open_fds().items() if before.get(fd) != target}
+    assert leaked == {}
+
+
+@needs_splice
+@needs_proc_fd
+def test_pipes_are_closed_when_the_loop_raises(
+    make_tunnel: Callable[..., Tunnel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = relay_module._splice
+    assert real is not None
+    calls = 0
+
+    def splice(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 3:
+            raise RuntimeError("a bug in the loop")
+        return real(src, dst, count, *args, **kwargs)
+
+    monkeypatch.setattr(relay_module, "_splice", splice)
+    pipes_before = open_pipes()
+    t = make_tunnel()
+    t.a.settimeout(3.0)
+    t.start(mode="splice")
+    t.client.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        t.client.send(random.Random(10).randbytes(1 * MiB))
+    with pytest.raises(RuntimeError, match="a bug in the loop"):
+        t.result()
+    assert open_pipes() <= pipes_before
+    assert t.a.gettimeout() == 3.0
+
+
+def test_an_idle_tunnel_holds_no_pipe_and_no_buffer(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # Run in this thread until the idle timeout, tracing allocations: no buffer (copy),
+    # no pipe (splice), and a few KiB of Python objects in all.
+    pipes: list[tuple[int, int]] = []
+    real_pipe2 = os.pipe2
+
+    def pipe2(flags: int) -> tuple[int, int]:
+        pipes.append(real_pipe2(flags))
+        return pipes[-1]
+
+    monkeypatch.setattr(os, "pipe2", pipe2)
+    client, a = tcp_pair()
+    b, target = tcp_pair()
+    with client, a, b, target:
+        tracemalloc.start()
+        try:
+            baseline = tracemalloc.get_traced_memory()[0]
+            res = relay(a, b, idle_timeout=0.1, mode=mode, buffer_size=1 * MiB)
+            peak = tracemalloc.get_traced_memory()[1] - baseline
+        finally:
+            tracemalloc.stop()
+    assert (res.reason, res.mode) == ("idle timeout", mode)
+    assert pipes == []
+    assert peak <= 10 * 1024, f"an idle tunnel allocated {peak} bytes"
+
+
+def pipe_sizes(pipes: set[tuple[int, str]]) -> list[int]:
+    return sorted(fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) for fd, _ in pipes)
+
+
+@needs_proc_fd
+def test_a_quiet_tunnel_gives_its_pipes_and_buffers_back(
+    make_tunnel: Callable[..., Tunnel], monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # Small exchanges only ever get the first, small pipe or buffer (64 KiB), and once the
+    # tunnel is quiet for RELEASE_AFTER seconds, not even that.
+    monkeypatch.setattr(relay_module, "RELEASE_AFTER", 0.5)
+    first = relay_module._FIRST_CHUNK
+    pipes_before = open_pipes()
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        t = make_tunnel().start(mode=mode)
+        for _ in range(2):  # the second round trip proves a released tunnel still works
+            t.client.sendall(b"ping")
+            assert recv_exactly(t.target, 4) == b"ping"
+            t.target.sendall(b"pong")
+            assert recv_exactly(t.client, 4) == b"pong"
+            if mode == "splice":
+                assert pipe_sizes(open_pipes() - pipes_before) == [first] * 4  # 2 fds each
+                wait_until(lambda: open_pipes() <= pipes_before, "the pipes to be closed")
+            else:
+                assert 2 * first <= tracemalloc.get_traced_memory()[0] - baseline < 3 * first
+                wait_until(
+                    lambda: tracemalloc.get_traced_memory()[0] - baseline < first,
+                    "the buffers to be freed",
+                )
+    finally:
+        tracemalloc.stop()
+    send_and_shut(t.client, b"")
+    send_and_shut(t.target, b"")
+    res = t.result()
+    assert (res.a_to_b, res.b_to_a, res.reason, res.mode) == (8, 8, "eof", mode)
+
+
+@needs_proc_fd
+def test_a_bulk_transfer_grows_the_pipe_or_buffer_to_buffer_size(
+    make_tunnel: Callable[..., Tunnel], mode: str
+) -> None:
+    buffer_size = 1 * MiB  # /proc/sys/fs/pipe-max-size by default
+    pipes_before = open_pipes()
+    data = random.Random(11).randbytes(32 * MiB)
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        t = make_tunnel().start(mode=mode, buffer_size=buffer_size)
+        sender = Worker(send_and_shut, t.client, data)
+        sender.start()  # the target does not read yet: the a->b backlog fills up
+        if mode == "splice":
+            wait_until(
+                lambda: buffer_size in pipe_sizes(open_pipes() - pipes_before), "a grown pipe"
+            )
+        else:
+            wait_until(
+                lambda: tracemalloc.get_traced_memory()[0] - baseline >= buffer_size,
+                "a grown buffer",
+            )
+    finally:
+        tracemalloc.stop()
+    assert sha256_of_stream(t.target) == (hashlib.sha256(data).hexdigest(), len(data))
+    sender.result()
+    t.target.shutdown(socket.SHUT_WR)
+    res = t.result()
+    assert (res.a_to_b, res.b_to_a, res.reason, res.mode) == (len(data), 0, "eof", mode)
+
+
+def test_mode_none_follows_the_module_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert relay_module.get_default_mode() == "auto"
+    monkeypatch.setattr(relay_module, "_default_mode", "auto")  # restored after the test
+    relay_module.set_default_mode("copy")
+    assert relay_over_socketpairs().mode == "copy"
+    with pytest.raises(ValueError, match="relay mode"):
+        relay_module.set_default_mode("zero-copy")
+    assert relay_module.get_default_mode() == "copy"
+
+
 @pytest.mark.parametrize(
     "kwargs",
-    [{"buffer_size": 0}, {"idle_timeout": 0}, {"idle_timeout": -1.0}],
+    [{"buffer_size": 0}, {"idle_timeout": 0}, {"idle_timeout": -1.0}, {"mode": "fast"}],
 )
 def test_rejects_invalid_options(kwargs: dict[str, Any]) -> None:
     a, b = socket.socketpair()
