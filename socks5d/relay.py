@@ -23,9 +23,11 @@ Two ways to move the bytes, same loop, same semantics (``mode``):
   seccomp: then for the whole process), no descriptor is left for a pipe, TCP urgent data
   stops splice at its mark, or the socket's class overrides its I/O (``ssl.SSLSocket``).
 * ``"copy"``: ``recv_into`` one reusable buffer per direction, ``send`` from memoryviews.
-* ``"auto"`` (the default): ``"splice"``, but copy while a new pipe cannot get its normal
-  16 pages (an unprivileged user past ``/proc/sys/fs/pipe-user-pages-soft`` gets 2-page pipes,
-  the slowest row below); ``"splice"`` splices through whatever pipe it gets.
+* ``"auto"`` (the default): copy a direction's first 256 KiB (a short request, a
+  ping-pong: recv+send beat a pipe's setup and two splices per message), then splice;
+  and copy while a new pipe cannot get its normal 16 pages (an unprivileged user past
+  ``/proc/sys/fs/pipe-user-pages-soft`` gets 2-page pipes, the slowest row below).
+  ``"splice"`` splices from the first byte through whatever pipe it gets.
 
 Pipes and buffers are created when data first flows their way, at 64 KiB; they grow to
 ``buffer_size`` (default 1 MiB; pipes at most ``/proc/sys/fs/pipe-max-size``) on a bulk
@@ -133,6 +135,8 @@ _POLLHUP = select.POLLHUP
 _POLLNVAL = select.POLLNVAL
 
 _default_mode = "auto"
+# "auto" copies this many bytes of a direction before it starts splicing (see pump).
+_SPLICE_AFTER = 256 * 1024
 
 
 def set_default_mode(mode: str) -> None:
@@ -351,9 +355,17 @@ class _Direction:
 
     def pump(self) -> int:
         """Read from ``src`` and forward while both sides keep up; nonzero if any byte moved."""
-        if self.splice and (self.pipe_w >= 0 or self._open_pipe()):
+        if self.splice and (self.pipe_w >= 0 or self._splice_worth_it()):
             return self._pump_splice()
         return self._pump_copy()
+
+    def _splice_worth_it(self) -> bool:
+        """In "auto", copy a direction's first _SPLICE_AFTER bytes: a pipe costs four
+        syscalls to set up and two splices per chunk, more than recv+send for the few
+        small messages of a short request or a ping-pong; bulk transfers switch over."""
+        if not self.strict and (self.count < _SPLICE_AFTER or self.start < self.end):
+            return False
+        return self._open_pipe()
 
     def _pump_copy(self) -> int:
         moved = 0

@@ -930,3 +930,26 @@ def test_rejects_the_same_socket_twice() -> None:
     a, b = socket.socketpair()
     with a, b, pytest.raises(ValueError):
         relay(a, a)
+
+
+@pytest.mark.skipif(not relay_module.SPLICE_AVAILABLE, reason="os.splice is not available here")
+def test_auto_copies_small_exchanges_and_splices_bulk(make_tunnel: Callable[..., Tunnel]) -> None:
+    small = make_tunnel().start(mode="auto")
+    small.client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    assert recv_exactly(small.target, 18) == b"GET / HTTP/1.0\r\n\r\n"
+    small.target.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+    small.target.shutdown(socket.SHUT_WR)
+    assert recv_all(small.client) == b"HTTP/1.0 200 OK\r\n\r\n"
+    small.client.shutdown(socket.SHUT_WR)
+    assert small.result().mode == "copy"  # no pipe for a few hundred bytes
+
+    bulk = make_tunnel().start(mode="auto")
+    blob = random.Random(8305).randbytes(4 * MiB)
+    sender = Worker(send_and_shut, bulk.target, blob)
+    sender.start()
+    bulk.client.shutdown(socket.SHUT_WR)
+    assert recv_all(bulk.client) == blob
+    sender.result()
+    result = bulk.result()
+    assert result.b_to_a == len(blob)
+    assert result.mode == "mixed"  # copied the first bytes, then spliced the rest
