@@ -431,10 +431,12 @@ class Socks5Handler(BaseRequestHandler):
             f" dropped={stats.dropped})"
         )
 
-    def allow_datagram(self, address: Address, sockaddr: tuple[Any, ...]) -> bool:
-        """Rules for each UDP destination, as for CONNECT."""
+    def allow_datagram(self, address: Address, sockaddr: tuple[Any, ...] | None) -> bool:
+        """Rules for each UDP destination, as for CONNECT (sockaddr None: the name alone,
+        before it is resolved)."""
         host = address.host if address.type is AddressType.DOMAINNAME else None
-        decision = self.check("udp", host, canonical_ip(sockaddr[0]), address.port)
+        ip = canonical_ip(sockaddr[0]) if sockaddr is not None else None
+        decision = self.check("udp", host, ip, address.port)
         return decision is None or decision.allowed
 
     def tunnel(self, upstream: socket.socket, reader: HandshakeReader, session: Session) -> None:

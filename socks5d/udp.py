@@ -155,7 +155,7 @@ def serve_association(
     idle_timeout: float | None = 120.0,
     outgoing: OutgoingAddresses = ANY_SOURCE,
     resolver: Resolver | None = None,
-    allow: Callable[[Address, tuple[Any, ...]], bool] | None = None,
+    allow: Callable[[Address, tuple[Any, ...] | None], bool] | None = None,
     dns_cache_seconds: float = 30.0,
 ) -> UdpStats:
     """Relay datagrams between the client and remotes until the control connection ends.
@@ -164,8 +164,10 @@ def serve_association(
     ``client_ip`` is the control connection's peer IP: RFC 1928 §7 has the relay drop datagrams
     from any other source IP. ``expected`` is the request's DST.ADDR/DST.PORT, the address the
     client says it will send from; a zero port means "not known". ``allow(address, sockaddr)``
-    returning False drops a datagram (access rules). Returns when the control connection closes
-    or is shut down, or after ``idle_timeout`` seconds without a datagram either way (None: never).
+    returning False drops a datagram (access rules); for a domain name it is first asked with
+    ``sockaddr`` None, so a name denied outright is never looked up. Returns when the control
+    connection closes or is shut down, or after ``idle_timeout`` seconds without a datagram
+    either way (None: never).
     Bad datagrams are dropped and counted; nothing a peer sends makes this raise.
 
     ``control`` is left open (its timeout restored); the endpoint and every UDP socket opened
@@ -222,7 +224,7 @@ class _Association:
         idle_timeout: float | None,
         outgoing: OutgoingAddresses,
         resolver: Resolver,
-        allow: Callable[[Address, tuple[Any, ...]], bool] | None,
+        allow: Callable[[Address, tuple[Any, ...] | None], bool] | None,
         dns_cache_seconds: float,
     ) -> None:
         self.stats = UdpStats()
@@ -417,6 +419,14 @@ class _Association:
         return self.expected_ip is None or _canonical_ip(ip) == self.expected_ip
 
     def forward(self, address: Address, data: bytes) -> None:
+        if (
+            self.allow is not None
+            and address.type is AddressType.DOMAINNAME
+            and not self.allow(address, None)
+        ):
+            # Denied by name whatever it resolves to: no DNS lookup for it.
+            self.drop("destination %s denied", address)
+            return
         candidates = self.destinations(address)
         if not candidates:
             self.drop("unresolvable destination %s", address)

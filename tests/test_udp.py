@@ -583,3 +583,21 @@ def test_endpoint_on_an_ipv6_address_is_an_ipv6_socket():
     with open_udp_endpoint("::1") as endpoint:
         assert endpoint.family == socket.AF_INET6
         assert endpoint.getsockname()[0] == "::1"
+
+
+def test_a_name_denied_by_allow_is_never_resolved(association, echo):
+    looked_up: list[str] = []
+
+    def resolver(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple[Any, ...]]]:
+        looked_up.append(host)
+        return [(socket.AF_INET, ("127.0.0.1", port))]
+
+    def allow(address: Address, sockaddr: tuple[Any, ...] | None) -> bool:
+        return address.host != "blocked.test"  # decided by name, before any lookup
+
+    assoc = association(resolver=resolver, allow=allow)
+    assoc.send(domain_header(b"blocked.test", echo.port) + b"denied")
+    assoc.send(domain_header(b"localhost", echo.port) + b"allowed")
+    assert assoc.recv() == ipv4_header("127.0.0.1", echo.port) + b"allowed"
+    assert looked_up == ["localhost"]
+    assert assoc.finish().dropped == 1
