@@ -552,16 +552,27 @@ def _section(
     return cls(**values)
 
 
-def _users(entries: Any, source: str) -> tuple[User, ...]:
+def _array_of_tables(
+    entries: Any, name: str, keys: dict[str, Callable[[Any], Any]], source: str, needs: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """Validate a [[name]] array: (where, checked keys) for each table in it."""
     if not isinstance(entries, list):
-        raise ConfigError(f"{source}: users: must be an array of tables ([[users]])")
+        raise ConfigError(f"{source}: {name}: must be an array of tables ([[{name}]])")
+    tables = []
+    for index, entry in enumerate(entries):
+        where = f"{name}[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{source}: {where}: must be a table with {needs}")
+        tables.append((where, _section(dict, keys, entry, where, source)))
+    return tables
+
+
+def _users(entries: Any, source: str) -> tuple[User, ...]:
     users: list[User] = []
     seen: set[str] = set()
-    for index, entry in enumerate(entries):
-        where = f"users[{index}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{source}: {where}: must be a table with name and password")
-        section = _section(dict, USER_KEYS, entry, where, source)
+    for where, section in _array_of_tables(
+        entries, "users", USER_KEYS, source, "name and password"
+    ):
         if "name" not in section:
             raise ConfigError(f"{source}: {where}.name: missing")
         if "password" not in section and "password_hash" not in section:
@@ -580,14 +591,10 @@ def _users(entries: Any, source: str) -> tuple[User, ...]:
 
 
 def _rules(entries: Any, source: str) -> tuple[RuleSpec, ...]:
-    if not isinstance(entries, list):
-        raise ConfigError(f"{source}: rules: must be an array of tables ([[rules]])")
     rules: list[RuleSpec] = []
-    for index, entry in enumerate(entries):
-        where = f"rules[{index}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{source}: {where}: must be a table with at least an action")
-        section = _section(dict, RULE_KEYS, entry, where, source)
+    for index, (where, section) in enumerate(
+        _array_of_tables(entries, "rules", RULE_KEYS, source, "at least an action")
+    ):
         if "action" not in section:
             raise ConfigError(f'{source}: {where}.action: missing ("allow" or "deny")')
         destinations, host_patterns = section.get("to", ((), ()))
