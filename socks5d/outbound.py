@@ -143,6 +143,8 @@ class ConnectFailed(Exception):
 # Linux: with a source address bound before connect(), pick the source port at connect()
 # time (per 4-tuple) instead of at bind() time, so binding does not exhaust ephemeral ports.
 _IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+# Linux, BSDs: create the socket non-blocking; elsewhere 0 and setblocking(False) after.
+_SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 def open_connection(
@@ -183,8 +185,13 @@ def connect_any(
     *,
     attempt_delay: float = 0.25,
     outgoing: OutgoingAddresses = ANY_SOURCE,
+    blocking: bool = True,
 ) -> socket.socket:
-    """The Happy Eyeballs race of `open_connection` over addresses already resolved."""
+    """The Happy Eyeballs race of `open_connection` over addresses already resolved.
+
+    `blocking=False` returns the socket non-blocking, as the race leaves it: a caller that
+    relays next (which wants it non-blocking) saves two mode switches.
+    """
     if not candidates:
         raise ConnectFailed(Reply.HOST_UNREACHABLE, "no address to connect to")
     racer = _Race(interleave(candidates), outgoing)
@@ -193,7 +200,8 @@ def connect_any(
     finally:
         racer.close()
     if winner is not None:
-        winner.settimeout(None)
+        if blocking:
+            winner.settimeout(None)
         return winner
     failure = most_informative_failure(racer.failures)
     tried, total = racer.started, len(candidates)
@@ -254,12 +262,14 @@ class _Race:
         """Start a non-blocking connect; the socket if it connected at once, else None."""
         self.started += 1
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            # Non-blocking from the start: one syscall fewer than setblocking(False).
+            sock = socket.socket(family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
+            if not _SOCK_NONBLOCK:
+                sock.setblocking(False)
         except OSError as exc:
             self.fail(sockaddr, exc)
             return None
         try:
-            sock.setblocking(False)
             source = self.outgoing.for_family(family)
             if source is not None:
                 if sys.platform == "linux":

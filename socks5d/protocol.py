@@ -16,6 +16,7 @@ on its own.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -194,6 +195,14 @@ def _ip_text(
     return AddressType.IPV6, ipaddress.IPv6Address(ip.packed).compressed
 
 
+@functools.lru_cache(maxsize=4096)
+def _sockaddr_host(host: str) -> tuple[AddressType, str]:
+    """A socket address's host as (ATYP, text), unmapped and without zone. Cached: each
+    connection converts several (peer, egress), the same few recur, and ipaddress parsing
+    costs ~10 us per call."""
+    return _ip_text(ipaddress.ip_address(host.partition("%")[0]), unmap=True)
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     """RFC 1928 §4/§5: an ATYP with its address and a port.
@@ -217,10 +226,8 @@ class Address:
         ``(host, port, flowinfo, scope_id)``. An IPv4-mapped IPv6 address (what a dual-stack
         socket reports for an IPv4 peer) becomes IPv4; a zone index (``%eth0``) is dropped.
         """
-        host, port = sockaddr[0], sockaddr[1]
-        ip = ipaddress.ip_address(host.partition("%")[0])
-        atyp, text = _ip_text(ip, unmap=True)
-        return cls(atyp, text, port)
+        atyp, text = _sockaddr_host(sockaddr[0])
+        return cls(atyp, text, sockaddr[1])
 
     @classmethod
     def from_host(cls, host: str, port: int) -> Address:
@@ -474,13 +481,20 @@ def encode_auth_status(status: AuthStatus) -> bytes:
     return bytes((USERNAME_PASSWORD_VERSION,)) + _byte(status, "status")
 
 
+@functools.lru_cache(maxsize=4096)
+def _packed(atyp: AddressType, host: str) -> bytes:
+    """An IP literal's wire bytes. Cached: every reply carries the outbound socket's
+    address, the same few recur, and ipaddress parsing costs ~10 us per call."""
+    if atyp == AddressType.IPV4:
+        return ipaddress.IPv4Address(host).packed
+    return ipaddress.IPv6Address(host).packed
+
+
 def encode_address(address: Address) -> bytes:
     """RFC 1928 §4/§5: ``ATYP ADDR PORT``. Raises ValueError for a host that does not fit."""
     atyp = address.type
-    if atyp == AddressType.IPV4:
-        addr = ipaddress.IPv4Address(address.host).packed
-    elif atyp == AddressType.IPV6:
-        addr = ipaddress.IPv6Address(address.host).packed
+    if atyp == AddressType.IPV4 or atyp == AddressType.IPV6:
+        addr = _packed(atyp, address.host)
     elif atyp == AddressType.DOMAINNAME:
         name = address.host.encode("ascii")  # A-label form; UnicodeEncodeError is a ValueError
         if not 1 <= len(name) <= 255:

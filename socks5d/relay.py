@@ -673,13 +673,16 @@ def relay(
 
     mode = _resolve(mode, a, b)
     sizes = (_PIPE_SIZE, _COPY_BUFFER_SIZE) if buffer_size is None else (buffer_size, buffer_size)
-    saved = [(sock, sock.gettimeout()) for sock in (a, b)]
+    # Only sockets not already non-blocking are switched (and restored): each switch is
+    # a syscall, and the handler hands over sockets that already are.
+    saved = [(sock, timeout) for sock in (a, b) if (timeout := sock.gettimeout()) != 0.0]
     try:
         for sock in (a, b):
             # Each chunk is forwarded as soon as it is read; Nagle would only add latency.
             # Not TCP (socketpair, AF_UNIX): nothing to set.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for sock, _ in saved:
             sock.setblocking(False)
         tunnel = _Relay(a, b, idle_timeout, sizes, mode, bytes(pending_a_to_b))
         try:

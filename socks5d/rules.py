@@ -284,8 +284,13 @@ def _in_any(
     return any(form in network for network in networks for form in forms)
 
 
+@functools.lru_cache(maxsize=4096)
 def _address(text: str) -> IPAddress:
-    """Parse an IP address, without brackets or an IPv6 zone ("fe80::1%eth0")."""
+    """Parse an IP address, without brackets or an IPv6 zone ("fe80::1%eth0").
+
+    Cached: every request parses its client's address and each candidate target, and the
+    same few addresses recur (ipaddress parsing is ~10 us; the results are immutable).
+    """
     return ipaddress.ip_address(_strip_host(text).partition("%")[0])
 
 

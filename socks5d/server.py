@@ -767,7 +767,10 @@ class TCPServer(BaseServer):
         """Accept one connection and make it blocking for the handler. May be overridden."""
         request, client_address = listener.accept()
         try:
-            request.setblocking(True)
+            # Linux never passes the listener's O_NONBLOCK on to an accepted socket, so one
+            # Python sees as blocking already is: skip the syscall. (BSDs inherit it.)
+            if sys.platform != "linux" or request.gettimeout() is not None:
+                request.setblocking(True)
         except OSError:
             request.close()
             raise

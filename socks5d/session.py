@@ -6,7 +6,7 @@ the end. Stdlib and the protocol's Reply enum only.
 
 from __future__ import annotations
 
-import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +15,12 @@ from .protocol import Reply
 
 
 def new_session_id() -> str:
-    """12 hex digits: unique enough to grep one connection's lines, cheap to make."""
-    return os.urandom(6).hex()
+    """12 hex digits: unique enough to grep one connection's lines, cheap to make.
+
+    Not a secret, so the `random` generator (no syscall; reseeded in a forked child)
+    rather than os.urandom, a getrandom() call per connection.
+    """
+    return f"{random.getrandbits(48):012x}"
 
 
 @dataclass(slots=True)
