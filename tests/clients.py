@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from socks5d.protocol import (
     Address,
@@ -121,3 +123,41 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def udp_socket(host: str = "127.0.0.1") -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+class UdpEcho:
+    """A UDP echo server in a thread; remembers every (payload, source) it received."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = udp_socket(host)
+        self.sock.settimeout(0.05)  # how often the loop looks at `stopping`
+        self.address = self.sock.getsockname()
+        self.port = self.address[1]
+        self.received: list[tuple[bytes, Any]] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                data, source = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.received.append((data, source))
+            self.sock.sendto(data, source)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(TIMEOUT)
+        self.sock.close()

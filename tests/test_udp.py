@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from clients import UdpEcho, udp_socket
 from conftest import needs_ipv6
 
 from socks5d.outbound import OutgoingAddresses
@@ -52,44 +53,6 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
         client = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
         accepted, _ = listener.accept()
     return client, accepted
-
-
-def udp_socket(host: str = "127.0.0.1") -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.bind((host, 0))
-    sock.settimeout(TIMEOUT)
-    return sock
-
-
-class UdpEcho:
-    """A UDP echo server in a thread; remembers every (payload, source) it received."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.sock = udp_socket(host)
-        self.sock.settimeout(0.05)  # how often the loop looks at `stopping`
-        self.address = self.sock.getsockname()
-        self.port = self.address[1]
-        self.received: list[tuple[bytes, Any]] = []
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                data, source = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.received.append((data, source))
-            self.sock.sendto(data, source)
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(TIMEOUT)
-        self.sock.close()
 
 
 class Association:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
 import socks
-from clients import TIMEOUT, open_tunnel, recv_all
+from clients import TIMEOUT, UdpEcho, open_tunnel, recv_all
 from conftest import needs_ipv6
 
 from socks5d.protocol import (
@@ -19,33 +18,6 @@ from socks5d.protocol import (
     encode_udp_datagram,
     parse_udp_datagram,
 )
-
-
-class UdpEcho:
-    """A UDP echo on loopback, served from a thread."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.settimeout(0.1)
-        self.address = self.sock.getsockname()
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                data, peer = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            self.sock.sendto(data, peer)
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(TIMEOUT)
-        self.sock.close()
 
 
 @pytest.fixture
