@@ -392,6 +392,9 @@ class _Direction:
             if self.start < self.end or n < len(buf):
                 # dst is full (wait for POLLOUT), or src is most likely drained.
                 break
+            if self.splice and self.count >= _SPLICE_AFTER and self._splice_worth_it():
+                # "auto" in a bulk transfer that never paused: splice from here on.
+                return moved + self._pump_splice()
         return moved
 
     def _pump_splice(self) -> int:
