@@ -66,16 +66,22 @@ import math
 import os
 import select
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "MODES",
     "RELEASE_AFTER",
     "SPLICE_AVAILABLE",
     "RelayResult",
+    "Tunnel",
     "get_default_mode",
+    "log_result",
+    "prepare_sockets",
     "relay",
+    "restore_timeouts",
     "set_default_mode",
 ]
 
@@ -105,6 +111,17 @@ _PIPE_SIZE = 1024 * 1024
 # Where both start: a new pipe's size (16 pages). Small exchanges never need more, and the
 # kernel charges a pipe's full size against the user's pipe-user-pages-soft.
 _FIRST_CHUNK = 65536
+
+
+_thread_local = threading.local()
+
+
+def _scratch(size: int) -> memoryview:
+    """This thread's read buffer for small exchanges (at most ``size`` bytes of it)."""
+    buf: memoryview | None = getattr(_thread_local, "scratch", None)
+    if buf is None:
+        buf = _thread_local.scratch = memoryview(bytearray(_FIRST_CHUNK))
+    return buf if size >= len(buf) else buf[:size]
 
 
 def _pipe_max_size() -> int:
@@ -371,10 +388,14 @@ class _Direction:
         moved = 0
         for _ in range(_MAX_ROUNDS):
             buf = self.buf
-            if buf is None or (self.grow and len(buf) < self.copy_size):
-                # Small at first; the full size once a read filled it (a bulk transfer).
-                size = self.copy_size if self.grow else min(self.copy_size, _FIRST_CHUNK)
-                buf = self.buf = memoryview(bytearray(size))
+            if self.grow:
+                # The last read filled the buffer: a bulk transfer gets its own, full size.
+                if buf is None or len(buf) < self.copy_size:
+                    buf = self.buf = memoryview(bytearray(self.copy_size))
+            elif buf is None:
+                # Small exchanges read into the thread's scratch buffer, and what dst does
+                # not take at once is copied out: a quiet tunnel holds no buffer at all.
+                buf = _scratch(self.copy_size)
             self.out = buf
             try:
                 n = self.src.recv_into(buf)
@@ -389,8 +410,13 @@ class _Direction:
             self.grow = n == len(buf)
             self.start, self.end = 0, n
             moved += n + self._flush_out()
-            if self.start < self.end or n < len(buf):
-                # dst is full (wait for POLLOUT), or src is most likely drained.
+            if self.start < self.end:
+                # dst is full: wait for POLLOUT, with the rest in a buffer of our own.
+                if buf is not self.buf:
+                    self.out = memoryview(bytes(buf[self.start : self.end]))
+                    self.start, self.end = 0, self.end - self.start
+                break
+            if n < len(buf):  # src is most likely drained
                 break
             if self.splice and self.count >= _SPLICE_AFTER and self._splice_worth_it():
                 # "auto" in a bulk transfer that never paused: splice from here on.
@@ -504,17 +530,44 @@ class _Direction:
             raise _failure(self.dst_name, exc) from exc
 
 
-class _Relay:
+class Tunnel:
+    """The state of one tunnel: both directions and what they wait for.
+
+    Driven by :func:`relay` (its own poll, in the calling thread) or by a loop shared by
+    many tunnels (``socks5d.hub``): ``poller`` is anything with poll's
+    ``register/modify/unregister`` (``select.poll``, ``select.epoll``), the loop calls
+    :meth:`serve_events` with a tunnel's ready descriptors and :meth:`on_timer` once
+    :meth:`next_timer` has passed; both return the :class:`RelayResult` when the tunnel
+    has ended. The caller then calls :meth:`close` and closes the sockets.
+    """
+
+    __slots__ = (
+        "ab",
+        "ba",
+        "first_eof",
+        "idle_timeout",
+        "last_activity",
+        "poller",
+        "registered",
+        "sides",
+    )
+
     def __init__(
         self,
         a: socket.socket,
         b: socket.socket,
-        idle_timeout: float | None,
-        sizes: tuple[int, int],
-        mode: str,
-        pending_a_to_b: bytes,
+        *,
+        idle_timeout: float | None = None,
+        buffer_size: int | None = None,
+        mode: str | None = None,
+        pending_a_to_b: bytes = b"",
+        poller: Any = None,
     ) -> None:
-        self.ab = _Direction("a", a, "b", b, sizes, mode, pending_a_to_b)
+        mode = _check_arguments(a, b, idle_timeout, buffer_size, mode)
+        sizes = (
+            (_PIPE_SIZE, _COPY_BUFFER_SIZE) if buffer_size is None else (buffer_size, buffer_size)
+        )
+        self.ab = _Direction("a", a, "b", b, sizes, mode, bytes(pending_a_to_b))
         self.ba = _Direction("b", b, "a", a, sizes, mode)
         # (name, socket, fd, the direction that writes into it)
         self.sides = (
@@ -522,10 +575,14 @@ class _Relay:
             ("b", b, self.ba.src_fd, self.ab),
         )
         self.idle_timeout = idle_timeout
-        self.poller = select.poll()
+        self.poller = select.poll() if poller is None else poller
         self.registered: dict[int, int] = {}
         self.first_eof: str | None = None
         self.last_activity = time.monotonic()
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        return self.ab.src_fd, self.ba.src_fd
 
     def result(self, closed_first: str, reason: str) -> RelayResult:
         ab, ba = self.ab, self.ba
@@ -537,40 +594,74 @@ class _Relay:
         return RelayResult(ab.count, ba.count, closed_first, reason, mode)
 
     def close(self) -> None:
-        """Close the pipes, on every way out."""
+        """Close the pipes and leave the poller, on every way out (the sockets stay open)."""
         self.ab.close_pipe()
         self.ba.close_pipe()
+        for fd in self.registered:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                self.poller.unregister(fd)
+        self.registered.clear()
 
-    def run(self) -> RelayResult:
+    def start(self) -> RelayResult | None:
+        """Register with the poller; a tunnel with nothing to wait for has ended already."""
         try:
-            while True:
-                if self.ab.done and self.ba.done:
-                    return self.result(self.first_eof or "a", "eof")
-                self.update_registration()
-                # Recomputed on every pass, so wake-ups that move nothing (and a poll that
-                # PEP 475 retried after EINTR) never stretch the deadlines.
-                now = time.monotonic()
-                deadline = math.inf
-                if self.idle_timeout is not None:
-                    deadline = self.last_activity + self.idle_timeout
-                    if now >= deadline:
-                        return self.result("idle", "idle timeout")
-                if self.ab.spare or self.ba.spare:
-                    release_at = self.last_activity + RELEASE_AFTER
-                    if now >= release_at:
-                        self.ab.release()
-                        self.ba.release()
-                    else:
-                        deadline = min(deadline, release_at)
-                timeout_ms = None if deadline == math.inf else math.ceil((deadline - now) * 1000)
-                try:
-                    events = self.poller.poll(timeout_ms)
-                except InterruptedError:  # pragma: no cover - PEP 475 retries poll itself
-                    continue
-                if events and self.serve(dict(events)):
-                    self.last_activity = time.monotonic()
+            return self._after_events()
         except _End as end:
             return self.result(end.closed_first, end.reason)
+
+    def next_timer(self) -> float:
+        """When (time.monotonic) :meth:`on_timer` has work: the idle deadline, or the
+        moment a spare pipe or buffer is given back; ``math.inf`` for never."""
+        deadline = math.inf
+        if self.idle_timeout is not None:
+            deadline = self.last_activity + self.idle_timeout
+        if self.ab.spare or self.ba.spare:
+            deadline = min(deadline, self.last_activity + RELEASE_AFTER)
+        return deadline
+
+    def on_timer(self, now: float) -> RelayResult | None:
+        """End the tunnel past its idle deadline; give back spare pipes and buffers."""
+        if self.idle_timeout is not None and now >= self.last_activity + self.idle_timeout:
+            return self.result("idle", "idle timeout")
+        if now >= self.last_activity + RELEASE_AFTER:
+            self.ab.release()
+            self.ba.release()
+        return None
+
+    def serve_events(self, revents: dict[int, int]) -> RelayResult | None:
+        """Serve one wake-up's ready descriptors (fd -> poll mask) of this tunnel."""
+        try:
+            if self.serve(revents):
+                self.last_activity = time.monotonic()
+            return self._after_events()
+        except _End as end:
+            return self.result(end.closed_first, end.reason)
+
+    def _after_events(self) -> RelayResult | None:
+        if self.ab.done and self.ba.done:
+            return self.result(self.first_eof or "a", "eof")
+        self.update_registration()
+        return None
+
+    def run(self) -> RelayResult:
+        """Relay in the calling thread until the tunnel ends (:func:`relay`)."""
+        result = self.start()
+        poll = self.poller.poll
+        while result is None:
+            # Recomputed on every pass, so wake-ups that move nothing (and a poll that
+            # PEP 475 retried after EINTR) never stretch the deadlines.
+            deadline = self.next_timer()
+            timeout_ms = None
+            if deadline != math.inf:
+                now = time.monotonic()
+                if now >= deadline:
+                    result = self.on_timer(now)
+                    continue
+                timeout_ms = math.ceil((deadline - now) * 1000)
+            events = poll(timeout_ms)
+            if events:
+                result = self.serve_events(dict(events))
+        return result
 
     def update_registration(self) -> None:
         """Register exactly the events the directions wait for, as poll masks per socket."""
@@ -641,6 +732,53 @@ def _resolve(mode: str, a: socket.socket, b: socket.socket) -> str:
     return mode
 
 
+def _check_arguments(
+    a: socket.socket,
+    b: socket.socket,
+    idle_timeout: float | None,
+    buffer_size: int | None,
+    mode: str | None,
+) -> str:
+    """Validate a tunnel's arguments; return the mode it starts in."""
+    if mode is None:
+        mode = _default_mode
+    if mode not in MODES:
+        raise ValueError(f"relay mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if buffer_size is not None and buffer_size <= 0:
+        raise ValueError(f"buffer_size must be positive, not {buffer_size}")
+    if idle_timeout is not None and idle_timeout <= 0:
+        raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout}")
+    if a.fileno() < 0 or b.fileno() < 0:
+        raise ValueError("relay needs two open sockets")
+    if a.fileno() == b.fileno():
+        raise ValueError("relay needs two distinct sockets")
+    return _resolve(mode, a, b)
+
+
+def prepare_sockets(*socks: socket.socket) -> list[tuple[socket.socket, float | None]]:
+    """Make the sockets ready to relay: non-blocking, TCP_NODELAY.
+
+    Returns the (socket, timeout) pairs that were switched from another timeout, for
+    :func:`restore_timeouts`: each switch is a syscall, and the handler hands over
+    sockets that already are non-blocking.
+    """
+    saved = [(sock, timeout) for sock in socks if (timeout := sock.gettimeout()) != 0.0]
+    for sock in socks:
+        # Each chunk is forwarded as soon as it is read; Nagle would only add latency.
+        # Not TCP (socketpair, AF_UNIX): nothing to set.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for sock, _ in saved:
+        sock.setblocking(False)
+    return saved
+
+
+def restore_timeouts(saved: list[tuple[socket.socket, float | None]]) -> None:
+    for sock, timeout in saved:
+        with contextlib.suppress(OSError):  # closed by someone else meanwhile
+            sock.settimeout(timeout)
+
+
 def relay(
     a: socket.socket,
     b: socket.socket,
@@ -661,41 +799,28 @@ def relay(
     means the module default, ``"auto"`` unless :func:`set_default_mode` changed it.
     ``buffer_size`` bounds each direction's backlog (read buffer, or pipe); ``None``: 1 MiB.
     """
-    if mode is None:
-        mode = _default_mode
-    if mode not in MODES:
-        raise ValueError(f"relay mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if buffer_size is not None and buffer_size <= 0:
-        raise ValueError(f"buffer_size must be positive, not {buffer_size}")
-    if idle_timeout is not None and idle_timeout <= 0:
-        raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout}")
-    if a.fileno() < 0 or b.fileno() < 0:
-        raise ValueError("relay needs two open sockets")
-    if a.fileno() == b.fileno():
-        raise ValueError("relay needs two distinct sockets")
-
-    mode = _resolve(mode, a, b)
-    sizes = (_PIPE_SIZE, _COPY_BUFFER_SIZE) if buffer_size is None else (buffer_size, buffer_size)
-    # Only sockets not already non-blocking are switched (and restored): each switch is
-    # a syscall, and the handler hands over sockets that already are.
-    saved = [(sock, timeout) for sock in (a, b) if (timeout := sock.gettimeout()) != 0.0]
+    _check_arguments(a, b, idle_timeout, buffer_size, mode)
+    saved = prepare_sockets(a, b)
     try:
-        for sock in (a, b):
-            # Each chunk is forwarded as soon as it is read; Nagle would only add latency.
-            # Not TCP (socketpair, AF_UNIX): nothing to set.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for sock, _ in saved:
-            sock.setblocking(False)
-        tunnel = _Relay(a, b, idle_timeout, sizes, mode, bytes(pending_a_to_b))
+        tunnel = Tunnel(
+            a,
+            b,
+            idle_timeout=idle_timeout,
+            buffer_size=buffer_size,
+            mode=mode,
+            pending_a_to_b=pending_a_to_b,
+        )
         try:
             result = tunnel.run()
         finally:
             tunnel.close()
     finally:
-        for sock, timeout in saved:
-            with contextlib.suppress(OSError):  # closed by someone else meanwhile
-                sock.settimeout(timeout)
+        restore_timeouts(saved)
+    log_result(result)
+    return result
+
+
+def log_result(result: RelayResult) -> None:
     logger.debug(
         "relay ended: %s (%s), a->b %d bytes, b->a %d bytes, %s",
         result.closed_first,
@@ -704,4 +829,3 @@ def relay(
         result.b_to_a,
         result.mode,
     )
-    return result

@@ -844,8 +844,8 @@ def pipe_sizes(pipes: set[tuple[int, str]]) -> list[int]:
 def test_a_quiet_tunnel_gives_its_pipes_and_buffers_back(
     make_tunnel: Callable[..., Tunnel], monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    # Small exchanges only ever get the first, small pipe or buffer (64 KiB), and once the
-    # tunnel is quiet for RELEASE_AFTER seconds, not even that.
+    # Small exchanges only ever get the first, small pipe (64 KiB), and once the tunnel
+    # is quiet for RELEASE_AFTER seconds, not even that; copying needs no buffer of its own.
     monkeypatch.setattr(relay_module, "RELEASE_AFTER", 0.5)
     first = relay_module._FIRST_CHUNK
     pipes_before = open_pipes()
@@ -862,11 +862,9 @@ def test_a_quiet_tunnel_gives_its_pipes_and_buffers_back(
                 assert pipe_sizes(open_pipes() - pipes_before) == [first] * 4  # 2 fds each
                 wait_until(lambda: open_pipes() <= pipes_before, "the pipes to be closed")
             else:
-                assert 2 * first <= tracemalloc.get_traced_memory()[0] - baseline < 3 * first
-                wait_until(
-                    lambda: tracemalloc.get_traced_memory()[0] - baseline < first,
-                    "the buffers to be freed",
-                )
+                # Both directions read into the relay thread's one scratch buffer (made
+                # once per thread): the tunnel holds no buffer of its own, busy or quiet.
+                assert tracemalloc.get_traced_memory()[0] - baseline < first + 16384
     finally:
         tracemalloc.stop()
     send_and_shut(t.client, b"")
