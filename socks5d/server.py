@@ -839,6 +839,8 @@ class ThreadingMixIn(_MixInBase):
         # request -> client IP, and how many requests each IP has (for the per-IP cap).
         self._active_requests: dict[socket.socket, str] = {}
         self._per_ip: collections.Counter[str] = collections.Counter()
+        # Requests whose handler passed them on (detach_request): their thread leaves them.
+        self._detached: set[socket.socket] = set()
         super().__init__(*args, **kwargs)
 
     @property
@@ -886,6 +888,34 @@ class ThreadingMixIn(_MixInBase):
             # process_request took this thread just as it timed out: the item is coming.
             return handover.get()
 
+    def detach_request(self, request: socket.socket) -> Callable[[], None]:
+        """Let the request outlive its handler thread; returns the function that ends it.
+
+        A handler calls this when something else (a relay loop shared by many tunnels)
+        takes the connection over: its thread then returns to the pool without closing
+        the socket, and the request stays counted (max_connections, per-IP limits,
+        active_count, wait_for_idle, abort_active_requests) until the returned function
+        is called, once, from any thread. That function shuts the request down and
+        closes it, as the thread would have.
+        """
+        with self._threads_lock:
+            self._detached.add(request)
+
+        def finish() -> None:
+            self._untrack_request(request)
+            self.shutdown_request(request)
+
+        return finish
+
+    def reclaim_request(self, request: socket.socket) -> bool:
+        """Undo detach_request (the hand-over failed): the thread ends the request after
+        all. Returns whether the request was detached."""
+        with self._threads_lock:
+            if request in self._detached:
+                self._detached.discard(request)
+                return True
+            return False
+
     def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
         """Run the request in this thread; errors go to handle_error()."""
         try:
@@ -893,11 +923,13 @@ class ThreadingMixIn(_MixInBase):
         except Exception:
             self._handle_error_safely(request, client_address)
         finally:
-            # Untrack the socket before closing it: abort_active_requests() must never
-            # shut down a descriptor number that close() has already released for reuse,
-            # and a client that sees EOF may count on the slot being free.
-            self._untrack_request(request)
-            self.shutdown_request(request)
+            # Unless its new owner ends it (detach_request):
+            if not self.reclaim_request(request):
+                # Untrack the socket before closing it: abort_active_requests() must never
+                # shut down a descriptor number that close() has already released for
+                # reuse, and a client that sees EOF may count on the slot being free.
+                self._untrack_request(request)
+                self.shutdown_request(request)
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         """Hand the request to an idle thread or start one; handle_overload() at a cap."""
