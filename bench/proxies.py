@@ -35,6 +35,7 @@ SOCKS5D_VARIANTS: dict[str, tuple[str, ...]] = {
     "socks5d-threading": ("--mode", "threading"),
     "socks5d-forking": ("--mode", "forking"),
     "socks5d-workers2": ("--mode", "threading", "--workers", "2"),
+    "socks5d-inline": ("--mode", "threading", "--relay-threads", "0"),
 }
 PEERS = ("microsocks", "dante", "pproxy")
 DEFAULT_PROXIES = ("socks5d-threading", "socks5d-forking", "socks5d-workers2", *PEERS)

@@ -67,6 +67,12 @@ class ConfigProblem(click.ClickException):
     help="Processes accepting on the same sockets (auto: one per CPU).  [default: 1]",
 )
 @click.option(
+    "--relay-threads",
+    metavar="N|auto",
+    help="Threading mode: threads relaying open tunnels, 0 = each in its client's thread."
+    "  [default: auto, one per CPU]",
+)
+@click.option(
     "--mode",
     type=click.Choice(MODES),
     help="One thread or one process per client.  [default: threading]",
@@ -118,6 +124,7 @@ def main(
     listen: tuple[str, ...],
     outgoing: tuple[str, ...],
     workers: str | None,
+    relay_threads: str | None,
     mode: str | None,
     config_path: str | None,
     users: tuple[str, ...],
@@ -141,6 +148,7 @@ def main(
         "server_outgoing_address": list(outgoing) or None,
         "server_mode": mode,
         "server_workers": workers,
+        "server_relay_threads": relay_threads,
         "server_allow_open": allow_open,
         "server_run_as_user": run_as_user,
         "server_run_as_group": run_as_group,

@@ -28,6 +28,14 @@ PASSWORD_HASH_SCHEMES = ("scrypt$", "pbkdf2_sha256$")
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def _cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class ConfigError(Exception):
     """A bad config file, key or flag; the message names where and what."""
 
@@ -45,6 +53,9 @@ class ServerConfig:
     run_as_user: str = ""  # "": keep the user we were started as
     run_as_group: str = ""  # "": the primary group of run_as_user
     workers: int = 1  # processes accepting on the same sockets; "auto" in the file = CPUs
+    # Threads that relay established tunnels in threading mode ("auto" = CPUs); 0 relays
+    # each tunnel in its handler thread instead.
+    relay_threads: int = field(default_factory=_cpu_count)
 
     @property
     def listen_addresses(self) -> tuple[tuple[str, int], ...]:
@@ -403,6 +414,16 @@ def _commands(value: Any) -> frozenset[str]:
     return frozenset(commands)
 
 
+def _relay_threads(value: Any) -> int:
+    if value == "auto":
+        return _cpu_count()
+    if isinstance(value, str):
+        if not value.isdigit():
+            raise ValueError(f'must be a number of threads or "auto", got {value!r}')
+        value = int(value)
+    return _integer(0, 256)(value)
+
+
 def _workers(value: Any) -> int:
     if value == "auto":
         return os.cpu_count() or 1
@@ -424,6 +445,7 @@ SERVER_KEYS: dict[str, Callable[[Any], Any]] = {
     "mode": _choice(MODES),
     "backlog": _integer(1, 65535),
     "workers": _workers,
+    "relay_threads": _relay_threads,
     "outgoing_address": _outgoing,
     "allow_open": _boolean,
     "run_as_user": _account,

@@ -25,6 +25,7 @@ from . import systemd
 from .auth import FailedLoginBackoff
 from .config import Config, ConfigError, apply_overrides, load_config
 from .handler import HandlerSettings, Socks5Handler
+from .hub import HubPool
 from .limits import UserSlots
 from .logs import configure_logging
 from .privileges import drop_privileges
@@ -42,6 +43,9 @@ class SocksServerMixIn:
     # State that outlives a reload; the handler reads it from here.
     login_backoff: FailedLoginBackoff | None = None
     user_slots: UserSlots | None = None
+    # Threading mode: the loops that relay established tunnels (None: each handler
+    # thread relays its own). Made in the serving process, after any fork.
+    relay_hub: HubPool | None = None
 
     def service_actions(self) -> None:
         super().service_actions()  # type: ignore[misc]
@@ -192,6 +196,8 @@ class Daemon:
         # They stay installed after the stop: a late SIGTERM while the process exits
         # must not turn a clean exit into death by signal.
         self._install_signal_handlers()
+        if self.config.server.workers <= 1:
+            self._start_relay_hubs(server)  # before "listening": all set up by then
         for address in server.server_addresses:
             where = format_address(*address[:2])
             logger.info("listening on %s (%s)", where, self.config.server.mode)
@@ -203,6 +209,7 @@ class Daemon:
         """The accept loop of this process, then the graceful stop."""
         server = self.server or self.bind()
         previous = self._install_signal_handlers()
+        self._start_relay_hubs(server)
         if notify:
             systemd.ready(self._status_text(server))  # systemd: READY=1 + STATUS=
         try:
@@ -216,6 +223,13 @@ class Daemon:
                 self._restore_signal_handlers(previous)
         return 0
 
+    def _start_relay_hubs(self, server: SocksServer) -> None:
+        """Threading mode: the relay threads, in the process that serves (after a fork)."""
+        relay_threads = self.config.server.relay_threads
+        if isinstance(server, ThreadingSocksServer) and relay_threads and not server.relay_hub:
+            server.relay_hub = HubPool(relay_threads)
+            server.relay_hub.start()
+
     def _close(self, server: SocksServer) -> None:
         """Graceful stop: refuse new clients now, let open ones finish, cut the rest."""
         server.stop_listening()
@@ -228,6 +242,9 @@ class Daemon:
             server.abort_active_requests()
             logger.warning("stopping: cut %d connection(s) still open", active)
         server.server_close()
+        if server.relay_hub is not None:
+            # Tunnels still there were cut above (or the wait was cancelled): end them.
+            server.relay_hub.close()
         logger.info("stopped")
 
     # ---- signals ----
@@ -307,7 +324,10 @@ class Daemon:
             fresh = load_config(self.config_path) if self.config_path else Config()
             fresh = apply_overrides(fresh, **self.overrides)
             if fresh.server != self.config.server:
-                logger.warning("reload: [server] changes (listen address, mode) need a restart")
+                logger.warning(
+                    "reload: [server] changes (listen address, mode, workers, relay_threads)"
+                    " need a restart"
+                )
             # Listening addresses and mode stay as they are until a restart.
             fresh = dataclasses.replace(fresh, server=self.config.server)
             problem = exposure_problem(fresh, server.server_addresses)

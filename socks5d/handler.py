@@ -54,7 +54,7 @@ from .protocol import (
     parse_request,
     parse_username_password,
 )
-from .relay import relay
+from .relay import RelayResult, relay
 from .rules import Decision, Policy
 from .server import BaseRequestHandler, client_ip
 from .session import Session
@@ -205,6 +205,8 @@ class Socks5Handler(BaseRequestHandler):
         self.session = Session(client=_format_peer(self.client_address))
         self.user: str | None = None  # set once RFC 1929 login succeeded
         self.user_slot = False
+        # True once the tunnel went to the server's relay hub: the hub ends it (and logs).
+        self.detached = False
 
     def handle(self) -> None:
         session = self.session
@@ -219,16 +221,22 @@ class Socks5Handler(BaseRequestHandler):
         except OSError as exc:
             session.end = f"error: {exc.strerror or exc}"
         finally:
-            if self.user_slot and self.user is not None:
-                slots = getattr(self.server, "user_slots", None)
-                if slots is not None:
-                    slots.release(self.user)
-            if session.reply is not Reply.SUCCEEDED:
-                linger_close(self.request)
-            if access_logger.isEnabledFor(logging.INFO):
-                # The record carries the session; the line (or JSON) is built only by
-                # a handler that emits it.
-                access_logger.info("%s", session, extra={"access": session})
+            if not self.detached:
+                self.conclude()
+
+    def conclude(self) -> None:
+        """The end of every connection: free its user slot, write its access line."""
+        session = self.session
+        if self.user_slot and self.user is not None:
+            slots = getattr(self.server, "user_slots", None)
+            if slots is not None:
+                slots.release(self.user)
+        if session.reply is not Reply.SUCCEEDED:
+            linger_close(self.request)
+        if access_logger.isEnabledFor(logging.INFO):
+            # The record carries the session; the line (or JSON) is built only by
+            # a handler that emits it.
+            access_logger.info("%s", session, extra={"access": session})
 
     def serve(self, session: Session) -> None:
         settings = self.settings
@@ -362,13 +370,16 @@ class Socks5Handler(BaseRequestHandler):
         except ConnectFailed as exc:
             self.fail(reader, session, exc.reply, exc.reason)
             return
-        with upstream:
+        try:
             session.resolved = _format_peer(upstream.getpeername())
             bound = Address.from_sockaddr(upstream.getsockname())
             session.egress = str(bound)
             session.reply = Reply.SUCCEEDED
             reader.send_reply(Reply.SUCCEEDED, bound)
             self.tunnel(upstream, reader, session)
+        finally:
+            if not self.detached:
+                upstream.close()
 
     def bind(self, request: Request, reader: HandshakeReader, session: Session) -> None:
         """RFC 1928 §4 BIND: first reply with where to connect, second with who did."""
@@ -410,11 +421,14 @@ class Socks5Handler(BaseRequestHandler):
             # Nobody (expected) connected in time: the same code as a connect timeout.
             self.fail(reader, session, Reply.HOST_UNREACHABLE, "no BIND peer before the timeout")
             return
-        with accepted.sock:
+        try:
             session.resolved = str(accepted.peer)
             session.reply = Reply.SUCCEEDED
             reader.send_reply(Reply.SUCCEEDED, accepted.peer)
             self.tunnel(accepted.sock, reader, session)
+        finally:
+            if not self.detached:
+                accepted.sock.close()
 
     def udp_associate(self, request: Request, reader: HandshakeReader, session: Session) -> None:
         """RFC 1928 §7: a UDP relay that lives exactly as long as this TCP connection."""
@@ -465,16 +479,51 @@ class Socks5Handler(BaseRequestHandler):
         return decision is None or decision.allowed
 
     def tunnel(self, upstream: socket.socket, reader: HandshakeReader, session: Session) -> None:
-        """Relay between the client and `upstream`; pipelined client bytes go first."""
+        """Relay between the client and `upstream`; pipelined client bytes go first.
+
+        With a relay hub on the server (threading mode), the tunnel goes there and this
+        thread returns to the pool; the hub calls tunnel_ended. Else it is relayed here.
+        """
         pending = bytes(reader.buffer)
         reader.buffer.clear()
-        result = relay(
-            self.request, upstream, idle_timeout=self.settings.idle_timeout, pending_a_to_b=pending
-        )
+        idle_timeout = self.settings.idle_timeout
+        hub = getattr(self.server, "relay_hub", None)
+        detach = getattr(self.server, "detach_request", None)
+        if hub is not None and detach is not None:
+            finish = detach(self.request)
+            self.detached = True
+            try:
+                hub.add(
+                    self.request,
+                    upstream,
+                    functools.partial(self.tunnel_ended, upstream, finish),
+                    idle_timeout=idle_timeout,
+                    pending_a_to_b=pending,
+                )
+                return
+            except RuntimeError:  # the hub closed as the daemon stops: relay here
+                self.detached = False
+                self.server.reclaim_request(self.request)  # type: ignore[attr-defined]
+        result = relay(self.request, upstream, idle_timeout=idle_timeout, pending_a_to_b=pending)
+        self.record(result)
+
+    def record(self, result: RelayResult) -> None:
+        session = self.session
         session.up, session.down = result.a_to_b, result.b_to_a
         closer = {"a": "client", "b": "target"}.get(result.closed_first, result.closed_first)
         session.closed_by = closer
         session.end = f"{closer} {result.reason}"
+
+    def tunnel_ended(
+        self, upstream: socket.socket, finish: Callable[[], None], result: RelayResult
+    ) -> None:
+        """The hub's on_done (in its thread): what handle() and the core do inline."""
+        try:
+            upstream.close()
+            self.record(result)
+            self.conclude()
+        finally:
+            finish()
 
     def deny(self, reader: HandshakeReader, session: Session) -> None:
         """RFC 1928 §6 reply 02: a rule said no (named in the access log)."""

@@ -24,8 +24,9 @@ from clients import TIMEOUT
 
 from socks5d.auth import Authenticator
 from socks5d.config import User
-from socks5d.daemon import SERVER_CLASSES
+from socks5d.daemon import SERVER_CLASSES, ThreadingSocksServer
 from socks5d.handler import HandlerSettings, Socks5Handler
+from socks5d.hub import HubPool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,11 +135,14 @@ def running_proxy(
     host: str = "127.0.0.1",
     max_connections: int = 1024,
     handshake_timeout: float = 10.0,
+    relay_threads: int = 2,
     **settings: Any,
 ) -> Iterator[RunningProxy]:
     """A SOCKS server on port 0, closed afterwards.
 
-    Threading mode serves in-process from a thread. Forking mode runs the real `socks5d`
+    Threading mode serves in-process from a thread, with `relay_threads` relay hubs as
+    the daemon has (0: each handler thread relays its own tunnel). Forking mode (which
+    always relays in the child) runs the real `socks5d`
     command instead: a child forked from the test process would inherit the test's own
     client sockets and keep them open after the test closes them.
     """
@@ -167,6 +171,9 @@ def running_proxy(
         handshake_timeout=handshake_timeout,
         **settings,
     )
+    if relay_threads and isinstance(server, ThreadingSocksServer):
+        server.relay_hub = HubPool(relay_threads)
+        server.relay_hub.start()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
     thread.start()
     try:
@@ -176,6 +183,8 @@ def running_proxy(
         thread.join(TIMEOUT)
         server.abort_active_requests()
         server.server_close()
+        if server.relay_hub is not None:
+            server.relay_hub.close()
 
 
 @pytest.fixture(params=["threading", "forking"])

@@ -1,0 +1,368 @@
+"""Relay loops shared by many tunnels: a thread per loop, not a thread per tunnel.
+
+A handler thread negotiates, connects, replies, then hands the two sockets to a
+:class:`RelayHub` and goes back to its pool. The hub's one thread waits on ``epoll`` (``poll``
+where there is none) for every tunnel it holds and drives each with the same
+:class:`socks5d.relay.Tunnel` engine that :func:`socks5d.relay.relay` runs inline, so the
+semantics (backpressure, half-close, resets, idle timeout, splice) are the same.
+
+Why: an idle tunnel in its own thread costs ~23 KiB (stack pages, thread state, the
+interpreter's frame chunk) whatever ``threading.stack_size`` says; in a hub it costs its
+Python objects, about 3 KiB. And a thread freed right after the reply is ready for the
+next client. :class:`HubPool` runs one hub per CPU so bulk tunnels still use every core
+(splice and recv/send drop the GIL).
+
+Tunnels end in the hub thread, which calls the ``on_done`` given with the tunnel: that is
+where the owner closes the sockets and writes its log. Timers (idle timeout, giving back a
+quiet tunnel's pipes) live in one heap per hub, so a wake-up costs the same with 10 or
+10,000 tunnels.
+
+Knows no SOCKS: imports :mod:`socks5d.relay` and the stdlib only.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import heapq
+import itertools
+import logging
+import math
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .relay import RelayResult, Tunnel, log_result, prepare_sockets
+
+__all__ = ["HubPool", "RelayHub"]
+
+logger = logging.getLogger(__name__)
+
+OnDone = Callable[[RelayResult], None]
+
+# Rebuild the timer heap when it holds this many more stale entries than tunnels (a
+# tunnel that ends or moves its timer earlier leaves its old entry behind).
+_STALE_SLACK = 1024
+
+
+class _Entry:
+    """A tunnel in a hub: its engine, its sockets, who to tell, its timer."""
+
+    __slots__ = ("a", "b", "on_done", "timer_at", "tunnel")
+
+    def __init__(self, tunnel: Tunnel, a: socket.socket, b: socket.socket, on_done: OnDone) -> None:
+        self.tunnel: Tunnel | None = tunnel
+        self.a = a
+        self.b = b
+        self.on_done: OnDone | None = on_done
+        self.timer_at = math.inf  # the heap entry that counts; inf: none
+
+
+class _Poller:
+    """epoll where there is one, else poll, behind one interface (timeouts in seconds)."""
+
+    def __init__(self) -> None:
+        epoll = getattr(select, "epoll", None)
+        self._epoll = epoll() if epoll is not None else None
+        self._poll = select.poll() if self._epoll is None else None
+        target: Any = self._epoll if self._epoll is not None else self._poll
+        self.register = target.register
+        self.modify = target.modify
+        self.unregister = target.unregister
+
+    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        if self._epoll is not None:
+            return self._epoll.poll(-1 if timeout is None else timeout)
+        assert self._poll is not None
+        return self._poll.poll(None if timeout is None else math.ceil(timeout * 1000))
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+
+
+class RelayHub:
+    """One thread relaying any number of tunnels.
+
+    :meth:`add` may be called from any thread; everything else about a tunnel happens in
+    the hub's thread, started by the first :meth:`add` (so a process that forks before
+    serving starts its own). :meth:`close` ends the tunnels still open (reason ``"hub
+    closed"``) and stops the thread.
+    """
+
+    def __init__(self, name: str = "relay-hub") -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._incoming: collections.deque[_Entry] = collections.deque()
+        self._sleeping = False
+        self._closing = False
+        self._wake_r = self._wake_w = -1
+        self._poller: _Poller | None = None
+        self._by_fd: dict[int, _Entry] = {}
+        self._live = 0  # tunnels added and not yet ended (read from other threads)
+        self._timers: list[tuple[float, int, _Entry]] = []
+        self._stale = 0
+        self._seq = itertools.count()
+
+    @property
+    def tunnel_count(self) -> int:
+        """Tunnels handed to this hub that have not ended yet."""
+        return self._live
+
+    def add(
+        self,
+        a: socket.socket,
+        b: socket.socket,
+        on_done: OnDone,
+        *,
+        idle_timeout: float | None = None,
+        pending_a_to_b: bytes = b"",
+        mode: str | None = None,
+        buffer_size: int | None = None,
+    ) -> None:
+        """Relay between ``a`` and ``b`` (as :func:`socks5d.relay.relay` would) in the hub.
+
+        Arguments are checked here (ValueError, as ``relay``); from then on the hub owns the
+        tunnel and calls ``on_done(result)`` from its thread when it ends, once. The sockets
+        are made non-blocking; the caller closes them in ``on_done``.
+        """
+        self.start()
+        prepare_sockets(a, b)
+        tunnel = Tunnel(
+            a,
+            b,
+            idle_timeout=idle_timeout,
+            buffer_size=buffer_size,
+            mode=mode,
+            pending_a_to_b=pending_a_to_b,
+            poller=self._poller,
+        )
+        with self._lock:
+            self._live += 1
+        self._incoming.append(_Entry(tunnel, a, b, on_done))
+        # The hub sets _sleeping before it looks at _incoming one last time and then
+        # waits: either it sees this entry, or this sees it asleep and wakes it.
+        if self._sleeping:
+            self._wake()
+
+    def close(self, timeout: float = 5.0) -> int:
+        """End every tunnel still open, stop the thread; returns how many were ended."""
+        with self._lock:
+            self._closing = True
+            thread = self._thread
+        if thread is None:
+            return 0
+        self._wake()
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("%s: thread still running %.1f s after close", self.name, timeout)
+            return self._live
+        ended = self._ended_at_close
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self._poller is not None:
+            self._poller.close()
+        return ended
+
+    # ---- the hub's thread ----
+
+    _ended_at_close = 0
+
+    def start(self) -> None:
+        """Start the thread, if not yet (the first :meth:`add` does it otherwise)."""
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("relay hub is closed")
+            if self._thread is None:
+                self._start()
+
+    def _start(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poller = _Poller()
+        self._poller.register(self._wake_r, select.POLLIN)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+            os.write(self._wake_w, b"\0")
+
+    def _run(self) -> None:
+        poller = self._poller
+        assert poller is not None
+        wake_r = self._wake_r
+        by_fd = self._by_fd
+        incoming = self._incoming
+        while True:
+            while incoming:
+                self._begin(incoming.popleft())
+            if self._closing:
+                break
+            timeout = self._run_timers()
+            self._sleeping = True
+            if incoming or self._closing:
+                self._sleeping = False
+                continue
+            try:
+                events = poller.poll(timeout)
+            finally:
+                self._sleeping = False
+            if len(events) == 1:  # the common case: one socket of one tunnel
+                fd, mask = events[0]
+                entry = by_fd.get(fd)
+                if entry is not None:
+                    self._serve(entry, {fd: mask})
+                elif fd == wake_r:
+                    self._drain_wake()
+                continue
+            ready: dict[_Entry, dict[int, int]] = {}
+            for fd, mask in events:
+                entry = by_fd.get(fd)
+                if entry is None:
+                    if fd == wake_r:
+                        self._drain_wake()
+                    continue
+                revents = ready.get(entry)
+                if revents is None:
+                    ready[entry] = {fd: mask}
+                else:
+                    revents[fd] = mask
+            for entry, revents in ready.items():
+                if entry.tunnel is not None:  # not ended by an earlier one's on_done
+                    self._serve(entry, revents)
+        self._end_all()
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    def _begin(self, entry: _Entry) -> None:
+        tunnel = entry.tunnel
+        assert tunnel is not None
+        for fd in tunnel.fds:
+            self._by_fd[fd] = entry
+        try:
+            result = tunnel.start()
+        except Exception as exc:  # a bug, not the peer: end this tunnel, keep the hub
+            logger.exception("%s: starting a tunnel failed", self.name)
+            result = tunnel.result("abort", f"error: {exc}")
+        self._settle(entry, result)
+
+    def _serve(self, entry: _Entry, revents: dict[int, int]) -> None:
+        tunnel = entry.tunnel
+        assert tunnel is not None
+        try:
+            result = tunnel.serve_events(revents)
+        except Exception as exc:  # a bug, not the peer: end this tunnel, keep the hub
+            logger.exception("%s: relaying failed", self.name)
+            result = tunnel.result("abort", f"error: {exc}")
+        self._settle(entry, result)
+
+    def _settle(self, entry: _Entry, result: RelayResult | None) -> None:
+        """End the tunnel with ``result``, or keep its timer right."""
+        if result is not None:
+            self._end(entry, result)
+            return
+        tunnel = entry.tunnel
+        assert tunnel is not None
+        when = tunnel.next_timer()
+        if when < entry.timer_at:
+            if entry.timer_at != math.inf:
+                self._stale += 1
+            entry.timer_at = when
+            heapq.heappush(self._timers, (when, next(self._seq), entry))
+
+    def _run_timers(self) -> float | None:
+        """Fire the timers that are due; return seconds until the next (None: none)."""
+        timers = self._timers
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            when, _, entry = heapq.heappop(timers)
+            if entry.tunnel is None or when != entry.timer_at:
+                self._stale -= 1
+                continue
+            entry.timer_at = math.inf
+            try:
+                result = entry.tunnel.on_timer(now)
+            except Exception as exc:
+                logger.exception("%s: a tunnel's timer failed", self.name)
+                result = entry.tunnel.result("abort", f"error: {exc}")
+            self._settle(entry, result)
+        if self._stale > len(self._by_fd) + _STALE_SLACK:
+            self._timers = timers = [
+                t for t in timers if t[2].tunnel is not None and t[0] == t[2].timer_at
+            ]
+            heapq.heapify(timers)
+            self._stale = 0
+        if not timers:
+            return None
+        return max(0.0, timers[0][0] - time.monotonic())
+
+    def _end(self, entry: _Entry, result: RelayResult) -> None:
+        tunnel, on_done = entry.tunnel, entry.on_done
+        assert tunnel is not None and on_done is not None
+        entry.tunnel = entry.on_done = None
+        if entry.timer_at != math.inf:
+            self._stale += 1
+        for fd in tunnel.fds:
+            self._by_fd.pop(fd, None)
+        tunnel.close()
+        with self._lock:
+            self._live -= 1
+        log_result(result)
+        try:
+            on_done(result)
+        except Exception:
+            logger.exception("%s: a tunnel's on_done failed", self.name)
+            for sock in (entry.a, entry.b):
+                sock.close()
+
+    def _end_all(self) -> None:
+        """At close: end what is left, open tunnels and ones never begun."""
+        ended = 0
+        for entry in list(self._incoming) + list({id(e): e for e in self._by_fd.values()}.values()):
+            if entry.tunnel is not None:
+                self._end(entry, entry.tunnel.result("abort", "hub closed"))
+                ended += 1
+        self._incoming.clear()
+        self._ended_at_close = ended
+
+
+class HubPool:
+    """Several hubs; each new tunnel goes to the one holding the fewest."""
+
+    def __init__(self, count: int, name: str = "relay-hub") -> None:
+        if count < 1:
+            raise ValueError(f"a hub pool needs at least one hub, not {count}")
+        self.hubs = [RelayHub(f"{name}-{i}") for i in range(count)]
+
+    @property
+    def tunnel_count(self) -> int:
+        return sum(hub.tunnel_count for hub in self.hubs)
+
+    def start(self) -> None:
+        """Start every hub now (their descriptors are then there from the start)."""
+        for hub in self.hubs:
+            hub.start()
+
+    def add(self, a: socket.socket, b: socket.socket, on_done: OnDone, **options: Any) -> None:
+        """As :meth:`RelayHub.add`, on the least loaded hub."""
+        hubs = self.hubs
+        hub = hubs[0] if len(hubs) == 1 else min(hubs, key=_load)
+        hub.add(a, b, on_done, **options)
+
+    def close(self, timeout: float = 5.0) -> int:
+        """Close every hub (within ``timeout`` in all); returns the tunnels ended."""
+        deadline = time.monotonic() + timeout
+        return sum(hub.close(max(0.1, deadline - time.monotonic())) for hub in self.hubs)
+
+
+def _load(hub: RelayHub) -> int:
+    return hub.tunnel_count
