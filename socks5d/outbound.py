@@ -203,12 +203,51 @@ def connect_any(
         if blocking:
             winner.settimeout(None)
         return winner
-    failure = most_informative_failure(racer.failures)
-    tried, total = racer.started, len(candidates)
+    raise connect_failed(racer.failures, racer.started, len(candidates))
+
+
+def connect_failed(failures: Sequence[BaseException], tried: int, total: int) -> ConnectFailed:
+    """The ConnectFailed for a connect where every attempt failed: the most informative
+    failure decides the reply; the reason says how many addresses were tried."""
+    failure = most_informative_failure(failures)
     counted = f"{tried} of {total}" if tried < total else f"{tried}"
     plural = "address" if total == 1 else "addresses"
-    reason = f"{_describe(failure)} ({counted} {plural} tried)"
-    raise ConnectFailed(reply_for_error(failure), reason)
+    return ConnectFailed(
+        reply_for_error(failure), f"{_describe(failure)} ({counted} {plural} tried)"
+    )
+
+
+def start_connect(
+    family: socket.AddressFamily, sockaddr: tuple, outgoing: OutgoingAddresses = ANY_SOURCE
+) -> tuple[socket.socket, bool]:
+    """Start a non-blocking connect from the configured source address.
+
+    Returns the socket and whether it connected at once (else it is in progress: wait for
+    POLLOUT, then read SO_ERROR). Raises OSError, the socket closed, when it failed at once.
+    """
+    # Non-blocking from the start: one syscall fewer than setblocking(False).
+    sock = socket.socket(family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
+    try:
+        if not _SOCK_NONBLOCK:
+            sock.setblocking(False)
+        source = outgoing.for_family(family)
+        if source is not None:
+            if sys.platform == "linux":
+                with contextlib.suppress(OSError):  # an optimisation only
+                    sock.setsockopt(socket.SOL_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+        code = sock.connect_ex(sockaddr)
+    except BaseException:  # bind: EADDRNOTAVAIL; connect_ex raises for a bad address
+        sock.close()
+        raise
+    if code == 0:
+        return sock, True
+    # POSIX: an interrupted connect() goes on asynchronously, as an EINPROGRESS one does.
+    # (Not EAGAIN: for TCP on Linux that means no ephemeral port is left; a failure.)
+    if code in (errno.EINPROGRESS, errno.EINTR):
+        return sock, False
+    sock.close()
+    raise OSError(code, os.strerror(code))
 
 
 class _Race:
@@ -262,35 +301,14 @@ class _Race:
         """Start a non-blocking connect; the socket if it connected at once, else None."""
         self.started += 1
         try:
-            # Non-blocking from the start: one syscall fewer than setblocking(False).
-            sock = socket.socket(family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
-            if not _SOCK_NONBLOCK:
-                sock.setblocking(False)
+            sock, connected = start_connect(family, sockaddr, self.outgoing)
         except OSError as exc:
             self.fail(sockaddr, exc)
             return None
-        try:
-            source = self.outgoing.for_family(family)
-            if source is not None:
-                if sys.platform == "linux":
-                    with contextlib.suppress(OSError):  # an optimisation only
-                        sock.setsockopt(socket.SOL_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((source, 0))
-            code = sock.connect_ex(sockaddr)
-        except OSError as exc:  # bind: EADDRNOTAVAIL; connect_ex raises for a bad address
-            sock.close()
-            self.fail(sockaddr, exc)
-            return None
-        if code == 0:
+        if connected:
             return sock
-        # POSIX: an interrupted connect() goes on asynchronously, as an EINPROGRESS one does.
-        # (Not EAGAIN: for TCP on Linux that means no ephemeral port is left; a failure.)
-        if code in (errno.EINPROGRESS, errno.EINTR):
-            self.in_flight[sock.fileno()] = (sock, sockaddr)
-            self.poller.register(sock, select.POLLOUT)  # POLLERR/POLLHUP are always reported
-            return None
-        sock.close()
-        self.fail(sockaddr, OSError(code, os.strerror(code)))
+        self.in_flight[sock.fileno()] = (sock, sockaddr)
+        self.poller.register(sock, select.POLLOUT)  # POLLERR/POLLHUP are always reported
         return None
 
     def fail(self, sockaddr: tuple, exc: OSError) -> None:
