@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -664,7 +665,10 @@ def test_overload_warning_is_rate_limited_and_overridable(
         with connect(server.server_address) as refused:
             assert refused.recv(64) == b""
         messages = [r.getMessage() for r in server_records(caplog, logging.WARNING)]
-        assert len(messages) == 2 and "refused 5 connection" in messages[1]  # 4 held + 1
+        # The 4 held back and this one: in one warning, or two if the serve loop's
+        # periodic flush ran between the interval change and this connection.
+        later = [int(re.findall(r"refused (\d+) connection", m)[0]) for m in messages[1:]]
+        assert sum(later) == 5 and 1 <= len(later) <= 2
         holder.sendall(b"bye")
         assert recv_all(holder) == b"echo bye"
 
