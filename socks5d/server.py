@@ -105,6 +105,7 @@ class BaseServer:
     - shutdown()      # from any thread, a handler or a signal handler; never deadlocks
     - handle_request()  # if you do not use serve_forever()
     - fileno() -> int   # for the selector
+    - accept_ready(listener)  # accept from a loop of your own (with accept_elsewhere)
 
     Methods that may be overridden:
 
@@ -130,6 +131,9 @@ class BaseServer:
 
     - timeout (for handle_request)
     - overload_log_interval (seconds between "connection limit reached" warnings)
+    - accept_elsewhere (False; True: serve_forever() leaves the listening sockets to
+      another loop that calls accept_ready(), and only waits for shutdown() and runs
+      service_actions())
 
     Instance variables:
 
@@ -143,6 +147,7 @@ class BaseServer:
     max_connections: int | None = None
     max_connections_per_ip: int | None = None
     overload_log_interval: float = 1.0
+    accept_elsewhere: bool = False
 
     def __init__(self, server_address: Any, RequestHandlerClass: type[BaseRequestHandler]) -> None:
         """Constructor. May be extended, do not override."""
@@ -198,7 +203,12 @@ class BaseServer:
                     now = time.monotonic()
                     timeout = poll_interval
                     paused = self._accept_resume_at > now
-                    if paused:
+                    if self.accept_elsewhere:  # another loop accepts (accept_ready)
+                        if listening:
+                            for listener in self.listeners():
+                                selector.unregister(listener)
+                            listening = False
+                    elif paused:
                         # Back-off: stop watching the listening socket (still readable
                         # with the connection we could not accept) but keep the wake-up
                         # socket, so shutdown stays prompt.
@@ -327,6 +337,31 @@ class BaseServer:
             self._accept_failed(exc)
             return
         self._accept_succeeded()
+        self._dispatch(request, client_address)
+
+    def accept_ready(self, listener: Any, limit: int = 16) -> float:
+        """Accept and dispatch up to `limit` queued connections of a readable listener.
+
+        For a loop other than serve_forever() that watches the (non-blocking) listening
+        sockets itself (see accept_elsewhere), from any thread. Returns 0.0, or the
+        time.monotonic() until which accepting is paused after a failure such as EMFILE:
+        stop watching the listener until then, or the loop would spin.
+        """
+        for _ in range(limit):
+            try:
+                request, client_address = self.get_request_from(listener)
+            except BlockingIOError:
+                return 0.0  # drained (or another loop took it)
+            except OSError as exc:
+                self._accept_failed(exc)
+                if self._accept_resume_at > time.monotonic():
+                    return self._accept_resume_at
+                continue
+            self._accept_succeeded()
+            self._dispatch(request, client_address)
+        return 0.0
+
+    def _dispatch(self, request: socket.socket, client_address: Any) -> None:
         if self.verify_request(request, client_address):
             try:
                 self.process_request(request, client_address)
@@ -940,6 +975,36 @@ class ThreadingMixIn(_MixInBase):
         with self._threads_lock:
             self._active_requests[request] = ip
             self._per_ip[ip] += 1
+        try:
+            if self.hand_off_request(request, client_address):
+                return
+        except BaseException:
+            self._untrack_request(request)
+            raise
+        self._start_in_thread(request, client_address)
+
+    def hand_off_request(self, request: socket.socket, client_address: Any) -> bool:
+        """May be overridden: serve the request without a thread of its own.
+
+        Called for each accepted, counted request before it goes to a thread. An override
+        that takes the request calls detach_request() and returns True; later it may give
+        the request back to a thread with resume_in_thread(). The default returns False.
+        """
+        return False
+
+    def resume_in_thread(self, request: socket.socket, client_address: Any) -> None:
+        """Serve a detached request in a handler thread after all (from any thread): the
+        thread runs the handler, then ends the request as usual."""
+        self.reclaim_request(request)
+        try:
+            self._start_in_thread(request, client_address)
+        except BaseException:
+            self._untrack_request(request)
+            self.shutdown_request(request)
+            raise
+
+    def _start_in_thread(self, request: socket.socket, client_address: Any) -> None:
+        with self._threads_lock:
             handover = self._idle.pop() if self._idle else None
         if handover is not None:
             handover.put((request, client_address))
