@@ -109,7 +109,25 @@ DEFAULTS = HandlerSettings()
 
 # canonical_ip on every candidate of every request: cached, as the same few addresses
 # recur and ipaddress parsing costs ~10 us per call.
-_canonical_ip = functools.lru_cache(maxsize=4096)(canonical_ip)
+cached_canonical_ip = functools.lru_cache(maxsize=4096)(canonical_ip)
+
+
+@dataclass(slots=True)
+class Resume:
+    """Where a handshake begun elsewhere (the relay hub's fast path) stands, for a
+    handler thread to carry on from: the start of `stage`, with the bytes read so far.
+
+    Stages: "greeting" (nothing answered yet), "request" (method NO AUTHENTICATION
+    REQUIRED answered), "command" (`request` parsed, nothing answered), "failed"
+    (`request` parsed and its connect failed: send `failure` and close).
+    """
+
+    stage: str
+    buffer: bytes
+    deadline: float
+    session: Session
+    request: Request | None = None
+    failure: ConnectFailed | None = None
 
 
 class ClientGone(Exception):
@@ -202,7 +220,12 @@ class Socks5Handler(BaseRequestHandler):
     def setup(self) -> None:
         self.settings: HandlerSettings = getattr(self.server, "settings", None) or DEFAULTS
         self.client_ip = client_ip(self.client_address)
-        self.session = Session(client=_format_peer(self.client_address))
+        resumes = getattr(self.server, "resumes", None)
+        self.resume: Resume | None = resumes.pop(self.request, None) if resumes else None
+        if self.resume is not None:
+            self.session = self.resume.session
+        else:
+            self.session = Session(client=format_peer(self.client_address))
         self.user: str | None = None  # set once RFC 1929 login succeeded
         self.user_slot = False
         # True once the tunnel went to the server's relay hub: the hub ends it (and logs).
@@ -226,25 +249,28 @@ class Socks5Handler(BaseRequestHandler):
 
     def conclude(self) -> None:
         """The end of every connection: free its user slot, write its access line."""
-        session = self.session
         if self.user_slot and self.user is not None:
             slots = getattr(self.server, "user_slots", None)
             if slots is not None:
                 slots.release(self.user)
-        if session.reply is not Reply.SUCCEEDED:
-            linger_close(self.request)
-        if access_logger.isEnabledFor(logging.INFO):
-            # The record carries the session; the line (or JSON) is built only by
-            # a handler that emits it.
-            access_logger.info("%s", session, extra={"access": session})
+        conclude_session(self.request, self.session)
 
     def serve(self, session: Session) -> None:
         settings = self.settings
         reader = HandshakeReader(self.request, settings.handshake_timeout)
+        resume, stage = self.resume, "greeting"
+        if resume is not None:
+            reader.buffer += resume.buffer
+            reader.deadline = resume.deadline
+            stage = resume.stage
         try:
-            if not self.negotiate(reader, settings.authenticator, session):
+            if stage == "greeting" and not self.negotiate(reader, settings.authenticator, session):
                 return
-            request = reader.read(parse_request, MAX_REQUEST_SIZE)
+            if stage in ("greeting", "request"):
+                request = reader.read(parse_request, MAX_REQUEST_SIZE)
+            else:
+                assert resume is not None and resume.request is not None
+                request = resume.request
         except ProtocolError as exc:
             session.end = f"protocol error: {exc.message}"
             session.closed_by = "proxy"
@@ -254,6 +280,9 @@ class Socks5Handler(BaseRequestHandler):
             return
         session.command = request.command.name
         session.target = str(request.address)
+        if resume is not None and resume.failure is not None:
+            self.fail(reader, session, resume.failure.reply, resume.failure.reason)
+            return
         if self.user is not None and not self.take_user_slot(self.user):
             self.fail(reader, session, Reply.GENERAL_FAILURE, "per-user connection limit")
             return
@@ -341,7 +370,7 @@ class Socks5Handler(BaseRequestHandler):
         host = address.host if address.type is AddressType.DOMAINNAME else None
         allowed: list[SockAddr] = []
         for family, sockaddr in candidates:
-            decision = self.check(command, host, _canonical_ip(sockaddr[0]), address.port)
+            decision = self.check(command, host, cached_canonical_ip(sockaddr[0]), address.port)
             if decision is None or decision.allowed:
                 allowed.append((family, sockaddr))
             elif session.rule == "-":
@@ -371,7 +400,7 @@ class Socks5Handler(BaseRequestHandler):
             self.fail(reader, session, exc.reply, exc.reason)
             return
         try:
-            session.resolved = _format_peer(upstream.getpeername())
+            session.resolved = format_peer(upstream.getpeername())
             bound = Address.from_sockaddr(upstream.getsockname())
             session.egress = str(bound)
             session.reply = Reply.SUCCEEDED
@@ -501,18 +530,15 @@ class Socks5Handler(BaseRequestHandler):
                     pending_a_to_b=pending,
                 )
                 return
-            except RuntimeError:  # the hub closed as the daemon stops: relay here
+            except Exception as exc:  # closed as the daemon stops, or out of descriptors
+                logger.debug("relay hub refused a tunnel (%s): relaying in the thread", exc)
                 self.detached = False
                 self.server.reclaim_request(self.request)  # type: ignore[attr-defined]
         result = relay(self.request, upstream, idle_timeout=idle_timeout, pending_a_to_b=pending)
         self.record(result)
 
     def record(self, result: RelayResult) -> None:
-        session = self.session
-        session.up, session.down = result.a_to_b, result.b_to_a
-        closer = {"a": "client", "b": "target"}.get(result.closed_first, result.closed_first)
-        session.closed_by = closer
-        session.end = f"{closer} {result.reason}"
+        record_relay(self.session, result)
 
     def tunnel_ended(
         self, upstream: socket.socket, finish: Callable[[], None], result: RelayResult
@@ -538,6 +564,24 @@ class Socks5Handler(BaseRequestHandler):
         reader.send_reply(reply)
 
 
+def record_relay(session: Session, result: RelayResult) -> None:
+    """Put a finished tunnel's byte counts and ending into its access record."""
+    session.up, session.down = result.a_to_b, result.b_to_a
+    closer = {"a": "client", "b": "target"}.get(result.closed_first, result.closed_first)
+    session.closed_by = closer
+    session.end = f"{closer} {result.reason}"
+
+
+def conclude_session(client: socket.socket, session: Session) -> None:
+    """Close out a connection that failed before its tunnel (linger), write its line."""
+    if session.reply is not Reply.SUCCEEDED:
+        linger_close(client)
+    if access_logger.isEnabledFor(logging.INFO):
+        # The record carries the session; the line (or JSON) is built only by a handler
+        # that emits it.
+        access_logger.info("%s", session, extra={"access": session})
+
+
 def linger_close(sock: socket.socket, timeout: float = 1.0, limit: int = 65536) -> None:
     """Send FIN, then read and discard what the client still sends, briefly.
 
@@ -558,7 +602,8 @@ def linger_close(sock: socket.socket, timeout: float = 1.0, limit: int = 65536) 
         pass
 
 
-def _format_peer(sockaddr: Any) -> str:
+def format_peer(sockaddr: Any) -> str:
+    """A socket address as the access log writes it."""
     try:
         return str(Address.from_sockaddr(sockaddr))
     except (ValueError, TypeError, IndexError):
