@@ -34,19 +34,24 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .relay import RelayResult, Tunnel, log_result, prepare_sockets
 
-__all__ = ["HubPool", "RelayHub"]
+__all__ = ["HubPool", "RelayHub", "Timer", "Watcher"]
 
 logger = logging.getLogger(__name__)
 
 OnDone = Callable[[RelayResult], None]
 
-# Rebuild the timer heap when it holds this many more stale entries than tunnels (a
-# tunnel that ends or moves its timer earlier leaves its old entry behind).
+# Rebuild the timer heap once more than this many of its entries are stale and they are
+# at least half of it (a tunnel that ends or moves its timer earlier, and a cancelled
+# Timer, leave their old entry behind).
 _STALE_SLACK = 1024
+
+# Several hubs (and worker processes) watch the same listening socket: with
+# EPOLLEXCLUSIVE (Linux 4.5) a new connection wakes one of them, not all.
+_EXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0) if hasattr(select, "epoll") else 0
 
 
 class _Entry:
@@ -62,6 +67,72 @@ class _Entry:
         self.timer_at = math.inf  # the heap entry that counts; inf: none
 
 
+class Watcher(Protocol):
+    """Something other than a tunnel that waits on descriptors in a hub (see watch())."""
+
+    def on_events(self, revents: dict[int, int]) -> None:
+        """Its descriptors are ready (fd -> poll mask); runs in the hub thread."""
+
+    def on_hub_close(self) -> None:
+        """The hub is closing with this still watched: let go of everything."""
+
+
+class Timer:
+    """A call_later() call; cancel() (in the hub's thread) before it fires and it never does."""
+
+    __slots__ = ("callback", "cancelled", "hub")
+
+    def __init__(self, hub: RelayHub, callback: Callable[[], None]) -> None:
+        self.hub = hub
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            # Its heap entry is stale now: counted, so a hub that sets and cancels a
+            # handshake timer per connection compacts its heap instead of growing it.
+            hub = self.hub
+            hub._stale += 1
+            if hub._stale > _STALE_SLACK:
+                hub._compact_timers()
+
+
+class _ListenerWatch:
+    """A listening socket served from a hub: accept() when it is readable."""
+
+    __slots__ = ("accept", "hub", "listener", "timer")
+
+    def __init__(self, hub: RelayHub, listener: Any, accept: Callable[[Any], float]) -> None:
+        self.hub = hub
+        self.listener = listener
+        self.accept = accept
+        self.timer: Timer | None = None
+
+    def on_events(self, revents: dict[int, int]) -> None:
+        paused_until = self.accept(self.listener)
+        if paused_until:
+            # Out of descriptors or the like: the listener stays readable, so stop
+            # watching it until the back-off ends, or the loop would spin.
+            self.hub.unwatch(self.listener.fileno())
+            delay = max(0.0, paused_until - time.monotonic())
+            self.timer = self.hub.call_later(delay, self.resume)
+
+    def resume(self) -> None:
+        self.timer = None
+        self.hub._watch_listener(self)
+
+    def forget(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        with contextlib.suppress(OSError, ValueError):
+            self.hub.unwatch(self.listener.fileno())
+
+    def on_hub_close(self) -> None:
+        self.forget()
+
+
 class _Poller:
     """epoll where there is one, else poll, behind one interface (timeouts in seconds)."""
 
@@ -69,6 +140,7 @@ class _Poller:
         epoll = getattr(select, "epoll", None)
         self._epoll = epoll() if epoll is not None else None
         self._poll = select.poll() if self._epoll is None else None
+        self.exclusive = _EXCLUSIVE if self._epoll is not None else 0
         target: Any = self._epoll if self._epoll is not None else self._poll
         self.register = target.register
         self.modify = target.modify
@@ -98,16 +170,17 @@ class RelayHub:
         self.name = name
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._incoming: collections.deque[_Entry] = collections.deque()
+        self._incoming: collections.deque[_Entry | Callable[[], None]] = collections.deque()
         self._sleeping = False
         self._closing = False
         self._wake_r = self._wake_w = -1
         self._poller: _Poller | None = None
-        self._by_fd: dict[int, _Entry] = {}
+        self._by_fd: dict[int, _Entry | Watcher] = {}
         self._live = 0  # tunnels added and not yet ended (read from other threads)
-        self._timers: list[tuple[float, int, _Entry]] = []
+        self._timers: list[tuple[float, int, _Entry | Timer]] = []
         self._stale = 0
         self._seq = itertools.count()
+        self._listeners: list[_ListenerWatch] = []
 
     @property
     def tunnel_count(self) -> int:
@@ -132,23 +205,114 @@ class RelayHub:
         are made non-blocking; the caller closes them in ``on_done``.
         """
         self.start()
-        prepare_sockets(a, b)
-        tunnel = Tunnel(
+        entry = self._entry(
             a,
             b,
+            on_done,
             idle_timeout=idle_timeout,
-            buffer_size=buffer_size,
-            mode=mode,
             pending_a_to_b=pending_a_to_b,
-            poller=self._poller,
+            mode=mode,
+            buffer_size=buffer_size,
         )
+        try:
+            self._queue(entry)
+        except RuntimeError:
+            with self._lock:
+                self._live -= 1
+            raise
+
+    def add_here(self, a: socket.socket, b: socket.socket, on_done: OnDone, **options: Any) -> None:
+        """:meth:`add` (same options), from the hub's own thread (a watcher's callback):
+        the tunnel starts at once."""
+        self._begin(self._entry(a, b, on_done, **options))
+
+    def _entry(self, a: socket.socket, b: socket.socket, on_done: OnDone, **options: Any) -> _Entry:
+        prepare_sockets(a, b)
+        tunnel = Tunnel(a, b, poller=self._poller, **options)
         with self._lock:
             self._live += 1
-        self._incoming.append(_Entry(tunnel, a, b, on_done))
+        return _Entry(tunnel, a, b, on_done)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in the hub's thread, soon (from any thread)."""
+        self.start()
+        self._queue(callback)
+
+    def _queue(self, item: _Entry | Callable[[], None]) -> None:
+        # Checked and queued in one step: once close() has begun, the thread may already
+        # have ended what it had, and nothing queued later would ever run.
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("relay hub is closed")
+            self._incoming.append(item)
         # The hub sets _sleeping before it looks at _incoming one last time and then
-        # waits: either it sees this entry, or this sees it asleep and wakes it.
+        # waits: either it sees this item, or this sees it asleep and wakes it.
         if self._sleeping:
             self._wake()
+
+    @property
+    def thread_ident(self) -> int | None:
+        """The hub thread's ident, once started."""
+        return self._thread.ident if self._thread is not None else None
+
+    def serve_listeners(self, listeners: list[Any], accept: Callable[[Any], float]) -> None:
+        """Watch non-blocking listening sockets and call ``accept(listener)`` (from the
+        hub's thread) when one is readable. ``accept`` returns 0.0, or a time.monotonic()
+        until which to stop watching (a back-off after EMFILE). From any thread."""
+        self.call_soon(lambda: self._serve_listeners(listeners, accept))
+
+    def _serve_listeners(self, listeners: list[Any], accept: Callable[[Any], float]) -> None:
+        for listener in listeners:
+            watch = _ListenerWatch(self, listener, accept)
+            self._listeners.append(watch)
+            self._watch_listener(watch)
+
+    def _watch_listener(self, watch: _ListenerWatch) -> None:
+        if watch in self._listeners:
+            assert self._poller is not None
+            fd = watch.listener.fileno()
+            self._poller.register(fd, select.POLLIN | self._poller.exclusive)
+            self._by_fd[fd] = watch
+
+    def forget_listeners(self, timeout: float = 2.0) -> None:
+        """Stop watching the listening sockets, before they are closed. From any thread
+        but the hub's; waits (at most ``timeout``) until the hub has let them go."""
+        done = threading.Event()
+
+        def forget() -> None:
+            listeners, self._listeners = self._listeners, []
+            for watch in listeners:
+                watch.forget()
+            done.set()
+
+        try:
+            self.call_soon(forget)
+        except RuntimeError:
+            return  # closed: it watches nothing
+        done.wait(timeout)
+
+    # ---- for watchers, in the hub's thread only ----
+
+    def watch(self, fd: int, mask: int, watcher: Watcher) -> None:
+        """Call ``watcher.on_events`` when ``fd`` is ready for ``mask`` (poll bits)."""
+        assert self._poller is not None
+        self._poller.register(fd, mask)
+        self._by_fd[fd] = watcher
+
+    def rewatch(self, fd: int, mask: int) -> None:
+        assert self._poller is not None
+        self._poller.modify(fd, mask)
+
+    def unwatch(self, fd: int) -> None:
+        if self._by_fd.pop(fd, None) is not None and self._poller is not None:
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                self._poller.unregister(fd)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Call ``callback`` in the hub's thread after ``delay`` seconds, unless cancelled."""
+        timer = Timer(self, callback)
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), timer))
+        return timer
 
     def close(self, timeout: float = 5.0) -> int:
         """End every tunnel still open, stop the thread; returns how many were ended."""
@@ -162,12 +326,16 @@ class RelayHub:
         if thread.is_alive():
             logger.warning("%s: thread still running %.1f s after close", self.name, timeout)
             return self._live
-        ended = self._ended_at_close
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        ended, self._ended_at_close = self._ended_at_close, 0
+        wake_r, wake_w = self._wake_r, self._wake_w
+        self._wake_r = self._wake_w = -1  # a second close() must not touch the numbers
+        for fd in (wake_r, wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         if self._poller is not None:
             self._poller.close()
+            self._poller = None
         return ended
 
     # ---- the hub's thread ----
@@ -190,6 +358,8 @@ class RelayHub:
         self._thread.start()
 
     def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
         with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
             os.write(self._wake_w, b"\0")
 
@@ -201,7 +371,11 @@ class RelayHub:
         incoming = self._incoming
         while True:
             while incoming:
-                self._begin(incoming.popleft())
+                item = incoming.popleft()
+                if isinstance(item, _Entry):
+                    self._begin(item)
+                else:
+                    self._call(item)
             if self._closing:
                 break
             timeout = self._run_timers()
@@ -216,12 +390,14 @@ class RelayHub:
             if len(events) == 1:  # the common case: one socket of one tunnel
                 fd, mask = events[0]
                 entry = by_fd.get(fd)
-                if entry is not None:
+                if isinstance(entry, _Entry):
                     self._serve(entry, {fd: mask})
+                elif entry is not None:
+                    self._notify(entry, {fd: mask})
                 elif fd == wake_r:
                     self._drain_wake()
                 continue
-            ready: dict[_Entry, dict[int, int]] = {}
+            ready: dict[_Entry | Watcher, dict[int, int]] = {}
             for fd, mask in events:
                 entry = by_fd.get(fd)
                 if entry is None:
@@ -234,7 +410,9 @@ class RelayHub:
                 else:
                     revents[fd] = mask
             for entry, revents in ready.items():
-                if entry.tunnel is not None:  # not ended by an earlier one's on_done
+                if not isinstance(entry, _Entry):
+                    self._notify(entry, revents)
+                elif entry.tunnel is not None:  # not ended by an earlier one's on_done
                     self._serve(entry, revents)
         self._end_all()
 
@@ -242,6 +420,18 @@ class RelayHub:
         with contextlib.suppress(OSError):
             while os.read(self._wake_r, 4096):
                 pass
+
+    def _call(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            logger.exception("%s: a callback failed", self.name)
+
+    def _notify(self, watcher: Watcher, revents: dict[int, int]) -> None:
+        try:
+            watcher.on_events(revents)
+        except Exception:
+            logger.exception("%s: a watcher failed", self.name)
 
     def _begin(self, entry: _Entry) -> None:
         tunnel = entry.tunnel
@@ -285,6 +475,14 @@ class RelayHub:
         now = time.monotonic()
         while timers and timers[0][0] <= now:
             when, _, entry = heapq.heappop(timers)
+            if isinstance(entry, Timer):
+                if entry.cancelled:
+                    self._stale -= 1
+                else:
+                    entry.cancelled = True  # fired: a late cancel() is not stale
+                    self._call(entry.callback)
+                continue
+            assert isinstance(entry, _Entry)
             if entry.tunnel is None or when != entry.timer_at:
                 self._stale -= 1
                 continue
@@ -295,15 +493,20 @@ class RelayHub:
                 logger.exception("%s: a tunnel's timer failed", self.name)
                 result = entry.tunnel.result("abort", f"error: {exc}")
             self._settle(entry, result)
-        if self._stale > len(self._by_fd) + _STALE_SLACK:
-            self._timers = timers = [
-                t for t in timers if t[2].tunnel is not None and t[0] == t[2].timer_at
-            ]
-            heapq.heapify(timers)
-            self._stale = 0
+        if self._stale > _STALE_SLACK:
+            self._compact_timers()
+            timers = self._timers
         if not timers:
             return None
         return max(0.0, timers[0][0] - time.monotonic())
+
+    def _compact_timers(self) -> None:
+        """Drop the heap's stale entries, once they outnumber the live ones."""
+        if self._stale <= len(self._timers) // 2:
+            return  # mostly live: compacting now would cost more than it frees
+        self._timers = [t for t in self._timers if _pending(t)]
+        heapq.heapify(self._timers)
+        self._stale = 0
 
     def _end(self, entry: _Entry, result: RelayResult) -> None:
         tunnel, on_done = entry.tunnel, entry.on_done
@@ -325,13 +528,27 @@ class RelayHub:
                 sock.close()
 
     def _end_all(self) -> None:
-        """At close: end what is left, open tunnels and ones never begun."""
+        """At close: end what is left, open tunnels and ones never begun; let watchers go."""
         ended = 0
-        for entry in list(self._incoming) + list({id(e): e for e in self._by_fd.values()}.values()):
-            if entry.tunnel is not None:
-                self._end(entry, entry.tunnel.result("abort", "hub closed"))
-                ended += 1
-        self._incoming.clear()
+        while self._incoming:
+            item = self._incoming.popleft()
+            if isinstance(item, _Entry):
+                if item.tunnel is not None:
+                    self._end(item, item.tunnel.result("abort", "hub closed"))
+                    ended += 1
+            else:
+                self._call(item)  # (a watcher it starts is let go below)
+        for entry in list({id(e): e for e in self._by_fd.values()}.values()):
+            if isinstance(entry, _Entry):
+                if entry.tunnel is not None:
+                    self._end(entry, entry.tunnel.result("abort", "hub closed"))
+                    ended += 1
+            else:
+                try:
+                    entry.on_hub_close()
+                except Exception:
+                    logger.exception("%s: a watcher failed to close", self.name)
+        self._by_fd.clear()
         self._ended_at_close = ended
 
 
@@ -352,16 +569,48 @@ class HubPool:
         for hub in self.hubs:
             hub.start()
 
+    def current(self) -> RelayHub | None:
+        """The hub whose thread this is, if any."""
+        ident = threading.get_ident()
+        for hub in self.hubs:
+            if hub.thread_ident == ident:
+                return hub
+        return None
+
+    def serve_listeners(self, listeners: list[Any], accept: Callable[[Any], float]) -> None:
+        """Every hub accepts from the listeners (one per connection, by EPOLLEXCLUSIVE);
+        only the first without epoll, whose poll would wake them all."""
+        hubs = self.hubs if _EXCLUSIVE else self.hubs[:1]
+        for hub in hubs:
+            hub.serve_listeners(listeners, accept)
+
+    def forget_listeners(self, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        for hub in self.hubs:
+            hub.forget_listeners(max(0.1, deadline - time.monotonic()))
+
+    def pick(self) -> RelayHub:
+        """The hub holding the fewest tunnels."""
+        hubs = self.hubs
+        return hubs[0] if len(hubs) == 1 else min(hubs, key=_load)
+
     def add(self, a: socket.socket, b: socket.socket, on_done: OnDone, **options: Any) -> None:
         """As :meth:`RelayHub.add`, on the least loaded hub."""
-        hubs = self.hubs
-        hub = hubs[0] if len(hubs) == 1 else min(hubs, key=_load)
-        hub.add(a, b, on_done, **options)
+        self.pick().add(a, b, on_done, **options)
 
     def close(self, timeout: float = 5.0) -> int:
         """Close every hub (within ``timeout`` in all); returns the tunnels ended."""
         deadline = time.monotonic() + timeout
         return sum(hub.close(max(0.1, deadline - time.monotonic())) for hub in self.hubs)
+
+
+def _pending(timer: tuple[float, int, _Entry | Timer]) -> bool:
+    """Whether a heap entry may still fire (not stale, not cancelled, not ended)."""
+    when, _, item = timer
+    if isinstance(item, Timer):
+        return not item.cancelled
+    assert isinstance(item, _Entry)
+    return item.tunnel is not None and when == item.timer_at
 
 
 def _load(hub: RelayHub) -> int:
