@@ -24,7 +24,8 @@ from typing import Any
 from . import systemd
 from .auth import FailedLoginBackoff
 from .config import Config, ConfigError, apply_overrides, load_config
-from .handler import HandlerSettings, Socks5Handler
+from .fastpath import FastHandshake
+from .handler import HandlerSettings, Resume, Socks5Handler
 from .hub import HubPool
 from .limits import UserSlots
 from .logs import configure_logging
@@ -46,6 +47,29 @@ class SocksServerMixIn:
     # Threading mode: the loops that relay established tunnels (None: each handler
     # thread relays its own). Made in the serving process, after any fork.
     relay_hub: HubPool | None = None
+    # Handshakes the hub began and gave to a thread: request -> where to carry on.
+    resumes: dict[Any, Resume] | None = None
+
+    def hand_off_request(self, request: Any, client_address: Any) -> bool:
+        """Threading mode with relay hubs: the handshake starts in a hub (fastpath)."""
+        pool = self.relay_hub
+        if pool is None:
+            return False
+        if self.resumes is None:
+            self.resumes = {}
+        finish = self.detach_request(request)  # type: ignore[attr-defined]
+        try:
+            here = pool.current()
+            if here is not None:  # accepted by a hub (accept_elsewhere): begin right here
+                FastHandshake(self, here, request, client_address, finish).begin()
+                return True
+            hub = pool.pick()
+            hub.call_soon(FastHandshake(self, hub, request, client_address, finish).begin)
+        except Exception as exc:  # the hub is closed (the daemon is stopping), or worse
+            logger.debug("relay hub refused a handshake (%s): a thread serves it", exc)
+            self.reclaim_request(request)  # type: ignore[attr-defined]
+            return False
+        return True
 
     def service_actions(self) -> None:
         super().service_actions()  # type: ignore[misc]
@@ -82,6 +106,17 @@ SERVER_CLASSES: dict[str, type[SocksServer]] = {
     "threading": ThreadingSocksServer,
     "forking": ForkingSocksServer,
 }
+
+
+def attach_relay_hubs(server: ThreadingSocksServer, count: int) -> HubPool:
+    """Give a threading server `count` relay hubs that accept, run the common handshake
+    (fastpath) and relay; the serving loop then only waits for shutdown()."""
+    pool = HubPool(count)
+    pool.start()
+    server.relay_hub = pool
+    server.accept_elsewhere = True
+    pool.serve_listeners(server.listeners(), server.accept_ready)
+    return pool
 
 
 def apply_logging(config: Config) -> None:
@@ -227,11 +262,12 @@ class Daemon:
         """Threading mode: the relay threads, in the process that serves (after a fork)."""
         relay_threads = self.config.server.relay_threads
         if isinstance(server, ThreadingSocksServer) and relay_threads and not server.relay_hub:
-            server.relay_hub = HubPool(relay_threads)
-            server.relay_hub.start()
+            attach_relay_hubs(server, relay_threads)
 
     def _close(self, server: SocksServer) -> None:
         """Graceful stop: refuse new clients now, let open ones finish, cut the rest."""
+        if server.relay_hub is not None:
+            server.relay_hub.forget_listeners()  # before the sockets close
         server.stop_listening()
         grace = self.config.timeouts.shutdown_grace
         active = server.active_count

@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 from clients import TIMEOUT
+from streams import needs_splice
 
 from socks5d.auth import Authenticator
 from socks5d.config import User
-from socks5d.daemon import SERVER_CLASSES, ThreadingSocksServer
+from socks5d.daemon import SERVER_CLASSES, ThreadingSocksServer, attach_relay_hubs
 from socks5d.handler import HandlerSettings, Socks5Handler
-from socks5d.hub import HubPool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,8 +172,7 @@ def running_proxy(
         **settings,
     )
     if relay_threads and isinstance(server, ThreadingSocksServer):
-        server.relay_hub = HubPool(relay_threads)
-        server.relay_hub.start()
+        attach_relay_hubs(server, relay_threads)  # as the daemon does
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
     thread.start()
     try:
@@ -181,10 +180,18 @@ def running_proxy(
     finally:
         server.shutdown()
         thread.join(TIMEOUT)
+        if server.relay_hub is not None:
+            server.relay_hub.forget_listeners()
         server.abort_active_requests()
         server.server_close()
         if server.relay_hub is not None:
             server.relay_hub.close()
+
+
+@pytest.fixture(params=[pytest.param("splice", marks=needs_splice), "copy"])
+def mode(request: pytest.FixtureRequest) -> str:
+    """Each way of moving bytes; the tests assert that the tunnel really used it."""
+    return str(request.param)
 
 
 @pytest.fixture(params=["threading", "forking"])

@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -33,35 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from streams import (
+    MiB,
+    Worker,
+    needs_proc_fd,
+    needs_splice,
+    open_fds,
+    send_and_shut,
+    sha256_of_stream,
+)
 
 from socks5d import relay as relay_module
-from socks5d.relay import SPLICE_AVAILABLE, RelayResult, relay
+from socks5d.relay import RelayResult, relay
 
 TIMEOUT = 10.0  # upper bound for any single wait; a healthy run never comes close
-MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
-
-needs_splice = pytest.mark.skipif(
-    not SPLICE_AVAILABLE, reason="os.splice is Linux-only (Python >= 3.10): only copy runs here"
-)
-needs_proc_fd = pytest.mark.skipif(
-    not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc/self/fd"
-)
-
-
-@pytest.fixture(params=[pytest.param("splice", marks=needs_splice), "copy"])
-def mode(request: pytest.FixtureRequest) -> str:
-    """Each way of moving bytes; the tests assert that the tunnel really used it."""
-    return str(request.param)
-
-
-def open_fds() -> dict[int, str]:
-    """This process's descriptors and what they point at (``pipe:[...]``, ``socket:[...]``)."""
-    fds = {}
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the listing's own descriptor, gone by now
-            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-    return fds
 
 
 def open_pipes() -> set[tuple[int, str]]:
@@ -121,44 +106,6 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
         assert chunk, f"EOF after {len(buf)} of {n} bytes"
         buf += chunk
     return bytes(buf)
-
-
-def sha256_of_stream(sock: socket.socket) -> tuple[str, int]:
-    h = hashlib.sha256()
-    total = 0
-    while chunk := sock.recv(MiB):
-        h.update(chunk)
-        total += len(chunk)
-    return h.hexdigest(), total
-
-
-class Worker(threading.Thread):
-    """A daemon thread that keeps its target's return value or exception."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        super().__init__(daemon=True)
-        self._call = (fn, args, kwargs)
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        fn, args, kwargs = self._call
-        try:
-            self.value = fn(*args, **kwargs)
-        except BaseException as exc:
-            self.error = exc
-
-    def result(self, timeout: float = TIMEOUT) -> Any:
-        self.join(timeout)
-        assert not self.is_alive(), f"{self._call[0].__name__} still running after {timeout}s"
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-def send_and_shut(sock: socket.socket, data: bytes) -> None:
-    sock.sendall(data)
-    sock.shutdown(socket.SHUT_WR)
 
 
 class Tunnel:

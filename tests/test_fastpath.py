@@ -1,0 +1,269 @@
+"""Tests for socks5d.fastpath: the handshake run inside a relay hub.
+
+The common case (no login, CONNECT to an IP literal the rules allow, a connect that
+succeeds) must never reach a handler thread; everything else must reach one at the right
+stage and get exactly the reply and access line the threaded handler gives. Each test
+wraps the server's ``resume_in_thread`` to see which stage (if any) a connection was
+handed over at. Real sockets on loopback; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from clients import (
+    TIMEOUT,
+    closed_port,
+    connect_through,
+    open_tunnel,
+    read_reply,
+    recv_all,
+    recv_exactly,
+    wait_until,
+)
+from conftest import RunningProxy, TargetServer, ipv6_available, running_proxy
+
+from socks5d.config import User
+from socks5d.protocol import (
+    Address,
+    AddressType,
+    Command,
+    Method,
+    Reply,
+    encode_greeting,
+    encode_request,
+)
+from socks5d.rules import Policy
+
+ACCESS = "socks5d.access"
+
+
+class HandOverLog:
+    """Wraps a server's resume_in_thread: the stages its connections were handed at."""
+
+    def __init__(self, server: Any) -> None:
+        self.stages: list[str] = []
+        original = server.resume_in_thread
+
+        def resume_in_thread(request: socket.socket, client_address: Any) -> None:
+            self.stages.append(server.resumes[request].stage)
+            original(request, client_address)
+
+        server.resume_in_thread = resume_in_thread
+
+
+@pytest.fixture
+def fast_proxy(request: pytest.FixtureRequest) -> Iterator[tuple[RunningProxy, HandOverLog]]:
+    settings = getattr(request, "param", {})
+    with running_proxy(relay_threads=1, **settings) as proxy:
+        yield proxy, HandOverLog(proxy.server)
+
+
+def ipv4(port: int) -> Address:
+    return Address(AddressType.IPV4, "127.0.0.1", port)
+
+
+def access_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == ACCESS]
+
+
+def one_access_record(caplog: pytest.LogCaptureFixture) -> Any:
+    """The session of the one access line, once it is written (bounded wait)."""
+    assert wait_until(lambda: len(access_records(caplog)) >= 1), "no access line"
+    records = access_records(caplog)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    return records[0].access  # type: ignore[attr-defined]
+
+
+# ---- the fast path itself ----
+
+
+def test_ipv4_connect_is_served_in_the_hub_without_a_thread(
+    fast_proxy: tuple[RunningProxy, HandOverLog],
+    echo_target: TargetServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    proxy, handed = fast_proxy
+    with connect_through(proxy.address, ipv4(echo_target.port)) as client:
+        client.sendall(b"ping" * 1000)
+        assert recv_exactly(client, 4000) == b"ping" * 1000
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+    session = one_access_record(caplog)
+    assert handed.stages == []
+    assert session.reply is Reply.SUCCEEDED
+    assert session.command == "CONNECT"
+    assert session.target == f"127.0.0.1:{echo_target.port}"
+    assert (session.up, session.down) == (4000, 4000)
+    server: Any = proxy.server
+    assert wait_until(lambda: server.active_count == 0)
+
+
+@pytest.mark.skipif(not ipv6_available(), reason="needs IPv6 on loopback (::1)")
+def test_ipv6_literal_connect_is_served_in_the_hub(
+    target_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = target_factory(host="::1")
+    with running_proxy(relay_threads=1) as proxy:
+        handed = HandOverLog(proxy.server)
+        sock, reply, bound = open_tunnel(
+            proxy.address, Address(AddressType.IPV6, "::1", target.port)
+        )
+        with sock:
+            assert reply == Reply.SUCCEEDED
+            assert bound.type is AddressType.IPV6 and bound.host == "::1"
+            sock.sendall(b"six")
+            assert recv_exactly(sock, 3) == b"six"
+        assert handed.stages == []
+
+
+def test_greeting_request_and_data_in_one_segment_arrive_in_order(
+    fast_proxy: tuple[RunningProxy, HandOverLog], echo_target: TargetServer
+) -> None:
+    proxy, handed = fast_proxy
+    with socket.create_connection(proxy.address, timeout=TIMEOUT) as client:
+        client.sendall(
+            encode_greeting([Method.NO_AUTHENTICATION_REQUIRED])
+            + encode_request(Command.CONNECT, ipv4(echo_target.port))
+            + b"early bytes"
+        )
+        assert recv_exactly(client, 2) == b"\x05\x00"
+        reply, bound = read_reply(client)
+        assert reply == Reply.SUCCEEDED and bound.host == "127.0.0.1" and bound.port > 0
+        assert recv_exactly(client, 11) == b"early bytes"
+    assert handed.stages == []
+
+
+def test_a_handshake_sent_byte_by_byte_is_reassembled(
+    fast_proxy: tuple[RunningProxy, HandOverLog], echo_target: TargetServer
+) -> None:
+    proxy, handed = fast_proxy
+    with socket.create_connection(proxy.address, timeout=TIMEOUT) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        greeting = encode_greeting([Method.NO_AUTHENTICATION_REQUIRED])
+        for byte in greeting:
+            client.sendall(bytes([byte]))
+        assert recv_exactly(client, 2) == b"\x05\x00"
+        for byte in encode_request(Command.CONNECT, ipv4(echo_target.port)):
+            client.sendall(bytes([byte]))
+        reply, _ = read_reply(client)
+        assert reply == Reply.SUCCEEDED
+        client.sendall(b"x")
+        assert recv_exactly(client, 1) == b"x"
+    assert handed.stages == []
+
+
+# ---- handed to a thread at the right stage, with the handler's own answers ----
+
+
+def test_a_login_is_handed_over_at_the_greeting_and_succeeds(echo_target: TargetServer) -> None:
+    with running_proxy(relay_threads=1, users=(User("ann", "secret"),)) as proxy:
+        handed = HandOverLog(proxy.server)
+        with connect_through(proxy.address, ipv4(echo_target.port), (b"ann", b"secret")) as c:
+            c.sendall(b"auth")
+            assert recv_exactly(c, 4) == b"auth"
+        assert handed.stages == ["greeting"]
+
+
+def test_a_domain_name_is_handed_over_at_the_command_and_resolved_there(
+    fast_proxy: tuple[RunningProxy, HandOverLog], echo_target: TargetServer
+) -> None:
+    proxy, handed = fast_proxy
+    target = Address(AddressType.DOMAINNAME, "localhost", echo_target.port)
+    sock, reply, _ = open_tunnel(proxy.address, target)
+    with sock:
+        assert reply == Reply.SUCCEEDED
+        sock.sendall(b"name")
+        assert recv_exactly(sock, 4) == b"name"
+    assert handed.stages == ["command"]
+
+
+@pytest.mark.parametrize(
+    "fast_proxy", [{"policy": Policy(default_allow=False, protect_private=False)}], indirect=True
+)
+def test_a_denied_destination_gets_reply_02_from_the_handler(
+    fast_proxy: tuple[RunningProxy, HandOverLog],
+    echo_target: TargetServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    proxy, handed = fast_proxy
+    sock, reply, _ = open_tunnel(proxy.address, ipv4(echo_target.port))
+    with sock:
+        assert reply == Reply.CONNECTION_NOT_ALLOWED
+        assert recv_all(sock) == b""
+    assert handed.stages == ["command"]
+    assert one_access_record(caplog).reply is Reply.CONNECTION_NOT_ALLOWED
+
+
+def test_a_refused_connect_gets_reply_05_once(
+    fast_proxy: tuple[RunningProxy, HandOverLog], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    proxy, handed = fast_proxy
+    sock, reply, _ = open_tunnel(proxy.address, ipv4(closed_port()))
+    with sock:
+        assert reply == Reply.CONNECTION_REFUSED
+        assert recv_all(sock) == b""
+    assert handed.stages == ["failed"]
+    session = one_access_record(caplog)
+    assert session.reply is Reply.CONNECTION_REFUSED
+
+
+def test_a_wrong_version_is_closed_cleanly_by_the_handler(
+    fast_proxy: tuple[RunningProxy, HandOverLog],
+) -> None:
+    proxy, handed = fast_proxy
+    with socket.create_connection(proxy.address, timeout=TIMEOUT) as client:
+        client.sendall(b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00")  # a SOCKS4 request
+        assert recv_all(client) == b""
+    assert handed.stages == ["greeting"]
+    server: Any = proxy.server
+    assert wait_until(lambda: server.active_count == 0)
+
+
+def test_eof_inside_the_greeting_is_handed_over_and_closed(
+    fast_proxy: tuple[RunningProxy, HandOverLog],
+) -> None:
+    proxy, handed = fast_proxy
+    with socket.create_connection(proxy.address, timeout=TIMEOUT) as client:
+        client.sendall(b"\x05\x02")  # two methods announced, none sent
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+    assert handed.stages == ["greeting"]
+    server: Any = proxy.server
+    assert wait_until(lambda: server.active_count == 0)
+
+
+@pytest.mark.parametrize("fast_proxy", [{"handshake_timeout": 0.3}], indirect=True)
+def test_a_silent_client_times_out_through_the_handler(
+    fast_proxy: tuple[RunningProxy, HandOverLog], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    proxy, handed = fast_proxy
+    with socket.create_connection(proxy.address, timeout=TIMEOUT) as client:
+        client.sendall(b"\x05")  # then nothing
+        assert recv_all(client) == b""
+    assert handed.stages == ["greeting"]
+    assert one_access_record(caplog).end == "handshake timeout"
+
+
+def test_closing_the_hub_ends_a_handshake_in_progress(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    with running_proxy(relay_threads=1) as proxy:
+        server: Any = proxy.server
+        with socket.create_connection(proxy.address, timeout=TIMEOUT) as client:
+            client.sendall(encode_greeting([Method.NO_AUTHENTICATION_REQUIRED]))
+            assert recv_exactly(client, 2) == b"\x05\x00"  # now waiting for the request
+            server.relay_hub.forget_listeners()
+            server.relay_hub.close(TIMEOUT)
+            assert recv_all(client) == b""
+        session = one_access_record(caplog)
+        assert session.end == "stopped during the handshake"
+        assert session.closed_by == "proxy"
+        assert wait_until(lambda: server.active_count == 0)
