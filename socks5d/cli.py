@@ -69,8 +69,14 @@ class ConfigProblem(click.ClickException):
 @click.option(
     "--relay-threads",
     metavar="N|auto",
-    help="Threading mode: threads relaying open tunnels, 0 = each in its client's thread."
-    "  [default: auto, one per CPU]",
+    help="Threading mode: event loops that accept, handshake and relay (0: a thread per"
+    " connection does it all; auto: one per CPU).  [default: 1]",
+)
+@click.option(
+    "--socket-buffer",
+    metavar="BYTES|auto",
+    help="SO_SNDBUF/SO_RCVBUF of tunnel sockets (0: kernel autotuning; auto: 512 KiB for"
+    " loopback peers only).  [default: auto]",
 )
 @click.option(
     "--mode",
@@ -125,6 +131,7 @@ def main(
     outgoing: tuple[str, ...],
     workers: str | None,
     relay_threads: str | None,
+    socket_buffer: str | None,
     mode: str | None,
     config_path: str | None,
     users: tuple[str, ...],
@@ -149,6 +156,7 @@ def main(
         "server_mode": mode,
         "server_workers": workers,
         "server_relay_threads": relay_threads,
+        "server_socket_buffer": socket_buffer,
         "server_allow_open": allow_open,
         "server_run_as_user": run_as_user,
         "server_run_as_group": run_as_group,

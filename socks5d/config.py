@@ -53,9 +53,13 @@ class ServerConfig:
     run_as_user: str = ""  # "": keep the user we were started as
     run_as_group: str = ""  # "": the primary group of run_as_user
     workers: int = 1  # processes accepting on the same sockets; "auto" in the file = CPUs
-    # Threads that relay established tunnels in threading mode ("auto" = CPUs); 0 relays
-    # each tunnel in its handler thread instead.
-    relay_threads: int = field(default_factory=_cpu_count)
+    # Event-loop threads of threading mode ("auto" = CPUs); 0: a handler thread per
+    # connection does everything. One by default: loops in one process share the GIL, and
+    # a second one halved short-connection rate (bench/); --workers uses more cores.
+    relay_threads: int = 1
+    # SO_SNDBUF/SO_RCVBUF of tunnel sockets in bytes; 0: the kernel's autotuning; "auto":
+    # a fixed size for loopback peers only (see socks5d.relay.socket_buffer_for).
+    socket_buffer: int | str = "auto"
 
     @property
     def listen_addresses(self) -> tuple[tuple[str, int], ...]:
@@ -424,6 +428,19 @@ def _relay_threads(value: Any) -> int:
     return _integer(0, 256)(value)
 
 
+def _socket_buffer(value: Any) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str):
+        if not value.isdigit():
+            raise ValueError(f'must be a number of bytes or "auto", got {value!r}')
+        value = int(value)  # from the command line
+    size: int = _integer(0, 64 * 1024 * 1024)(value)
+    if 0 < size < 4096:
+        raise ValueError(f"must be 0 (the kernel's autotuning) or at least 4096, got {size}")
+    return size
+
+
 def _workers(value: Any) -> int:
     if value == "auto":
         return os.cpu_count() or 1
@@ -446,6 +463,7 @@ SERVER_KEYS: dict[str, Callable[[Any], Any]] = {
     "backlog": _integer(1, 65535),
     "workers": _workers,
     "relay_threads": _relay_threads,
+    "socket_buffer": _socket_buffer,
     "outgoing_address": _outgoing,
     "allow_open": _boolean,
     "run_as_user": _account,

@@ -31,6 +31,7 @@ from .handler import (
     conclude_session,
     format_peer,
     record_relay,
+    size_tunnel_buffers,
 )
 from .hub import RelayHub, Timer
 from .outbound import ConnectFailed, connect_failed, start_connect
@@ -279,6 +280,9 @@ class FastHandshake:
             self.close_out()
             return
         self.upstream = None  # the tunnel's now
+        size_tunnel_buffers(
+            self.settings, self.client, self.client_address, upstream, request.address.host
+        )
         self.hub.add_here(
             self.client,
             upstream,

@@ -54,7 +54,7 @@ from .protocol import (
     parse_request,
     parse_username_password,
 )
-from .relay import RelayResult, relay
+from .relay import RelayResult, fix_socket_buffers, relay, socket_buffer_for
 from .rules import Decision, Policy
 from .server import BaseRequestHandler, client_ip
 from .session import Session
@@ -82,6 +82,7 @@ class HandlerSettings:
     outgoing: OutgoingAddresses = ANY_SOURCE
     resolver: Resolver = system_resolver
     policy: Policy | None = None  # None: every destination allowed (tests, embedding)
+    socket_buffer: int | str = "auto"  # server.socket_buffer (see relay.socket_buffer_for)
 
     @classmethod
     def from_config(
@@ -102,6 +103,7 @@ class HandlerSettings:
                 config.server.outgoing_for(4), config.server.outgoing_for(6)
             ),
             policy=Policy.from_config(config, listening),
+            socket_buffer=config.server.socket_buffer,
         )
 
 
@@ -515,6 +517,7 @@ class Socks5Handler(BaseRequestHandler):
         """
         pending = bytes(reader.buffer)
         reader.buffer.clear()
+        size_tunnel_buffers(self.settings, self.request, self.client_address, upstream, None)
         idle_timeout = self.settings.idle_timeout
         hub = getattr(self.server, "relay_hub", None)
         detach = getattr(self.server, "detach_request", None)
@@ -562,6 +565,27 @@ class Socks5Handler(BaseRequestHandler):
         session.end = reason
         session.closed_by = "proxy"
         reader.send_reply(reply)
+
+
+def size_tunnel_buffers(
+    settings: HandlerSettings,
+    client: socket.socket,
+    client_address: Any,
+    upstream: socket.socket,
+    upstream_ip: str | None,
+) -> None:
+    """Fix the socket buffers of a new tunnel as server.socket_buffer says, each by its
+    peer (``upstream_ip`` None: asked of the socket)."""
+    setting = settings.socket_buffer
+    if setting == 0:
+        return
+    fix_socket_buffers(client, socket_buffer_for(setting, client_ip(client_address)))
+    if upstream_ip is None:
+        try:
+            upstream_ip = str(upstream.getpeername()[0])
+        except OSError:
+            return  # reset already: the relay will see it
+    fix_socket_buffers(upstream, socket_buffer_for(setting, upstream_ip))
 
 
 def record_relay(session: Session, result: RelayResult) -> None:

@@ -72,17 +72,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "LOCAL_SOCKET_BUFFER",
     "MODES",
     "RELEASE_AFTER",
     "SPLICE_AVAILABLE",
     "RelayResult",
     "Tunnel",
+    "fix_socket_buffers",
     "get_default_mode",
     "log_result",
     "prepare_sockets",
     "relay",
     "restore_timeouts",
     "set_default_mode",
+    "socket_buffer_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -771,6 +774,36 @@ def prepare_sockets(*socks: socket.socket) -> list[tuple[socket.socket, float | 
     for sock, _ in saved:
         sock.setblocking(False)
     return saved
+
+
+# SO_SNDBUF/SO_RCVBUF for a socket whose peer is on this host (server.socket_buffer =
+# "auto"); the kernel doubles it. Measured with bench/run.py on loopback: single-stream
+# throughput +50-60% over autotuned buffers, which grow to megabytes and push the data
+# out of the CPU cache between the writer's copy and the reader's.
+LOCAL_SOCKET_BUFFER = 512 * 1024
+
+
+def socket_buffer_for(setting: int | str, peer_ip: str) -> int:
+    """The buffer size to fix on a socket to ``peer_ip``; 0: leave the kernel's autotuning.
+
+    ``setting`` is ``server.socket_buffer``: a size for every socket, 0 for none, or
+    ``"auto"``: :data:`LOCAL_SOCKET_BUFFER` for loopback peers only. Over a real network
+    a fixed buffer caps the TCP window (1 MiB at 100 ms is 80 Mbit/s), so autotuning,
+    which grows it to the path's needs, stays for those.
+    """
+    if setting != "auto":
+        return int(setting)
+    if peer_ip.startswith(("127.", "::ffff:127.")) or peer_ip == "::1":
+        return LOCAL_SOCKET_BUFFER
+    return 0
+
+
+def fix_socket_buffers(sock: socket.socket, size: int) -> None:
+    """Set SO_SNDBUF and SO_RCVBUF to ``size`` (nothing for 0); best effort."""
+    if size:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def restore_timeouts(saved: list[tuple[socket.socket, float | None]]) -> None:

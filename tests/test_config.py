@@ -522,3 +522,29 @@ def test_run_as_group_from_the_file_is_fine_with_the_user_from_a_flag():
 def test_unknown_override_key_is_a_programming_error():
     with pytest.raises(TypeError, match="server_colour"):
         apply_overrides(Config(), server_colour="blue")
+
+
+def test_relay_threads_and_socket_buffer_defaults_and_values(tmp_path):
+    assert (Config().server.relay_threads, Config().server.socket_buffer) == (1, "auto")
+    path = write(tmp_path, "[server]\nrelay_threads = 0\nsocket_buffer = 65536\n")
+    server = load_config(path).server
+    assert (server.relay_threads, server.socket_buffer) == (0, 65536)
+    assert load_config(write(tmp_path, "[server]\nsocket_buffer = 0\n")).server.socket_buffer == 0
+    flags = apply_overrides(Config(), server_socket_buffer="262144", server_relay_threads="3")
+    assert (flags.server.socket_buffer, flags.server.relay_threads) == (262144, 3)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("socket_buffer = 12", "server.socket_buffer: must be 0 (the kernel's autotuning) or at"),
+        ("socket_buffer = -1", "server.socket_buffer: must be between 0 and 67108864, got -1"),
+        ('socket_buffer = "big"', 'server.socket_buffer: must be a number of bytes or "auto"'),
+        ("socket_buffer = 1.5", "server.socket_buffer: must be an integer, got float 1.5"),
+        ("relay_threads = 999", "server.relay_threads: must be between 0 and 256, got 999"),
+    ],
+)
+def test_bad_relay_keys_name_the_key_and_problem(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, f"[server]\n{text}\n"))
+    assert expected in str(caught.value)

@@ -27,6 +27,8 @@ from clients import (
 )
 from conftest import RunningProxy, TargetServer, ipv6_available, running_proxy
 
+from socks5d import handler as handler_module
+from socks5d import relay as relay_module
 from socks5d.config import User
 from socks5d.protocol import (
     Address,
@@ -267,3 +269,55 @@ def test_closing_the_hub_ends_a_handshake_in_progress(caplog: pytest.LogCaptureF
         assert session.end == "stopped during the handshake"
         assert session.closed_by == "proxy"
         assert wait_until(lambda: server.active_count == 0)
+
+
+# ---- socket buffers of the tunnel (server.socket_buffer) ----
+
+
+@pytest.mark.parametrize("via", ["hub", "thread"])
+def test_loopback_tunnels_get_fixed_buffers_on_both_sockets(
+    via: str, echo_target: TargetServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both peers are on loopback: with the default "auto" both proxy sockets get
+    # LOCAL_SOCKET_BUFFER, read back from the kernel; the fast path and the handler
+    # thread (a host name) alike.
+    seen: list[tuple[str, int, int]] = []
+    original = handler_module.fix_socket_buffers
+
+    def recording(sock: socket.socket, size: int) -> None:
+        original(sock, size)
+        seen.append(
+            (
+                str(sock.getpeername()[0]),
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            )
+        )
+
+    monkeypatch.setattr(handler_module, "fix_socket_buffers", recording)
+    host, kind = (
+        ("127.0.0.1", AddressType.IPV4) if via == "hub" else ("localhost", AddressType.DOMAINNAME)
+    )
+    with running_proxy(relay_threads=1) as proxy:
+        handed = HandOverLog(proxy.server)
+        with connect_through(proxy.address, Address(kind, host, echo_target.port)) as client:
+            client.sendall(b"sized")
+            assert recv_exactly(client, 5) == b"sized"
+        assert handed.stages == ([] if via == "hub" else ["command"])
+    expected = 2 * relay_module.LOCAL_SOCKET_BUFFER  # Linux reports the doubled size
+    assert len(seen) == 2  # the client's socket, then the upstream one
+    assert seen[0] == ("127.0.0.1", expected, expected)
+    assert seen[1][0] in ("127.0.0.1", "::1")  # "localhost" may resolve to either
+    assert seen[1][1:] == (expected, expected)
+
+
+def test_socket_buffer_zero_leaves_the_sockets_alone(
+    echo_target: TargetServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(handler_module, "fix_socket_buffers", lambda sock, size: calls.append(size))
+    with running_proxy(relay_threads=1, socket_buffer=0) as proxy:
+        with connect_through(proxy.address, ipv4(echo_target.port)) as client:
+            client.sendall(b"auto")
+            assert recv_exactly(client, 4) == b"auto"
+    assert calls == []

@@ -898,3 +898,37 @@ def test_auto_copies_small_exchanges_and_splices_bulk(make_tunnel: Callable[...,
     result = bulk.result()
     assert result.b_to_a == len(blob)
     assert result.mode == "mixed"  # copied the first bytes, then spliced the rest
+
+
+# ---- socket buffers (server.socket_buffer) ----
+
+
+@pytest.mark.parametrize(
+    ("setting", "peer", "size"),
+    [
+        ("auto", "127.0.0.1", relay_module.LOCAL_SOCKET_BUFFER),
+        ("auto", "127.3.2.1", relay_module.LOCAL_SOCKET_BUFFER),
+        ("auto", "::1", relay_module.LOCAL_SOCKET_BUFFER),
+        ("auto", "::ffff:127.0.0.1", relay_module.LOCAL_SOCKET_BUFFER),
+        ("auto", "192.0.2.7", 0),  # a real network: the kernel's autotuning
+        ("auto", "2001:db8::1", 0),
+        ("auto", "::ffff:192.0.2.7", 0),
+        (0, "127.0.0.1", 0),
+        (65536, "192.0.2.7", 65536),
+    ],
+)
+def test_socket_buffer_is_fixed_for_loopback_peers_only_on_auto(
+    setting: int | str, peer: str, size: int
+) -> None:
+    assert relay_module.socket_buffer_for(setting, peer) == size
+
+
+def test_fix_socket_buffers_sets_both_and_zero_leaves_autotuning() -> None:
+    with socket.socket() as fixed, socket.socket() as untouched:
+        default = untouched.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        relay_module.fix_socket_buffers(fixed, 131072)
+        relay_module.fix_socket_buffers(untouched, 0)
+        # Linux doubles the value for its bookkeeping; others keep it.
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            assert fixed.getsockopt(socket.SOL_SOCKET, option) in (131072, 262144)
+        assert untouched.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == default
