@@ -153,6 +153,7 @@ _POLLOUT = select.POLLOUT
 _POLLERR = select.POLLERR
 _POLLHUP = select.POLLHUP
 _POLLNVAL = select.POLLNVAL
+_TROUBLE = _POLLERR | _POLLHUP | _POLLNVAL  # any of these: look closer (Tunnel.serve)
 
 _default_mode = "auto"
 # "auto" copies this many bytes of a direction before it starts splicing (see pump).
@@ -552,6 +553,7 @@ class Tunnel:
         "last_activity",
         "poller",
         "registered",
+        "registered_for",
         "sides",
     )
 
@@ -580,6 +582,8 @@ class Tunnel:
         self.idle_timeout = idle_timeout
         self.poller = select.poll() if poller is None else poller
         self.registered: dict[int, int] = {}
+        # The direction states the registrations were made for (update_registration).
+        self.registered_for: tuple[bool, ...] = ()
         self.first_eof: str | None = None
         self.last_activity = time.monotonic()
 
@@ -604,6 +608,7 @@ class Tunnel:
             with contextlib.suppress(OSError, ValueError, KeyError):
                 self.poller.unregister(fd)
         self.registered.clear()
+        self.registered_for = ()
 
     def start(self) -> RelayResult | None:
         """Register with the poller; a tunnel with nothing to wait for has ended already."""
@@ -668,6 +673,11 @@ class Tunnel:
 
     def update_registration(self) -> None:
         """Register exactly the events the directions wait for, as poll masks per socket."""
+        ab, ba = self.ab, self.ba
+        state = (ab.done, ab.eof, ab.has_data, ba.done, ba.eof, ba.has_data)
+        if state == self.registered_for:
+            return  # the usual wake-up: what each side waits for has not changed
+        self.registered_for = state
         want = {self.ab.src_fd: 0, self.ba.src_fd: 0}
         for d in (self.ab, self.ba):
             if d.done:
@@ -698,20 +708,11 @@ class Tunnel:
 
     def serve(self, revents: dict[int, int]) -> int:
         """Serve every ready descriptor of one wake-up; return the bytes moved."""
-        for name, sock, fd, into in self.sides:
-            ev = revents.get(fd, 0)
-            if ev & _POLLNVAL:
-                raise _End("abort", f"error: {name}: descriptor closed")
-            if ev & _POLLERR:
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if code == 0 or code in _RESET_ERRNOS:
-                    raise _End(name, "reset")
-                raise _End("abort", f"error: {name}: {os.strerror(code)}")
-            if ev & _POLLHUP and not into.done:
-                # POLLHUP means both halves are shut. The peer alone cannot do that without
-                # an error (a FIN only shuts our read half), and we have not shut the write
-                # half: someone shut the socket down locally to abort the tunnel.
-                raise _End("abort", "hangup")
+        seen = 0
+        for ev in revents.values():
+            seen |= ev
+        if seen & _TROUBLE:
+            self._check_trouble(revents)
         moved = 0
         for d in (self.ab, self.ba):
             if d.done:
@@ -726,6 +727,23 @@ class Tunnel:
                 if not d.has_data:
                     d.finish()
         return moved
+
+    def _check_trouble(self, revents: dict[int, int]) -> None:
+        """Errors, hang-ups and closed descriptors end the tunnel (raise _End)."""
+        for name, sock, fd, into in self.sides:
+            ev = revents.get(fd, 0)
+            if ev & _POLLNVAL:
+                raise _End("abort", f"error: {name}: descriptor closed")
+            if ev & _POLLERR:
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code == 0 or code in _RESET_ERRNOS:
+                    raise _End(name, "reset")
+                raise _End("abort", f"error: {name}: {os.strerror(code)}")
+            if ev & _POLLHUP and not into.done:
+                # POLLHUP means both halves are shut. The peer alone cannot do that without
+                # an error (a FIN only shuts our read half), and we have not shut the write
+                # half: someone shut the socket down locally to abort the tunnel.
+                raise _End("abort", "hangup")
 
 
 def _resolve(mode: str, a: socket.socket, b: socket.socket) -> str:
