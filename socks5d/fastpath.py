@@ -152,7 +152,7 @@ class FastHandshake:
         session.end = "stopped during the handshake"
         session.closed_by = "proxy"
         try:
-            conclude_session(self.client, session)
+            conclude_session(self.client, session, linger=False)
         finally:
             self.finish()
 
@@ -269,11 +269,12 @@ class FastHandshake:
             self.timer.cancel()
             self.timer = None
         error: OSError | None = None
+        reply = encode_reply(Reply.SUCCEEDED, bound)
         try:
-            sent = self.client.send(encode_reply(Reply.SUCCEEDED, bound))
+            sent = self.client.send(reply)
         except OSError as exc:
             sent, error = 0, exc
-        if error is not None or sent < 10:  # a fresh socket takes 10-22 bytes whole
+        if error is not None or sent < len(reply):  # a fresh socket takes 10-22 bytes whole
             self.drop_upstream()
             session.end = f"error: {getattr(error, 'strerror', None) or 'reply not sent'}"
             session.closed_by = "client"
@@ -317,7 +318,7 @@ class FastHandshake:
 
     def close_out(self) -> None:
         try:
-            conclude_session(self.client, self.session)
+            conclude_session(self.client, self.session, linger=False)
         finally:
             self.finish()
 

@@ -596,9 +596,13 @@ def record_relay(session: Session, result: RelayResult) -> None:
     session.end = f"{closer} {result.reason}"
 
 
-def conclude_session(client: socket.socket, session: Session) -> None:
-    """Close out a connection that failed before its tunnel (linger), write its line."""
-    if session.reply is not Reply.SUCCEEDED:
+def conclude_session(client: socket.socket, session: Session, *, linger: bool = True) -> None:
+    """Close out a connection that failed before its tunnel (linger), write its line.
+
+    ``linger=False`` for an event loop, which must not wait on one client: it has no
+    failure reply to protect (the handler thread sends those).
+    """
+    if linger and session.reply is not Reply.SUCCEEDED:
         linger_close(client)
     if access_logger.isEnabledFor(logging.INFO):
         # The record carries the session; the line (or JSON) is built only by a handler

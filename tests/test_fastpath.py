@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -321,3 +322,25 @@ def test_socket_buffer_zero_leaves_the_sockets_alone(
             client.sendall(b"auto")
             assert recv_exactly(client, 4) == b"auto"
     assert calls == []
+
+
+def test_closing_the_hub_does_not_wait_on_silent_clients() -> None:
+    # Three clients mid-handshake that neither read nor close: the hub lets them go at
+    # once. (A lingering close would hold the hub's thread about a second for each.)
+    with running_proxy(relay_threads=1) as proxy:
+        server: Any = proxy.server
+        clients = [socket.create_connection(proxy.address, timeout=TIMEOUT) for _ in range(3)]
+        try:
+            for client in clients:
+                client.sendall(encode_greeting([Method.NO_AUTHENTICATION_REQUIRED]))
+                assert recv_exactly(client, 2) == b"\x05\x00"
+            server.relay_hub.forget_listeners()
+            began = time.monotonic()
+            server.relay_hub.close(TIMEOUT)
+            assert time.monotonic() - began < 1.5
+            for client in clients:
+                assert recv_all(client) == b""
+            assert wait_until(lambda: server.active_count == 0)
+        finally:
+            for client in clients:
+                client.close()
