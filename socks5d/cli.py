@@ -75,7 +75,7 @@ class ConfigProblem(click.ClickException):
 @click.option(
     "--socket-buffer",
     metavar="BYTES|auto",
-    help="SO_SNDBUF/SO_RCVBUF of tunnel sockets (0: kernel autotuning; auto: 512 KiB for"
+    help="SO_SNDBUF/SO_RCVBUF of tunnel sockets (0: kernel autotuning; auto: 256-512 KiB for"
     " loopback peers only).  [default: auto]",
 )
 @click.option(

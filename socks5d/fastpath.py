@@ -282,7 +282,12 @@ class FastHandshake:
             return
         self.upstream = None  # the tunnel's now
         size_tunnel_buffers(
-            self.settings, self.client, self.client_address, upstream, request.address.host
+            self.settings,
+            self.client,
+            self.client_address,
+            upstream,
+            request.address.host,
+            self.server.active_count,
         )
         self.hub.add_here(
             self.client,

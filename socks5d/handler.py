@@ -517,7 +517,14 @@ class Socks5Handler(BaseRequestHandler):
         """
         pending = bytes(reader.buffer)
         reader.buffer.clear()
-        size_tunnel_buffers(self.settings, self.request, self.client_address, upstream, None)
+        size_tunnel_buffers(
+            self.settings,
+            self.request,
+            self.client_address,
+            upstream,
+            None,
+            getattr(self.server, "active_count", 1),
+        )
         idle_timeout = self.settings.idle_timeout
         hub = getattr(self.server, "relay_hub", None)
         detach = getattr(self.server, "detach_request", None)
@@ -573,19 +580,21 @@ def size_tunnel_buffers(
     client_address: Any,
     upstream: socket.socket,
     upstream_ip: str | None,
+    connections: int,
 ) -> None:
     """Fix the socket buffers of a new tunnel as server.socket_buffer says, each by its
-    peer (``upstream_ip`` None: asked of the socket)."""
+    peer (``upstream_ip`` None: asked of the socket) and the ``connections`` open."""
     setting = settings.socket_buffer
     if setting == 0:
         return
-    fix_socket_buffers(client, socket_buffer_for(setting, client_ip(client_address)))
+    size = socket_buffer_for(setting, client_ip(client_address), connections)
+    fix_socket_buffers(client, size)
     if upstream_ip is None:
         try:
             upstream_ip = str(upstream.getpeername()[0])
         except OSError:
             return  # reset already: the relay will see it
-    fix_socket_buffers(upstream, socket_buffer_for(setting, upstream_ip))
+    fix_socket_buffers(upstream, socket_buffer_for(setting, upstream_ip, connections))
 
 
 def record_relay(session: Session, result: RelayResult) -> None:

@@ -923,6 +923,26 @@ def test_socket_buffer_is_fixed_for_loopback_peers_only_on_auto(
     assert relay_module.socket_buffer_for(setting, peer) == size
 
 
+@pytest.mark.parametrize(
+    ("connections", "size"),
+    [
+        (0, 512 * 1024),
+        (1, 512 * 1024),
+        (2, 512 * 1024),
+        (3, 349525),  # 1 MiB / 3
+        (4, 256 * 1024),
+        (8, 256 * 1024),
+        (10_000, 256 * 1024),
+    ],
+)
+def test_loopback_buffers_shrink_as_connections_share_the_cache(
+    connections: int, size: int
+) -> None:
+    assert relay_module.socket_buffer_for("auto", "127.0.0.1", connections) == size
+    assert relay_module.socket_buffer_for(65536, "127.0.0.1", connections) == 65536
+    assert relay_module.socket_buffer_for("auto", "192.0.2.7", connections) == 0
+
+
 def test_fix_socket_buffers_sets_both_and_zero_leaves_autotuning() -> None:
     with socket.socket() as fixed, socket.socket() as untouched:
         default = untouched.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
