@@ -119,6 +119,9 @@ def test_sigterm_lets_an_in_flight_50_mib_transfer_finish(
             socket.create_connection(("127.0.0.1", daemon.port), timeout=TIMEOUT).close()
         received = hashlib.sha256(recv_all(sock)).hexdigest()
     assert received == expected  # every byte arrived, then EOF
+    # The drain ends by itself once the tunnel has (a forked child may still be exiting
+    # when the client sees EOF: a second SIGTERM from stop() would cut it short).
+    assert daemon.proc.wait(TIMEOUT) == 0
     assert daemon.stop() == 0
     assert "cut" not in daemon.output()
 
