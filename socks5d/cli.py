@@ -81,7 +81,8 @@ class ConfigProblem(click.ClickException):
 @click.option(
     "--mode",
     type=click.Choice(MODES),
-    help="One thread or one process per client.  [default: threading]",
+    help="threading: event loops and a thread pool; forking: a process per client."
+    "  [default: threading]",
 )
 @click.option(
     "--config",

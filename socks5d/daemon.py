@@ -53,10 +53,8 @@ class SocksServerMixIn:
     def hand_off_request(self, request: Any, client_address: Any) -> bool:
         """Threading mode with relay hubs: the handshake starts in a hub (fastpath)."""
         pool = self.relay_hub
-        if pool is None:
+        if pool is None or self.resumes is None:  # no hubs, or not attach_relay_hubs()
             return False
-        if self.resumes is None:
-            self.resumes = {}
         finish = self.detach_request(request)  # type: ignore[attr-defined]
         try:
             here = pool.current()
@@ -93,7 +91,7 @@ class SocksServerMixIn:
 
 
 class ThreadingSocksServer(SocksServerMixIn, ThreadingTCPServer):
-    """One thread per client."""
+    """Event loops (relay_threads) and a pool of handler threads."""
 
 
 class ForkingSocksServer(SocksServerMixIn, ForkingTCPServer):
@@ -114,6 +112,7 @@ def attach_relay_hubs(server: ThreadingSocksServer, count: int) -> HubPool:
     pool = HubPool(count)
     pool.start()
     server.relay_hub = pool
+    server.resumes = {}
     server.accept_elsewhere = True
     pool.serve_listeners(server.listeners(), server.accept_ready)
     return pool
