@@ -79,6 +79,9 @@ class LimitsConfig:
     max_connections: int = 1024
     max_connections_per_ip: int = 64  # 0 = unlimited
     max_connections_per_user: int = 256  # 0 = unlimited
+    # IPv6 clients are counted per network of this prefix length for per-address limits
+    # and the login back-off (a host usually owns a whole /64); 128: per address.
+    ipv6_client_prefix: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,6 +476,7 @@ LIMITS_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_connections": _integer(1, 1_000_000),
     "max_connections_per_ip": _integer(0, 1_000_000),
     "max_connections_per_user": _integer(0, 1_000_000),
+    "ipv6_client_prefix": _integer(32, 128),
 }
 TIMEOUTS_KEYS: dict[str, Callable[[Any], Any]] = {
     "handshake": _positive_seconds,
