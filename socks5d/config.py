@@ -342,13 +342,28 @@ def _network(item: Any) -> IPNetwork:
     if text.startswith("[") and "]" in text:  # "[2001:db8::]/32" or "[::1]"
         text = text[1:].replace("]", "", 1)
     try:
-        return ipaddress.ip_network(text)
+        network = ipaddress.ip_network(text)
     except ValueError:
         try:
             loose = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
         raise ValueError(f"{item!r} has host bits set (did you mean '{loose}'?)") from None
+    return unmapped_network(network)
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def unmapped_network(network: IPNetwork) -> IPNetwork:
+    """An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) as the IPv4 network it means
+    (``10.0.0.0/8``): addresses are unmapped before rules match them, so a mapped network
+    left as it is would never match anything."""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+        first = network.network_address.ipv4_mapped
+        assert first is not None
+        return ipaddress.IPv4Network((int(first), network.prefixlen - 96))
+    return network
 
 
 def _networks(value: Any) -> tuple[IPNetwork, ...]:

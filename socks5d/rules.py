@@ -9,11 +9,14 @@ Three checks, in this order:
    a client cannot make the proxy connect to itself over and over;
 2. the rules, first match wins, else ``access.default_action``;
 3. private destinations (loopback, link-local such as the cloud metadata address, RFC 1918,
-   CGNAT, ULA, unspecified, multicast and broadcast) are denied when protected, unless the
-   deciding rule is an allow rule that names its destinations (``to``).
+   CGNAT, ULA, unspecified, multicast and broadcast) and this host's own addresses are
+   denied when protected, unless the deciding rule is an allow rule whose ``to`` names them
+   explicitly (a network inside the private range, the own address itself, or the exact
+   host name: ``0.0.0.0/0`` merely contains them and opens nothing).
 
 Imports ``config`` and ``protocol`` only, and does no I/O except :func:`is_local_address`
-(one UDP ``bind()`` probe, cached), which the loop guard needs for wildcard listeners.
+(one UDP ``bind()`` probe, not cached: an address added after start counts at once), which
+the loop guard and the own-address check need.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .config import Config, RuleSpec
@@ -39,6 +42,7 @@ __all__ = [
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: The rule name of each RFC 1928 command, as `Policy.check` and `commands = [...]` spell it.
 COMMAND_NAMES: dict[Command, str] = {
@@ -60,8 +64,10 @@ _PRIVATE_NETWORKS = tuple(
         "169.254.0.0/16",  # link-local, incl. cloud metadata 169.254.169.254
         "172.16.0.0/12",  # RFC 1918
         "192.168.0.0/16",  # RFC 1918
+        "168.63.129.16/32",  # a cloud platform's host address (DHCP, DNS, health probes)
         "224.0.0.0/4",  # multicast
         "240.0.0.0/4",  # reserved, incl. broadcast 255.255.255.255
+        "64:ff9b:1::/48",  # RFC 8215 local-use NAT64: reaches whatever the local NAT64 maps
         "::/128",  # unspecified
         "::1/128",  # loopback
         "fe80::/10",  # link-local
@@ -111,7 +117,12 @@ class Policy:
     _wildcard_ports: frozenset[int] = field(init=False, repr=False, compare=False)
     _ports: frozenset[int] = field(init=False, repr=False, compare=False)
 
+    # Whether an address is this host's (I/O; replaceable in tests).
+    own_address: Callable[[str], bool] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+
     def __post_init__(self) -> None:
+        if self.own_address is None:
+            object.__setattr__(self, "own_address", is_local_address)
         exact: set[tuple[IPAddress, int]] = set()
         wildcard: set[int] = set()
         for host, port in self.own_listeners:
@@ -173,8 +184,18 @@ class Policy:
         client = _address(client_ip)
         name = host.rstrip(".").lower() if host else None
         target = _address(ip) if ip is not None else None
+        if command == "bind" and target is not None and target.is_unspecified:
+            # RFC 1928 §4: an all-zero BIND DST means "a peer from anywhere", not a host to
+            # reach; only the rules judge it (a connect() to 0.0.0.0 is another matter).
+            target_guarded = None
+        else:
+            target_guarded = target
 
-        if target is not None and port is not None and self._is_own_listener(target, port):
+        if (
+            target_guarded is not None
+            and port is not None
+            and self._is_own_listener(target_guarded, port)
+        ):
             return _deny("own listener")
 
         rule = self._first_match(client, user, command, name, target, port)
@@ -185,13 +206,25 @@ class Policy:
         else:
             return _deny(f"rules[{rule.index}]")
 
-        if (
-            self.protect_private
-            and target is not None
-            and not (rule is not None and _names_explicitly(rule, name, target))
-            and is_private(target)
-        ):
-            return _deny("private destination")
+        if self.protect_private and target_guarded is not None:
+            return self._guard_private(decision, rule, name, target_guarded)
+        return decision
+
+    def _guard_private(
+        self, decision: Decision, rule: RuleSpec | None, name: str | None, target: IPAddress
+    ) -> Decision:
+        """Deny a private destination or an address of this host unless the allow rule
+        that decided names it explicitly (see :func:`_names_explicitly`)."""
+        if is_private(target):
+            narrow, reason = _inside_private, "private destination"
+        elif self.own_address(str(_unmapped(target))):
+            # Services bound to 0.0.0.0 answer on every address of the host, and host
+            # firewalls guard the external interface, not traffic that stays on it.
+            narrow, reason = _single_address, "own address"
+        else:
+            return decision
+        if rule is None or not _names_explicitly(rule, name, target, narrow):
+            return _deny(reason)
         return decision
 
     def _first_match(
@@ -217,7 +250,38 @@ class Policy:
                 continue
             if (to is None or ports is None) and rule.action == "deny":
                 continue  # it may not apply: the destinations it misses go on to later rules
+            if to is None and name is not None and target is None:
+                # An allow rule that only a resolved address could match (its `to` has
+                # networks): a later rule that denies this very name must still win before
+                # DNS, or the name leaks to the resolver.
+                later = self._name_denial_after(rule.index, client, user, command, name, port)
+                return later or rule
             return rule
+        return None
+
+    def _name_denial_after(
+        self,
+        after: int,
+        client: IPAddress,
+        user: str | None,
+        command: str,
+        name: str,
+        port: int | None,
+    ) -> RuleSpec | None:
+        """The first rule after `after` that denies `name` by a host pattern outright."""
+        for rule in self.rules[after + 1 :]:
+            if rule.action != "deny" or not rule.host_patterns:
+                continue
+            if rule.sources and not _in_any(client, rule.sources):
+                continue
+            if rule.users and (user is None or user not in rule.users):
+                continue
+            if rule.commands and command not in rule.commands:
+                continue
+            if rule.ports and _port_matches(rule, port) is not True:
+                continue
+            if any(_host_matches(name, pattern) for pattern in rule.host_patterns):
+                return rule
         return None
 
     def _is_own_listener(self, target: IPAddress, port: int) -> bool:
@@ -250,16 +314,44 @@ def _to_matches(rule: RuleSpec, name: str | None, target: IPAddress | None) -> b
     return None if rule.destinations else False
 
 
-def _names_explicitly(rule: RuleSpec, name: str | None, target: IPAddress) -> bool:
-    """Whether an allow rule names this private destination on purpose: a `to` network
-    holding the address, or the exact host name. A wildcard ("*.example.com") does not
-    count: whoever controls a matching name's DNS could point it at 169.254.169.254."""
-    if _in_any(target, rule.destinations):
+def _names_explicitly(
+    rule: RuleSpec, name: str | None, target: IPAddress, narrow: Callable[[IPNetwork], bool]
+) -> bool:
+    """Whether an allow rule names this protected destination on purpose: a `to` network
+    holding the address that is `narrow` (inside the private range, or the one address),
+    or the exact host name. Networks that merely contain it (0.0.0.0/0, ::/0, 8.0.0.0/6)
+    do not count, nor does a wildcard ("*.example.com"): whoever controls a matching
+    name's DNS could point it at 169.254.169.254."""
+    forms = {target, _unmapped(target)}
+    if any(form in network and narrow(network) for network in rule.destinations for form in forms):
         return True
     return name is not None and any(
         not pattern.startswith("*.") and _host_matches(name, pattern)
         for pattern in rule.host_patterns
     )
+
+
+def _inside_private(network: IPNetwork) -> bool:
+    """A `to` network that lies wholly inside one private range (10.1.0.0/16, ::1/128)."""
+    network = _nat64_embedded(network)
+    return any(
+        network.version == private.version and network.subnet_of(private)  # type: ignore[arg-type]
+        for private in _PRIVATE_NETWORKS
+    )
+
+
+def _single_address(network: IPNetwork) -> bool:
+    """A `to` network that is one address (192.0.2.2, 192.0.2.2/32, 2001:db8::2/128)."""
+    return network.num_addresses == 1
+
+
+def _nat64_embedded(network: IPNetwork) -> IPNetwork:
+    """64:ff9b::a00:0/104 as the IPv4 network behind the NAT64 prefix (10.0.0.0/8)."""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_NAT64):
+        return ipaddress.IPv4Network(
+            (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)
+        )
+    return network
 
 
 def _port_matches(rule: RuleSpec, port: int | None) -> bool | None:
@@ -310,22 +402,36 @@ def is_private(address: IPAddress | str) -> bool:
     return any(address in network for network in _PRIVATE_NETWORKS)
 
 
-@functools.lru_cache(maxsize=1024)
 def is_local_address(ip: str) -> bool:
-    """Whether this host owns `ip`: a UDP socket can bind to it (else EADDRNOTAVAIL).
+    """Whether this host owns `ip` right now: a UDP socket can bind to it (else
+    EADDRNOTAVAIL). One socket()/bind()/close(), ~4 us, asked only on exposed listeners.
 
-    Cached: addresses rarely change, and the answer only widens the loop guard of a
-    wildcard listener. (With net.ipv4.ip_nonlocal_bind = 1 every address looks local,
-    which errs on the side of denying.)
+    Not cached, so an address added after start is protected at once. Where the kernel
+    lets any address be bound (net.ipv4.ip_nonlocal_bind, net.ipv6.ip_nonlocal_bind), the
+    route is asked instead: a local destination is reached from itself.
     """
-    address = _address(ip)
+    address = _unmapped(_address(ip))
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            if _nonlocal_bind(address.version):
+                probe.connect((str(address), 9))  # UDP: a route lookup, nothing is sent
+                return _address(probe.getsockname()[0]) == address
             probe.bind((str(address), 0))
     except OSError:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=2)
+def _nonlocal_bind(version: int) -> bool:
+    """Whether the kernel lets sockets bind addresses the host does not have."""
+    path = f"/proc/sys/net/ipv{version}/ip_nonlocal_bind"
+    try:
+        with open(path) as sysctl:
+            return sysctl.read().strip() not in ("", "0")
+    except OSError:
+        return False
 
 
 # ---- what a configuration exposes: the start-up check and `socks5d check-config` ----
@@ -401,13 +507,39 @@ def describe_policy(config: Config, listening: Iterable[tuple[str, int]]) -> lis
     setting = f'access.private_destinations = "{config.access.private_destinations}"'
     if policy.protect_private:
         lines.append(
-            f"private destinations: denied unless an allow rule names them in `to` ({setting})"
+            "private destinations and this host's own addresses: denied unless an allow rule "
+            "names them explicitly in `to` (a network inside a private range, the address "
+            f"itself, or the exact host name) ({setting})"
         )
+        lines.extend(_covering_notes(config))
     else:
         lines.append(f"private destinations: allowed ({setting})")
     lines.append(_exposure_line(config, bound))
     lines.extend(_warnings(config))
     return lines
+
+
+def _covering_notes(config: Config) -> list[str]:
+    """Allow rules whose `to` networks hold private ranges without lying inside one: say
+    that they do not open them (what a reader of `to = ["0.0.0.0/0"]` might expect)."""
+    notes = []
+    for rule in config.rules:
+        covering = [
+            network
+            for network in rule.destinations
+            if not _inside_private(network)
+            and any(
+                network.version == private.version and private.subnet_of(network)  # type: ignore[arg-type]
+                for private in _PRIVATE_NETWORKS
+            )
+        ]
+        if rule.action == "allow" and covering:
+            listed = ", ".join(map(str, covering))
+            notes.append(
+                f"note: rules[{rule.index}] `to` {listed} covers private destinations but "
+                "does not open them; name them explicitly"
+            )
+    return notes
 
 
 def _exposure_line(config: Config, bound: list[tuple[str, int]]) -> str:

@@ -378,10 +378,9 @@ def test_loop_guard(monkeypatch, listener, ip, port, looped):
 
 
 def test_is_local_address_probes_this_host():
-    is_local_address.cache_clear()
     assert is_local_address("127.0.0.1")
+    assert is_local_address("::ffff:127.0.0.1")
     assert not is_local_address("192.0.2.1")  # TEST-NET-1: never assigned
-    assert is_local_address.cache_info().currsize == 2
 
 
 # ---- Policy.from_config ----
@@ -554,7 +553,10 @@ def test_describe_policy_states_the_key_facts():
     assert "rules[0]: allow users alice, carol" in text
     assert "rules[1]: deny ports 25" in text
     assert "default action: deny" in text
-    assert "private destinations: denied unless an allow rule names them in `to`" in text
+    assert (
+        "private destinations and this host's own addresses:"
+        " denied unless an allow rule names them explicitly in `to`" in text
+    )
     assert "exposure: [::]:1080 reachable from other hosts; clients must log in" in text
     assert "warning: rules[0] names user(s) not in [[users]]: carol" in text
 

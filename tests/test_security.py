@@ -573,27 +573,31 @@ def test_default_deny_allows_only_what_a_rule_allows(daemon_factory, tmp_path, t
 
 
 def udp_through(
-    proxy: tuple[str, int], datagrams: list[tuple[int, bytes]], silence: float = 0.5
+    proxy: tuple[str, int],
+    datagrams: list[tuple[int, bytes]],
+    silence: float = 0.5,
+    host: str = "127.0.0.1",
+    login: tuple[bytes, bytes] | None = None,
 ) -> tuple[int, list[str | None]]:
-    """UDP ASSOCIATE, then each (port, payload) to a UDP echo on 127.0.0.1:port through the
+    """UDP ASSOCIATE, then each (port, payload) to a UDP echo on host:port through the
     relay, one at a time: (reply, the payloads echoed back, None for silence)."""
-    control, reply, relay = handshake(proxy, ANY_IPV4, command=Command.UDP_ASSOCIATE)
+    control, reply, relay = handshake(
+        proxy, ANY_IPV4, credentials=login, command=Command.UDP_ASSOCIATE
+    )
     echoed: list[str | None] = []
     with control, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         if reply != Reply.SUCCEEDED:
             return reply, echoed
         udp.bind(("127.0.0.1", 0))
         for port, payload in datagrams:
-            udp.sendto(
-                encode_udp_datagram(ip("127.0.0.1", port), payload), (relay.host, relay.port)
-            )
+            udp.sendto(encode_udp_datagram(ip(host, port), payload), (relay.host, relay.port))
             udp.settimeout(silence)
             try:
                 answer = parse_udp_datagram(udp.recv(65536))
             except TimeoutError:
                 echoed.append(None)  # dropped: nothing came back
                 continue
-            assert answer.address == ip("127.0.0.1", port)  # wrapped with the sender
+            assert answer.address == ip(host, port)  # wrapped with the sender
             echoed.append(answer.data.decode())
     return reply, echoed
 
@@ -962,5 +966,8 @@ def test_check_config_accepts_an_exposed_listener_that_is_safe_or_meant(tmp_path
     result = run_cli("check-config", str(config))
     assert result.returncode == 0, result.stderr
     assert any(line.startswith(exposure) for line in result.stdout.splitlines()), result.stdout
-    assert "private destinations: denied unless an allow rule names them" in result.stdout
+    assert (
+        "private destinations and this host's own addresses:"
+        " denied unless an allow rule names them explicitly" in result.stdout
+    )
     assert result.stdout.splitlines()[-1] == f"{config}: OK"
