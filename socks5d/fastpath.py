@@ -347,6 +347,7 @@ class FastHandshake:
             buffer=bytes(self.buffer),
             deadline=self.deadline,
             session=self.session,
+            settings=self.settings,
             request=self.request,
             failure=failure,
         )

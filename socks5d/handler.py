@@ -128,6 +128,9 @@ class Resume:
     buffer: bytes
     deadline: float
     session: Session
+    # The settings the handshake began under: one connection is judged by one policy
+    # from greeting to reply, whatever a reload swapped in meanwhile.
+    settings: HandlerSettings
     request: Request | None = None
     failure: ConnectFailed | None = None
 
@@ -225,6 +228,7 @@ class Socks5Handler(BaseRequestHandler):
         resumes = getattr(self.server, "resumes", None)
         self.resume: Resume | None = resumes.pop(self.request, None) if resumes else None
         if self.resume is not None:
+            self.settings = self.resume.settings  # not a reload's: see Resume.settings
             self.session = self.resume.session
         else:
             self.session = Session(client=format_peer(self.client_address))
