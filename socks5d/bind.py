@@ -70,9 +70,11 @@ def wait_for_peer(
 ) -> Accepted | None:
     """Accept the first connection from one of `expected_ips` (anyone when None).
 
-    A connection from another address is refused (closed at once, logged) and the wait
-    goes on until `timeout`: one stray or hostile connection must not spoil the BIND for
-    the real peer. Returns None on timeout; raises ClientLeft when the client hangs up.
+    A connection from another address is refused (closed at once) and the wait goes on
+    until `timeout`: one stray or hostile connection must not spoil the BIND for the real
+    peer. The first refusal is logged, the rest only counted (a line at the end), so a
+    flood of connections to the port cannot fill the log. Returns None on timeout; raises
+    ClientLeft when the client hangs up.
     Bytes the client sends meanwhile stay in the kernel buffer for the relay.
     """
     expected = None if expected_ips is None else {canonical_ip(ip) for ip in expected_ips}
@@ -81,25 +83,34 @@ def wait_for_peer(
     poller.register(listener, select.POLLIN)
     poller.register(control, select.POLLRDHUP)  # hang-up only: data must not wake us
     listener.setblocking(False)
-    while (remaining := deadline - time.monotonic()) > 0:
-        for fd, events in poller.poll(remaining * 1000):
-            if fd == control.fileno():
-                if events & (select.POLLRDHUP | _POLL_ERRORS):
-                    raise ClientLeft
-                continue
-            try:
-                sock, sockaddr = listener.accept()
-            except (BlockingIOError, ConnectionAbortedError):
-                continue
-            peer = Address.from_sockaddr(sockaddr)
-            if expected is not None and canonical_ip(peer.host) not in expected:
-                logger.info("BIND: refused a connection from %s (expected %s)", peer, expected)
-                with contextlib.suppress(OSError):
-                    sock.close()
-                continue
-            sock.setblocking(True)
-            return Accepted(sock, peer)
-    return None
+    strays = 0
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            for fd, events in poller.poll(remaining * 1000):
+                if fd == control.fileno():
+                    if events & (select.POLLRDHUP | _POLL_ERRORS):
+                        raise ClientLeft
+                    continue
+                try:
+                    sock, sockaddr = listener.accept()
+                except (BlockingIOError, ConnectionAbortedError):
+                    continue
+                peer = Address.from_sockaddr(sockaddr)
+                if expected is not None and canonical_ip(peer.host) not in expected:
+                    strays += 1
+                    if strays == 1:  # one line per wait, not one per connection of a flood
+                        logger.info(
+                            "BIND: refused a connection from %s (expected %s)", peer, expected
+                        )
+                    with contextlib.suppress(OSError):
+                        sock.close()
+                    continue
+                sock.setblocking(True)
+                return Accepted(sock, peer)
+        return None
+    finally:
+        if strays > 1:
+            logger.info("BIND: refused %d connections from unexpected peers in all", strays)
 
 
 def canonical_ip(ip: str) -> str:

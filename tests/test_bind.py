@@ -145,3 +145,31 @@ def test_bind_listens_on_the_outgoing_address_when_one_is_set():
             with connect_from("127.0.0.1", bound):
                 reply, peer = read_reply(control)
                 assert (reply, peer.host) == (Reply.SUCCEEDED, "127.0.0.1")
+
+
+def test_a_flood_of_strangers_costs_two_log_lines_not_one_each(caplog):
+    """50 connections from an unexpected address during one BIND wait: all refused, the
+    first logged, the rest counted in one closing line (a flood cannot fill the log)."""
+    from socks5d.bind import wait_for_peer
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    control, client_end = socket.socketpair()
+    strays = [socket.create_connection(listener.getsockname(), timeout=TIMEOUT) for _ in range(50)]
+    try:
+        with caplog.at_level("INFO", logger="socks5d.bind"):
+            accepted = wait_for_peer(listener, control, frozenset({"192.0.2.1"}), timeout=3.0)
+        assert accepted is None
+        for stray in strays:  # each was closed by the proxy: EOF
+            assert stray.recv(1) == b""
+        lines = [r.getMessage() for r in caplog.records if r.name == "socks5d.bind"]
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("BIND: refused a connection from 127.0.0.1:")
+        assert lines[1] == "BIND: refused 50 connections from unexpected peers in all"
+    finally:
+        for stray in strays:
+            stray.close()
+        listener.close()
+        control.close()
+        client_end.close()
