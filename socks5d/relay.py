@@ -33,6 +33,10 @@ Pipes and buffers are created when data first flows their way, at 64 KiB; they g
 ``buffer_size`` (default 1 MiB; pipes at most ``/proc/sys/fs/pipe-max-size``) on a bulk
 transfer, and are given back when empty after ``RELEASE_AFTER`` quiet seconds and at EOF. An
 idle tunnel holds no pipe and no buffer, about 2 KiB of Python objects besides its sockets.
+Full-size copy buffers come out of one process-wide ``GROWN_BUFFER_BUDGET``: a direction
+whose reader stalls keeps its buffer full, and pipes (kernel memory, capped per user by
+``pipe-user-pages-soft``) are not there to take over when a flood of such tunnels has used
+them up; past the budget a direction keeps to 64 KiB reads.
 
 Measured on the development VM (2 vCPU, Linux 6.18, loopback; sender, relay, receiver in three
 processes; medians of 6 interleaved rounds on a busy machine: walls are noisy, CPU is not).
@@ -117,6 +121,46 @@ _FIRST_CHUNK = 65536
 
 
 _thread_local = threading.local()
+
+
+def _default_grown_budget() -> int:
+    """An eighth of physical memory, at most 256 MiB: room for 256 bulk copy-path
+    directions at full size, while a flood of stalled tunnels cannot reach OOM."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        physical = 2 << 30
+    return max(min(256 << 20, physical // 8), _COPY_BUFFER_SIZE)
+
+
+# Bytes of full-size copy buffers all directions of this process hold at once. A direction
+# whose reader is stalled keeps its buffer full until the reader drains it; without a bound,
+# N stalled tunnels (pipes past pipe-user-pages-soft fall back to copying) held N x 1 MiB.
+# Past the budget a bulk direction keeps to the 64 KiB path (slower, never stuck).
+GROWN_BUFFER_BUDGET = _default_grown_budget()
+_grown_bytes = 0
+_grown_lock = threading.Lock()
+
+
+def _take_grown(size: int) -> bool:
+    """Book `size` bytes of the grown-buffer budget; False when it is spent."""
+    global _grown_bytes
+    with _grown_lock:
+        if _grown_bytes + size > GROWN_BUFFER_BUDGET:
+            return False
+        _grown_bytes += size
+        return True
+
+
+def _give_back_grown(size: int) -> None:
+    global _grown_bytes
+    with _grown_lock:
+        _grown_bytes -= size
+
+
+def grown_buffer_bytes() -> int:
+    """Bytes of full-size copy buffers held now (for tests and diagnostics)."""
+    return _grown_bytes
 
 
 def _scratch(size: int) -> memoryview:
@@ -229,6 +273,7 @@ class _Direction:
     """
 
     __slots__ = (
+        "booked",
         "buf",
         "chunk",
         "copied",
@@ -282,6 +327,7 @@ class _Direction:
         self.strict = mode == "splice"  # splice even through a pipe smaller than size
         self.retry = False  # splice dropped for want of a pipe: try again after a release
         self.buf: memoryview | None = None  # created on the first read (copy path)
+        self.booked = 0  # bytes of GROWN_BUFFER_BUDGET that buf holds
         self.out: memoryview | None = memoryview(pending) if pending else None
         self.start = 0
         self.end = len(pending)
@@ -306,11 +352,19 @@ class _Direction:
         """Give back an empty buffer and pipe; the next read creates them again."""
         if self.has_data:
             return
-        self.buf = self.out = None
+        self.drop_buffer()
+        self.out = None
         self.grow = False
         self.close_pipe()
         if self.retry:
             self.splice, self.retry = True, False
+
+    def drop_buffer(self) -> None:
+        """Let go of the full-size buffer and give its bytes back to the budget."""
+        self.buf = None
+        if self.booked:
+            _give_back_grown(self.booked)
+            self.booked = 0
 
     def close_pipe(self) -> None:
         if self.pipe_r >= 0:
@@ -392,11 +446,15 @@ class _Direction:
         moved = 0
         for _ in range(_MAX_ROUNDS):
             buf = self.buf
-            if self.grow:
-                # The last read filled the buffer: a bulk transfer gets its own, full size.
-                if buf is None or len(buf) < self.copy_size:
-                    buf = self.buf = memoryview(bytearray(self.copy_size))
-            elif buf is None:
+            # The last read filled the buffer: a bulk transfer gets its own, full size,
+            # while the process-wide budget has room (else it stays on the scratch path).
+            if (
+                self.grow
+                and (buf is None or len(buf) < self.copy_size)
+                and self._book(self.copy_size)
+            ):
+                buf = self.buf = memoryview(bytearray(self.copy_size))
+            if buf is None:
                 # Small exchanges read into the thread's scratch buffer, and what dst does
                 # not take at once is copied out: a quiet tunnel holds no buffer at all.
                 buf = _scratch(self.copy_size)
@@ -426,6 +484,14 @@ class _Direction:
                 # "auto" in a bulk transfer that never paused: splice from here on.
                 return moved + self._pump_splice()
         return moved
+
+    def _book(self, size: int) -> bool:
+        if size <= _FIRST_CHUNK:
+            return True  # small buffers are not what the budget is for
+        if not _take_grown(size - self.booked):
+            return False
+        self.booked = size
+        return True
 
     def _pump_splice(self) -> int:
         assert _splice is not None
@@ -602,8 +668,9 @@ class Tunnel:
 
     def close(self) -> None:
         """Close the pipes and leave the poller, on every way out (the sockets stay open)."""
-        self.ab.close_pipe()
-        self.ba.close_pipe()
+        for direction in (self.ab, self.ba):
+            direction.close_pipe()
+            direction.drop_buffer()
         for fd in self.registered:
             with contextlib.suppress(OSError, ValueError, KeyError):
                 self.poller.unregister(fd)

@@ -952,3 +952,35 @@ def test_fix_socket_buffers_sets_both_and_zero_leaves_autotuning() -> None:
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             assert fixed.getsockopt(socket.SOL_SOCKET, option) in (131072, 262144)
         assert untouched.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == default
+
+
+def test_stalled_directions_share_a_bounded_budget_of_full_size_buffers(
+    make_tunnel: Callable[..., Tunnel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four copy-mode tunnels whose targets do not read while their clients push 8 MiB:
+    each stalled direction wants a 1 MiB buffer, but with a 2 MiB budget only two get
+    one (the others keep to the 64 KiB path). Once the targets read, every byte arrives
+    intact, and the budget is whole again when the tunnels end."""
+    monkeypatch.setattr(relay_module, "GROWN_BUFFER_BUDGET", 2 * MiB)
+    assert relay_module.grown_buffer_bytes() == 0
+    rng = random.Random(5)
+    tunnels, senders, payloads = [], [], []
+    for _ in range(4):
+        data = rng.randbytes(8 * MiB)
+        t = make_tunnel().start(mode="copy", buffer_size=1 * MiB)
+        sender = Worker(send_and_shut, t.client, data)
+        sender.start()
+        tunnels.append(t)
+        senders.append(sender)
+        payloads.append(data)
+    wait_until(lambda: relay_module.grown_buffer_bytes() == 2 * MiB, "the budget spent")
+    for _ in range(20):  # stays spent, never above, while all four are stalled
+        assert relay_module.grown_buffer_bytes() == 2 * MiB
+        time.sleep(0.01)
+    for t, sender, data in zip(tunnels, senders, payloads, strict=True):
+        assert sha256_of_stream(t.target) == (hashlib.sha256(data).hexdigest(), len(data))
+        sender.result()
+        t.target.shutdown(socket.SHUT_WR)
+        res = t.result()
+        assert (res.a_to_b, res.reason, res.mode) == (len(data), "eof", "copy")
+    assert relay_module.grown_buffer_bytes() == 0
