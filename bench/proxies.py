@@ -85,25 +85,32 @@ class ProxyUnavailable(Exception):
 
 @dataclass(frozen=True)
 class ProxySpec:
-    """A named proxy: ``kind`` picks the launcher, ``flags`` are extra socks5d flags."""
+    """A named proxy: ``kind`` picks the launcher, ``flags`` are extra socks5d flags,
+    ``source`` another checkout to run socks5d from (None: this one)."""
 
     name: str
     kind: str
     flags: tuple[str, ...] = ()
+    source: str | None = None
 
 
 def known_specs(extra_variants: dict[str, tuple[str, ...]] | None = None) -> dict[str, ProxySpec]:
     """Every proxy the harness can run, by name."""
     specs = {name: ProxySpec(name, "socks5d", flags) for name, flags in SOCKS5D_VARIANTS.items()}
     for name, flags in (extra_variants or {}).items():
-        specs[name] = ProxySpec(name, "socks5d", flags)
+        source = flags[0][1:] if flags and flags[0].startswith("@") else None
+        specs[name] = ProxySpec(name, "socks5d", flags[1:] if source else flags, source)
     for peer in PEERS:
         specs[peer] = ProxySpec(peer, peer)
     return specs
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
-    """``NAME=FLAGS`` (e.g. ``socks5d-workers4=--workers 4``) into a name and its flags."""
+    """``NAME=FLAGS`` (e.g. ``socks5d-workers4=--workers 4``) into a name and its flags.
+
+    FLAGS may start with ``@DIR``: run that checkout's socks5d (a ``git worktree`` of
+    another commit), to compare two commits side by side in one interleaved run.
+    """
     name, sep, flags = text.partition("=")
     if not sep or not name.strip():
         raise ValueError(f"expected NAME=FLAGS, got {text!r}")
@@ -142,8 +149,9 @@ def version(spec: ProxySpec) -> str:
     """The version string recorded beside the results."""
     if spec.kind == "socks5d":
         own = _last_word(_output([sys.executable, "-m", "socks5d", "--version"]))
-        commit = _output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]) or "?"
-        changed = _output(["git", "-C", str(ROOT), "status", "--porcelain", "socks5d"])
+        tree = spec.source or str(ROOT)
+        commit = _output(["git", "-C", tree, "rev-parse", "--short", "HEAD"]) or "?"
+        changed = _output(["git", "-C", tree, "status", "--porcelain", "socks5d"])
         return f"socks5d {own} (git {commit}{' + uncommitted changes' if changed else ''})"
     if spec.kind == "microsocks":
         return "microsocks " + (_output(["dpkg-query", "-W", "-f=${Version}", "microsocks"]) or "?")
@@ -301,7 +309,9 @@ def start(
     log = workdir / f"{spec.name}.log"
     env = dict(
         os.environ,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [spec.source or str(ROOT), os.environ.get("PYTHONPATH")])
+        ),
     )
     with open(log, "ab") as out:  # appended: a restart keeps what the last run said
         process = subprocess.Popen(

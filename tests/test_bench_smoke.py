@@ -36,3 +36,16 @@ def test_bench_quick_run_prints_a_number_for_every_scenario(tmp_path: Path) -> N
             assert NUMBER.search(row) and " n/a " not in row, f"no figure in {row!r}"
     assert re.search(r"^throughput .* direct ", done.stdout, re.MULTILINE), "no direct baseline"
     assert out.read_text().startswith("{"), "--json wrote nothing"
+
+
+def test_a_variant_can_run_another_checkout_for_side_by_side_commits() -> None:
+    """`--socks5d-variant 'old=@DIR FLAGS'` runs DIR's socks5d (a worktree of the old
+    commit) with FLAGS, so one interleaved run compares two commits."""
+    sys.path.insert(0, str(ROOT))
+    from bench import proxies
+
+    name, flags = proxies.parse_variant("socks5d-old=@/srv/old-tree --workers 2")
+    spec = proxies.known_specs({name: flags})[name]
+    assert spec == proxies.ProxySpec("socks5d-old", "socks5d", ("--workers", "2"), "/srv/old-tree")
+    plain = proxies.known_specs({"w4": ("--workers", "4")})["w4"]
+    assert (plain.flags, plain.source) == (("--workers", "4"), None)
