@@ -1,0 +1,277 @@
+"""The server side of one SOCKS5 handshake, as a state machine with no I/O.
+
+In the manner of h11's ``Connection``: bytes go in (:meth:`ServerHandshake.receive`), and
+what comes out is a list of :class:`Action` values for whoever drives it, a thread with
+blocking reads or an event loop: bytes to send, credentials to check, a request to carry
+out, a connection to close. The driver reports back what it did
+(:meth:`~ServerHandshake.credentials_checked`, :meth:`~ServerHandshake.reply`) and gets
+the next actions. Nothing here reads a socket, a clock or a file, so both ways of serving
+a client run the same negotiation, and a connection handed from a loop to a thread is
+this one object.
+
+Owns: RFC 1928 §3 method selection, RFC 1929 §2 subnegotiation framing, the request
+(§4), every reply (§6) and the access-log fields these settle. Policy (which method,
+whether credentials are right, whether a destination is allowed) is asked of the
+:class:`~socks5d.auth.Authenticator` passed in or left to the driver. Imports only the
+wire format, the session record and the authenticator's method choice.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .protocol import (
+    MAX_GREETING_SIZE,
+    MAX_REQUEST_SIZE,
+    MAX_USERNAME_PASSWORD_SIZE,
+    Address,
+    AuthStatus,
+    Command,
+    Method,
+    ProtocolError,
+    Reply,
+    Request,
+    encode_auth_status,
+    encode_method_selection,
+    encode_reply,
+    parse_greeting,
+    parse_request,
+    parse_username_password,
+)
+from .session import Session
+
+if TYPE_CHECKING:
+    from .auth import Authenticator
+
+__all__ = [
+    "Action",
+    "Authenticate",
+    "Close",
+    "Dispatch",
+    "Send",
+    "ServerHandshake",
+    "State",
+]
+
+
+class State(enum.Enum):
+    """Where a handshake stands; the driver acts on actions, not on states."""
+
+    GREETING = "greeting"  # waiting for VER NMETHODS METHODS
+    LOGIN = "login"  # method 02 chosen: waiting for the RFC 1929 request
+    CHECKING = "checking"  # Authenticate handed out: waiting for credentials_checked()
+    REQUEST = "request"  # waiting for VER CMD RSV ATYP DST.ADDR DST.PORT
+    COMMAND = "command"  # Dispatch handed out: waiting for reply()
+    BIND_WAIT = "bind wait"  # BIND's first reply sent: waiting for the second
+    ESTABLISHED = "established"  # success sent: relay (or UDP control) from here on
+    CLOSED = "closed"  # a final answer (or none) given: close the connection
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send these bytes to the client, whole, before the next action."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    """Check these RFC 1929 credentials; answer with credentials_checked()."""
+
+    username: bytes
+    password: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Carry out this request (rules, resolving, connecting); answer with reply()."""
+
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The handshake is over without a tunnel: close the connection (after any Send)."""
+
+    reason: str
+
+
+Action = Send | Authenticate | Dispatch | Close
+
+# The most bytes a state may hold without a whole message (each message's upper bound).
+_LIMITS = {
+    State.GREETING: MAX_GREETING_SIZE,
+    State.LOGIN: MAX_USERNAME_PASSWORD_SIZE,
+    State.REQUEST: MAX_REQUEST_SIZE,
+}
+
+
+class ServerHandshake:
+    """One client's SOCKS5 negotiation, from greeting to the reply that ends it.
+
+    ``authenticator`` chooses the method (and so whether a login is required);
+    ``session`` is the access-log record the handshake fills in (user, command, target,
+    reply, how it ended). The settings a connection began under travel with this object:
+    a reload does not change its policy halfway through.
+    """
+
+    __slots__ = ("authenticator", "buffer", "login_name", "request", "session", "state", "user")
+
+    def __init__(self, authenticator: Authenticator, session: Session) -> None:
+        self.authenticator = authenticator
+        self.session = session
+        self.state = State.GREETING
+        self.buffer = bytearray()
+        self.request: Request | None = None
+        self.user: str | None = None  # the login name once RFC 1929 succeeded
+        self.login_name = ""  # the name being checked
+
+    # ---- bytes in ----
+
+    def receive(self, data: bytes) -> list[Action]:
+        """Take bytes from the client; the actions they call for ([] : need more data).
+
+        Bytes that arrive while the driver is busy (checking credentials, carrying out the
+        request) are kept: a client may pipeline its request behind its login, and its
+        first payload behind its request (that is :meth:`early_data`).
+        """
+        if self.state is State.CLOSED:
+            return []
+        self.buffer += data
+        return self._advance()
+
+    def eof(self) -> list[Action]:
+        """The client closed its side before the handshake was complete."""
+        if self.state in (State.ESTABLISHED, State.CLOSED):
+            return []
+        return self._close("client closed during handshake", closed_by="client")
+
+    def timed_out(self) -> list[Action]:
+        """The handshake deadline passed (the driver keeps the clock)."""
+        if self.state in (State.ESTABLISHED, State.CLOSED):
+            return []
+        return self._close("handshake timeout")
+
+    def early_data(self) -> bytes:
+        """Bytes the client sent after its request: the first of the tunnel's payload."""
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data
+
+    # ---- the driver's answers ----
+
+    def credentials_checked(self, ok: bool) -> list[Action]:
+        """The outcome of an Authenticate: RFC 1929 §2 status, then on to the request."""
+        self._expect(State.CHECKING)
+        if not ok:
+            self.state = State.CLOSED
+            self.session.end = "authentication failed"
+            self.session.closed_by = "proxy"
+            return [Send(encode_auth_status(AuthStatus.FAILURE)), Close("authentication failed")]
+        self.user = self.login_name
+        self.state = State.REQUEST
+        return [Send(encode_auth_status(AuthStatus.SUCCESS)), *self._advance()]
+
+    def reply(self, reply: Reply, bound: Address | None = None, reason: str = "") -> list[Action]:
+        """Answer the dispatched request (RFC 1928 §6).
+
+        Success establishes the tunnel, except BIND's first reply (``bind_listening``);
+        any other code closes the connection with ``reason`` in the log.
+        """
+        self._expect(State.COMMAND, State.BIND_WAIT)
+        self.session.reply = reply
+        if reply is Reply.SUCCEEDED:
+            self.state = State.ESTABLISHED
+            return [Send(encode_reply(reply, bound))]
+        self.state = State.CLOSED
+        self.session.end = reason or f"reply {reply:02x}"
+        self.session.closed_by = "proxy"
+        return [Send(encode_reply(reply, bound)), Close(self.session.end)]
+
+    def bind_listening(self, bound: Address) -> list[Action]:
+        """BIND's first reply (RFC 1928 §4): where the peer must connect; the second reply
+        (who did, or a failure) comes with :meth:`reply`."""
+        self._expect(State.COMMAND)
+        if self.request is None or self.request.command is not Command.BIND:
+            raise RuntimeError("bind_listening() answers a BIND request only")
+        self.state = State.BIND_WAIT
+        return [Send(encode_reply(Reply.SUCCEEDED, bound))]
+
+    # ---- the steps ----
+
+    def _advance(self) -> list[Action]:
+        try:
+            if self.state is State.GREETING:
+                return self._greeting()
+            if self.state is State.LOGIN:
+                return self._login()
+            if self.state is State.REQUEST:
+                return self._request()
+        except ProtocolError as exc:
+            return self._refuse(exc)
+        return []  # CHECKING, COMMAND, BIND_WAIT, ESTABLISHED: bytes wait in the buffer
+
+    def _greeting(self) -> list[Action]:
+        parsed = parse_greeting(self.buffer)
+        if parsed is None:
+            return self._need_more()
+        greeting, used = parsed
+        del self.buffer[:used]
+        method = self.authenticator.choose_method(greeting.methods)
+        send = Send(encode_method_selection(method))
+        if method is Method.NO_ACCEPTABLE_METHODS:
+            # RFC 1928 §3: X'FF', and the client must close the connection.
+            return [send, *self._close("no acceptable method offered")]
+        # What follows may be pipelined behind the greeting: parse it now, under its own
+        # error handling, so the method's answer is sent even if that message is bad.
+        self.state = State.LOGIN if method is Method.USERNAME_PASSWORD else State.REQUEST
+        return [send, *self._advance()]
+
+    def _login(self) -> list[Action]:
+        parsed = parse_username_password(self.buffer)
+        if parsed is None:
+            return self._need_more()
+        credentials, used = parsed
+        del self.buffer[:used]
+        self.login_name = credentials.username.decode("utf-8", "backslashreplace")
+        self.session.user = self.login_name or "''"
+        self.state = State.CHECKING
+        return [Authenticate(credentials.username, credentials.password)]
+
+    def _request(self) -> list[Action]:
+        parsed = parse_request(self.buffer)
+        if parsed is None:
+            return self._need_more()
+        request, used = parsed
+        del self.buffer[:used]
+        self.request = request
+        self.session.command = request.command.name
+        self.session.target = str(request.address)
+        self.state = State.COMMAND
+        return [Dispatch(request)]
+
+    def _need_more(self) -> list[Action]:
+        limit = _LIMITS[self.state]
+        if len(self.buffer) >= limit:  # cannot happen with a well-formed prefix; be sure
+            return self._refuse(ProtocolError(f"message longer than {limit} bytes"))
+        return []
+
+    def _refuse(self, exc: ProtocolError) -> list[Action]:
+        """A malformed message: the reply it carries (a request's 07 or 08), then close."""
+        actions: list[Action] = []
+        if exc.reply is not None:
+            self.session.reply = exc.reply
+            actions.append(Send(encode_reply(exc.reply)))
+        return [*actions, *self._close(f"protocol error: {exc.message}")]
+
+    def _close(self, reason: str, closed_by: str = "proxy") -> list[Action]:
+        self.state = State.CLOSED
+        self.session.end = reason
+        self.session.closed_by = closed_by
+        return [Close(reason)]
+
+    def _expect(self, *states: State) -> None:
+        if self.state not in states:
+            raise RuntimeError(f"not expected in state {self.state.value!r}")
