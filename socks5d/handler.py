@@ -507,6 +507,8 @@ class Socks5Handler(BaseRequestHandler):
             idle_timeout=settings.udp_idle_timeout,
             outgoing=settings.outgoing,
             resolver=settings.resolver,
+            resolve_timeout=settings.resolve_timeout,
+            lookups=settings.lookups,
             allow=self.allow_datagram if settings.policy is not None else None,
         )
         session.up, session.down = stats.bytes_up, stats.bytes_down
