@@ -88,6 +88,8 @@ class LimitsConfig:
 class TimeoutsConfig:
     handshake: float = 10.0
     connect: float = 10.0
+    # A name lookup's bound (getaddrinfo has none of its own): then 04, or UDP drops.
+    resolve: float = 10.0
     connect_attempt_delay: float = 0.25  # RFC 8305 §5: "Connection Attempt Delay"
     idle: float = 3600.0  # 0 disables
     bind: float = 60.0
@@ -496,6 +498,7 @@ LIMITS_KEYS: dict[str, Callable[[Any], Any]] = {
 TIMEOUTS_KEYS: dict[str, Callable[[Any], Any]] = {
     "handshake": _positive_seconds,
     "connect": _positive_seconds,
+    "resolve": _positive_seconds,
     "connect_attempt_delay": _positive_seconds,
     "idle": _seconds,
     "bind": _positive_seconds,

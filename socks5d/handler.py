@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from .auth import Authenticator
 from .bind import ClientLeft, canonical_ip, expected_peer_ips, open_bind_listener, wait_for_peer
 from .config import Config
+from .lookups import LookupPool
 from .outbound import (
     ANY_SOURCE,
     ConnectFailed,
@@ -31,7 +32,6 @@ from .outbound import (
     SockAddr,
     connect_any,
     reply_for_error,
-    resolve,
     resolve_target,
     system_resolver,
 )
@@ -74,6 +74,7 @@ class HandlerSettings:
     authenticator: Authenticator = field(default_factory=Authenticator)
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
+    resolve_timeout: float = 10.0  # each name lookup (CONNECT, BIND, UDP destinations)
     idle_timeout: float | None = 3600.0
     bind_timeout: float = 60.0
     attempt_delay: float = 0.25
@@ -81,6 +82,7 @@ class HandlerSettings:
     udp_port_range: tuple[int, int] | None = None
     outgoing: OutgoingAddresses = ANY_SOURCE
     resolver: Resolver = system_resolver
+    lookups: LookupPool | None = None  # None: the process-wide pool (lookups.LOOKUPS)
     policy: Policy | None = None  # None: every destination allowed (tests, embedding)
     socket_buffer: int | str = "auto"  # server.socket_buffer (see relay.socket_buffer_for)
 
@@ -94,6 +96,7 @@ class HandlerSettings:
             authenticator=Authenticator.from_users(config.users, config.source),
             handshake_timeout=timeouts.handshake,
             connect_timeout=timeouts.connect,
+            resolve_timeout=timeouts.resolve,
             idle_timeout=timeouts.idle or None,
             bind_timeout=timeouts.bind,
             attempt_delay=timeouts.connect_attempt_delay,
@@ -383,6 +386,18 @@ class Socks5Handler(BaseRequestHandler):
                 session.rule = decision.reason
         return allowed
 
+    def resolve(self, address: Address) -> list[SockAddr]:
+        """The target's addresses, a name looked up within the resolve timeout on the
+        bounded lookup threads; ConnectFailed (04) when it fails, times out or no lookup
+        thread is free."""
+        settings = self.settings
+        return resolve_target(
+            address,
+            settings.resolver,
+            timeout=settings.resolve_timeout,
+            lookups=settings.lookups,
+        )
+
     def connect(self, request: Request, reader: HandshakeReader, session: Session) -> None:
         """RFC 1928 §4 CONNECT: reply with the outbound socket's address, then relay."""
         settings = self.settings
@@ -390,7 +405,7 @@ class Socks5Handler(BaseRequestHandler):
             self.deny(reader, session)
             return
         try:
-            candidates = resolve_target(request.address, settings.resolver)
+            candidates = self.resolve(request.address)
             allowed = self.allowed_candidates("connect", request.address, candidates, session)
             if not allowed:
                 self.deny(reader, session)
@@ -423,9 +438,9 @@ class Socks5Handler(BaseRequestHandler):
             self.deny(reader, session)
             return
         try:
-            candidates = resolve(request.address, settings.resolver)
-        except OSError as exc:
-            self.fail(reader, session, reply_for_error(exc), f"resolve failed: {exc}")
+            candidates = self.resolve(request.address)
+        except ConnectFailed as exc:
+            self.fail(reader, session, exc.reply, exc.reason)
             return
         candidates = self.allowed_candidates("bind", request.address, candidates, session)
         if not candidates:
@@ -496,6 +511,8 @@ class Socks5Handler(BaseRequestHandler):
             idle_timeout=settings.udp_idle_timeout,
             outgoing=settings.outgoing,
             resolver=settings.resolver,
+            resolve_timeout=settings.resolve_timeout,
+            lookups=settings.lookups,
             allow=self.allow_datagram if settings.policy is not None else None,
         )
         session.up, session.down = stats.bytes_up, stats.bytes_down

@@ -6,8 +6,12 @@ with staggered, non-blocking connects over one `select.poll`, so a dead first ad
 `attempt_delay`, not the whole connect timeout. Also the egress (source) address choice shared
 with BIND (`OutgoingAddresses`, `egress_address`).
 
-Knows the `Address` record from protocol.py, nothing of the handshake; imports nothing else of
-socks5d.
+Names are resolved on the bounded lookup threads of lookups.py within a time limit
+(`resolve`), and handed to getaddrinfo as the ASCII bytes the client sent
+(`system_resolver`).
+
+Knows the `Address` record from protocol.py and the lookup pool of lookups.py, nothing of the
+handshake; imports nothing else of socks5d.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from .lookups import LOOKUPS, LookupBusy, LookupPool, LookupTimedOut
 from .protocol import Address, AddressType, Reply
 
 logger = logging.getLogger(__name__)
@@ -61,19 +66,51 @@ SockAddr = tuple[socket.AddressFamily, tuple]
 Resolver = Callable[[str, int], list[SockAddr]]
 
 
-def system_resolver(host: str, port: int) -> list[SockAddr]:
-    """getaddrinfo for a TCP target, in the order the system prefers."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+def host_for_resolver(host: str) -> str | bytes:
+    """The host as getaddrinfo should get it: an ASCII name as its bytes, untouched.
+
+    Given a str, Python's socket module runs the name through its IDNA codec first, which
+    refuses names the system resolver handles (a label over 63 characters, as in the long
+    numeric forms of an IPv4 address). Names off the wire are ASCII already (protocol.py
+    turns a UTF-8 name into its A-label form); a non-ASCII str from an embedding caller still
+    goes through the codec.
+    """
+    return host.encode("ascii") if host.isascii() else host
+
+
+def address_info(host: str, port: int, kind: socket.SocketKind, proto: int) -> list[SockAddr]:
+    """getaddrinfo for `host` (as `host_for_resolver` gives it), in the order the system
+    prefers, as (family, sockaddr) pairs."""
+    infos = socket.getaddrinfo(host_for_resolver(host), port, type=kind, proto=proto)
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
-def resolve(address: Address, resolver: Resolver = system_resolver) -> list[SockAddr]:
-    """Literal addresses skip DNS; names go through `resolver`."""
+def system_resolver(host: str, port: int) -> list[SockAddr]:
+    """getaddrinfo for a TCP target, in the order the system prefers."""
+    return address_info(host, port, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+
+
+def resolve(
+    address: Address,
+    resolver: Resolver = system_resolver,
+    *,
+    timeout: float | None = None,
+    lookups: LookupPool | None = None,
+) -> list[SockAddr]:
+    """Literal addresses skip DNS; names go through `resolver`.
+
+    With a `timeout`, the lookup runs on the lookup pool (`lookups`, else the process-wide
+    one) and raises LookupTimedOut past it, LookupBusy when the pool is full. Without one it
+    runs in the calling thread, unbounded: only for callers that bound it some other way.
+    """
     if address.type is AddressType.IPV4:
         return [(socket.AF_INET, (address.host, address.port))]
     if address.type is AddressType.IPV6:
         return [(socket.AF_INET6, (address.host, address.port, 0, 0))]
-    return resolver(address.host, address.port)
+    if timeout is None:
+        return resolver(address.host, address.port)
+    pool = lookups if lookups is not None else LOOKUPS
+    return pool.run(resolver, address.host, address.port, timeout=timeout)
 
 
 Candidate = TypeVar("Candidate", bound=tuple)
@@ -154,8 +191,10 @@ def open_connection(
     *,
     attempt_delay: float = 0.25,
     outgoing: OutgoingAddresses = ANY_SOURCE,
+    resolve_timeout: float | None = None,
 ) -> socket.socket:
-    """Connect to `address` the Happy Eyeballs way (RFC 8305) within `timeout` overall.
+    """Connect to `address` the Happy Eyeballs way (RFC 8305) within `timeout` overall,
+    after resolving a name within `resolve_timeout` (None: `timeout` again).
 
     The resolved addresses are interleaved by family (`interleave`); the first attempt starts
     at once and each next one after `attempt_delay` seconds or as soon as the previous attempt
@@ -163,17 +202,31 @@ def open_connection(
     closed. Returns a blocking socket without a timeout. Raises ConnectFailed with the most
     informative failure (`most_informative_failure`) when no address accepts.
     """
-    return connect_any(
-        resolve_target(address, resolver), timeout, attempt_delay=attempt_delay, outgoing=outgoing
-    )
+    bound = timeout if resolve_timeout is None else resolve_timeout
+    candidates = resolve_target(address, resolver, timeout=bound)
+    return connect_any(candidates, timeout, attempt_delay=attempt_delay, outgoing=outgoing)
 
 
-def resolve_target(address: Address, resolver: Resolver = system_resolver) -> list[SockAddr]:
-    """`resolve`, with failures as ConnectFailed carrying their reply (DNS failure: 04)."""
+def resolve_target(
+    address: Address,
+    resolver: Resolver = system_resolver,
+    *,
+    timeout: float | None = None,
+    lookups: LookupPool | None = None,
+) -> list[SockAddr]:
+    """`resolve`, with failures as ConnectFailed carrying their reply: a name that does not
+    resolve, does not resolve in time, or cannot be looked up now (every lookup thread
+    busy) is 04, host unreachable (RFC 1928 §6)."""
     try:
-        candidates = resolve(address, resolver)
-    except OSError as exc:
+        candidates = resolve(address, resolver, timeout=timeout, lookups=lookups)
+    except LookupTimedOut:
+        raise ConnectFailed(Reply.HOST_UNREACHABLE, "resolve timed out") from None
+    except LookupBusy as exc:
+        raise ConnectFailed(Reply.HOST_UNREACHABLE, f"resolver busy: {exc}") from None
+    except OSError as exc:  # gaierror, mostly
         raise ConnectFailed(reply_for_error(exc), f"resolve failed: {exc}") from None
+    except ValueError as exc:  # UnicodeError: a name the IDNA codec refuses leads nowhere
+        raise ConnectFailed(Reply.HOST_UNREACHABLE, f"resolve failed: {exc}") from None
     if not candidates:
         raise ConnectFailed(Reply.HOST_UNREACHABLE, "resolve returned no address")
     return candidates

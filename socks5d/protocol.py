@@ -149,13 +149,17 @@ class ProtocolError(Exception):
         return f"ProtocolError({self.message!r}, reply={self.reply!r})"
 
 
-# A domain name we are willing to hand to the resolver: dot-separated labels of 1 to 63
-# letters, digits, hyphens or underscores (underscores occur in real host names, e.g. SRV-style
-# and some intranet names), with an optional trailing root dot. No spaces, NULs, control bytes,
-# '/', '@', '%' or ':' that could confuse getaddrinfo or a log line.
-_DOMAIN_RE = re.compile(rb"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?")
-# RFC 1035 §2.3.4: 255 octets on the wire is 253 characters of text (254 with the root dot).
-_MAX_DOMAIN_TEXT = 253
+# A domain name we are willing to hand to the resolver: dot-separated labels of letters,
+# digits, hyphens or underscores (underscores occur in real host names, e.g. SRV-style and
+# some intranet names), with an optional trailing root dot. No spaces, NULs, control bytes,
+# '/', '@', '%' or ':' that could confuse getaddrinfo or a log line. The lengths are the
+# resolver's to judge, not ours: DNS (RFC 1035 §2.3.4) takes labels of up to 63 octets and
+# names of up to 253 characters, but the system resolver also answers names that never go
+# to DNS (the numbers-and-dots forms of an IPv4 address, /etc/hosts), and refuses on its own,
+# without a query, a name that DNS cannot carry.
+_DOMAIN_RE = re.compile(rb"(?:[A-Za-z0-9_-]+\.)*[A-Za-z0-9_-]+\.?")
+# RFC 1928 §5: the name's length is one octet, so the longest name a client can send.
+_MAX_DOMAIN_TEXT = 255
 
 
 def _normalize_domain(raw: bytes) -> str | None:

@@ -12,15 +12,22 @@ address family). Remote → client: the payload is wrapped in the same header na
 and sent to the client's UDP address. Datagrams that fail a check are dropped and counted, never
 answered: UDP has no error channel, and the RFC asks a relay to drop silently.
 
+A name is looked up off the loop, on the bounded threads of ``socks5d.lookups``, within
+``resolve_timeout``: while it resolves, its datagrams wait in a small queue (past it they are
+dropped) and every other destination keeps flowing; a lookup that times out drops what waited
+for it. A resolver that never answers thus costs the datagrams to that one name, not the
+association.
+
 Filtering is on the client side only: any remote may answer through the relay's remote-facing
 sockets once the client has used them (what NAT people call "full cone"), which is what
 peer-to-peer and DNS-over-several-servers clients need. Access rules for destinations come in
 through the ``allow`` callback.
 
-It imports the standard library, ``socks5d.protocol`` (the wire format) and the
-``OutgoingAddresses`` record of ``socks5d.outbound``; it must not import the handler or the
-server, so it can be tested without a running proxy. The caller owns and closes the control socket;
-``serve_association`` closes every UDP socket, the endpoint included.
+It imports the standard library, ``socks5d.protocol`` (the wire format), the lookup pool of
+``socks5d.lookups`` and the ``OutgoingAddresses`` record and getaddrinfo wrapper of
+``socks5d.outbound``; it must not import the handler or the server, so it can be tested without
+a running proxy. The caller owns and closes the control socket; ``serve_association`` closes
+every UDP socket, the endpoint included.
 """
 
 from __future__ import annotations
@@ -33,12 +40,15 @@ import math
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
-from .outbound import ANY_SOURCE, OutgoingAddresses
+from .lookups import LOOKUPS, LookupBusy, LookupPool
+from .outbound import ANY_SOURCE, OutgoingAddresses, address_info
 from .protocol import Address, AddressType, ProtocolError, encode_udp_datagram, parse_udp_datagram
 
 __all__ = [
@@ -67,9 +77,15 @@ _BATCH = 64
 # Bounds on the per-association caches (a client can name any number of destinations).
 _DNS_CACHE_SIZE = 256
 _HEADER_CACHE_SIZE = 256
-# A failed lookup is remembered briefly: getaddrinfo blocks this loop, and a client retrying an
-# unresolvable name every millisecond must not turn into one DNS query per datagram.
+# A failed or timed-out lookup is remembered briefly: a client retrying an unresolvable name
+# every millisecond must not turn into one DNS query (and one lookup thread) per datagram.
 _NEGATIVE_CACHE_SECONDS = 5.0
+# Names one association may have being looked up at once; a datagram to another new name is
+# dropped meanwhile. Keeps one client from taking the process-wide lookup threads.
+_PENDING_NAMES = 8
+# Datagrams that wait for their name to resolve: per name, and in bytes per association.
+_QUEUED_PER_NAME = 8
+_QUEUED_BYTES = 256 * 1024
 # errno values from the control socket that mean "the client went away", not an error.
 _GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
 
@@ -96,8 +112,16 @@ class UdpStats:
 
 def system_resolver(host: str, port: int) -> list[SockAddr]:
     """getaddrinfo for a UDP destination, in the order the system prefers."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP)
-    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+    return address_info(host, port, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """A name being resolved for an association, and the datagrams waiting for it."""
+
+    future: Future[list[SockAddr]]
+    deadline: float
+    queued: list[tuple[Address, bytes]] = field(default_factory=list)
 
 
 def _canonical_ip(text: str) -> str:
@@ -157,6 +181,8 @@ def serve_association(
     resolver: Resolver | None = None,
     allow: Callable[[Address, tuple[Any, ...] | None], bool] | None = None,
     dns_cache_seconds: float = 30.0,
+    resolve_timeout: float = 10.0,
+    lookups: LookupPool | None = None,
 ) -> UdpStats:
     """Relay datagrams between the client and remotes until the control connection ends.
 
@@ -169,6 +195,9 @@ def serve_association(
     connection closes or is shut down, or after ``idle_timeout`` seconds without a datagram
     either way (None: never).
     Bad datagrams are dropped and counted; nothing a peer sends makes this raise.
+
+    Names are resolved on ``lookups`` (default: the process-wide pool), each within
+    ``resolve_timeout`` seconds, and cached for ``dns_cache_seconds``.
 
     ``control`` is left open (its timeout restored); the endpoint and every UDP socket opened
     here are closed, so the port is free again when this returns.
@@ -186,6 +215,8 @@ def serve_association(
         resolver=resolver or system_resolver,
         allow=allow,
         dns_cache_seconds=dns_cache_seconds,
+        resolve_timeout=resolve_timeout,
+        lookups=lookups if lookups is not None else LOOKUPS,
     )
     saved_timeout = control.gettimeout()
     try:
@@ -226,6 +257,8 @@ class _Association:
         resolver: Resolver,
         allow: Callable[[Address, tuple[Any, ...] | None], bool] | None,
         dns_cache_seconds: float,
+        resolve_timeout: float,
+        lookups: LookupPool,
     ) -> None:
         self.stats = UdpStats()
         self.control = control
@@ -235,6 +268,8 @@ class _Association:
         self.resolver = resolver
         self.allow = allow
         self.dns_cache_seconds = max(0.0, dns_cache_seconds)
+        self.resolve_timeout = resolve_timeout
+        self.lookups = lookups
         self.poller = select.poll()
         self.registered: list[int] = []
 
@@ -272,6 +307,14 @@ class _Association:
         self.dns: dict[tuple[str, int], tuple[float, tuple[SockAddr, ...]]] = {}
         # (ip, port) of a remote → the RFC 1928 §7 header naming it.
         self.headers: dict[tuple[str, int], bytes] = {}
+        # (host, port) → its lookup in progress, and what waits for it.
+        self.pending: dict[tuple[str, int], _Lookup] = {}
+        self.queued_bytes = 0
+        # A socket pair a finished lookup writes a byte to, to wake the poll loop; made on
+        # the first lookup. The lock keeps a worker from writing to it as it is closed.
+        self.wake_lock = threading.Lock()
+        self.wake_in: socket.socket | None = None
+        self.wake_out: socket.socket | None = None
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -286,24 +329,23 @@ class _Association:
         endpoint_fd = self.endpoint.fileno()
         last_activity = time.monotonic()
         while True:
-            timeout_ms: int | None = None
-            if self.idle_timeout is not None:
-                # Recomputed on every pass, so wake-ups that bring nothing from the client or a
-                # remote (foreign datagrams, bytes on the control connection) never stretch it.
-                remaining = last_activity + self.idle_timeout - time.monotonic()
-                if remaining <= 0:
-                    return "idle timeout"
-                timeout_ms = math.ceil(remaining * 1000)
-            events = self.poller.poll(timeout_ms)
-            if not events:
-                continue
-            ready = dict(events)
+            now = time.monotonic()
+            # Recomputed on every pass, so wake-ups that bring nothing from the client or a
+            # remote (foreign datagrams, bytes on the control connection) never stretch it.
+            if self.idle_timeout is not None and now >= last_activity + self.idle_timeout:
+                return "idle timeout"
+            ready = dict(self.poller.poll(self.wait_ms(now, last_activity)))
             # The control connection first: once it has ended, nothing more is forwarded.
             event = ready.pop(control_fd, 0)
             if event:
                 end = self.serve_control(event)
                 if end is not None:
                     return end
+            if self.wake_in is not None and ready.pop(self.wake_in.fileno(), 0):
+                self.drain_wake_ups()
+            if self.pending:
+                # Before new datagrams: what waited for a name goes out first.
+                self.tend_lookups(time.monotonic())
             active = False
             for fd, event in ready.items():
                 sock = self.endpoint if fd == endpoint_fd else self.remote_fds[fd]
@@ -322,6 +364,16 @@ class _Association:
             if active:
                 last_activity = time.monotonic()
 
+    def wait_ms(self, now: float, last_activity: float) -> int | None:
+        """How long poll may wait: until the idle timeout, or the deadline of the oldest
+        lookup still running (to give up on it in time); None: for ever."""
+        deadlines = [lookup.deadline for lookup in self.pending.values()]
+        if self.idle_timeout is not None:
+            deadlines.append(last_activity + self.idle_timeout)
+        if not deadlines:
+            return None
+        return math.ceil(max(min(deadlines) - now, 0.0) * 1000)
+
     def watch(self, sock: socket.socket) -> None:
         self.poller.register(sock.fileno(), _POLLIN)
         self.registered.append(sock.fileno())
@@ -332,6 +384,15 @@ class _Association:
                 self.poller.unregister(fd)
         for sock in (*self.remotes.values(), self.endpoint):
             sock.close()
+        for lookup in self.pending.values():
+            self.stats.dropped += len(lookup.queued)  # their name never resolved in time
+            lookup.future.cancel()  # only if it has not started; else it runs out unwatched
+        self.pending.clear()
+        with self.wake_lock:
+            for wake in (self.wake_in, self.wake_out):
+                if wake is not None:
+                    wake.close()
+            self.wake_in = self.wake_out = None
 
     def serve_control(self, event: int) -> str | None:
         """Read and discard what the client sends on the control connection; say if it ended."""
@@ -419,23 +480,35 @@ class _Association:
         return self.expected_ip is None or _canonical_ip(ip) == self.expected_ip
 
     def forward(self, address: Address, data: bytes) -> None:
-        if (
-            self.allow is not None
-            and address.type is AddressType.DOMAINNAME
-            and not self.allow(address, None)
-        ):
+        if address.type is not AddressType.DOMAINNAME:
+            self.send_out(address, self.literal_destinations(address), data)
+            return
+        if self.allow is not None and not self.allow(address, None):
             # Denied by name whatever it resolves to: no DNS lookup for it.
             self.drop("destination %s denied", address)
             return
-        candidates = self.destinations(address)
+        key = (address.host, address.port)
+        lookup = self.pending.get(key)
+        if lookup is not None and lookup.future.done():
+            self.settle(key, lookup)  # the datagrams that waited go before this one
+            lookup = None
+        if lookup is not None:
+            self.enqueue(lookup, address, data)
+            return
+        cached = self.dns.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            self.send_out(address, cached[1], data)
+            return
+        self.start_lookup(key, address, data)
+
+    def send_out(self, address: Address, candidates: tuple[SockAddr, ...], data: bytes) -> None:
+        """Send one datagram to the first of ``candidates`` the rules allow that takes it."""
         if not candidates:
             self.drop("unresolvable destination %s", address)
             return
         failure: BaseException | None = None
-        denied = 0
         for family, sockaddr in candidates:
             if self.allow is not None and not self.allow(address, sockaddr):
-                denied += 1
                 continue
             try:
                 self.remote_socket(family).sendto(data, sockaddr)
@@ -450,10 +523,8 @@ class _Association:
         else:
             self.drop("sending to %s failed: %s", address, failure)
 
-    def destinations(self, address: Address) -> tuple[SockAddr, ...]:
-        """Where to send a datagram for ``address``: literals as they are, names resolved."""
-        if address.type is AddressType.IPV4:
-            return ((socket.AF_INET, (address.host, address.port)),)
+    def literal_destinations(self, address: Address) -> tuple[SockAddr, ...]:
+        """Where to send a datagram for an IP literal ``address``."""
         if address.type is AddressType.IPV6:
             if address.host.startswith("::ffff:"):
                 # An IPv4-mapped destination goes out of the IPv4 socket (and outgoing.ipv4).
@@ -461,29 +532,98 @@ class _Association:
                 if ":" not in host:
                     return ((socket.AF_INET, (host, address.port)),)
             return ((socket.AF_INET6, (address.host, address.port, 0, 0)),)
-        return self.resolve(address.host, address.port)
+        return ((socket.AF_INET, (address.host, address.port)),)
 
-    def resolve(self, host: str, port: int) -> tuple[SockAddr, ...]:
-        key = (host, port)
-        now = time.monotonic()
-        cached = self.dns.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+    # --- names, resolved off the loop ------------------------------------------------------
+
+    def start_lookup(self, key: tuple[str, int], address: Address, data: bytes) -> None:
+        """Look ``address`` up on the lookup pool; the datagram waits for the answer."""
+        if len(self.pending) >= _PENDING_NAMES:
+            self.drop("%d names are being resolved already; not %s", len(self.pending), address)
+            return
+        self.open_wake_up()
         try:
-            results = self.resolver(host, port)
+            future = self.lookups.submit(self.resolver, address.host, address.port)
+        except LookupBusy as exc:
+            self.drop("no lookup thread for %s: %s", address, exc)
+            return
+        lookup = _Lookup(future, time.monotonic() + self.resolve_timeout)
+        self.pending[key] = lookup
+        self.enqueue(lookup, address, data)
+        future.add_done_callback(self.wake_up)
+
+    def enqueue(self, lookup: _Lookup, address: Address, data: bytes) -> None:
+        """Hold a datagram until its name resolves, within the queue's bounds."""
+        if len(lookup.queued) >= _QUEUED_PER_NAME or (
+            self.queued_bytes + len(data) > _QUEUED_BYTES
+        ):
+            self.drop("queue full while %s resolves", address)
+            return
+        lookup.queued.append((address, data))
+        self.queued_bytes += len(data)
+
+    def tend_lookups(self, now: float) -> None:
+        """Send what waited for the lookups that finished; give up on the overdue ones."""
+        for key, lookup in list(self.pending.items()):
+            if lookup.future.done():
+                self.settle(key, lookup)
+            elif lookup.deadline <= now:
+                del self.pending[key]
+                logger.debug("resolving %s timed out", key[0])
+                self.remember(key, ())  # not looked up again at once: its thread is still busy
+                for address, data in lookup.queued:
+                    self.queued_bytes -= len(data)
+                    self.drop("resolving %s timed out", address)
+
+    def settle(self, key: tuple[str, int], lookup: _Lookup) -> None:
+        """A lookup finished: cache its answer and send what waited for it."""
+        del self.pending[key]
+        try:
+            results = lookup.future.result(timeout=0)
         except (OSError, ValueError) as exc:  # gaierror; UnicodeError from IDNA is a ValueError
-            logger.debug("resolving %s failed: %s", host, exc)
+            logger.debug("resolving %s failed: %s", key[0], exc)
             results = []
         candidates = tuple((family, sa) for family, sa in results if family in _IP_FAMILIES)
+        self.remember(key, candidates)
+        for address, data in lookup.queued:
+            self.queued_bytes -= len(data)
+            self.send_out(address, candidates, data)
+
+    def remember(self, key: tuple[str, int], candidates: tuple[SockAddr, ...]) -> None:
+        """Cache a lookup's answer (a failure only briefly), the oldest entry evicted first."""
         ttl = self.dns_cache_seconds
         if not candidates:
             ttl = min(ttl, _NEGATIVE_CACHE_SECONDS)
-        if ttl > 0:
-            self.dns.pop(key, None)  # re-inserted at the end: the oldest entry is evicted first
-            if len(self.dns) >= _DNS_CACHE_SIZE:
-                del self.dns[next(iter(self.dns))]
-            self.dns[key] = (now + ttl, candidates)
-        return candidates
+        if ttl <= 0:
+            return
+        self.dns.pop(key, None)  # re-inserted at the end: the oldest entry is evicted first
+        if len(self.dns) >= _DNS_CACHE_SIZE:
+            del self.dns[next(iter(self.dns))]
+        self.dns[key] = (time.monotonic() + ttl, candidates)
+
+    def open_wake_up(self) -> None:
+        """The socket pair that finished lookups wake the loop through, made once."""
+        if self.wake_in is not None:
+            return
+        wake_in, wake_out = socket.socketpair()
+        wake_in.setblocking(False)
+        wake_out.setblocking(False)
+        with self.wake_lock:
+            self.wake_in, self.wake_out = wake_in, wake_out
+        self.watch(wake_in)
+
+    def wake_up(self, _future: Future[list[SockAddr]]) -> None:
+        """A lookup finished (called in its worker thread): wake the loop."""
+        with self.wake_lock:
+            if self.wake_out is not None:
+                with contextlib.suppress(OSError):  # full: a wake-up is pending already
+                    self.wake_out.send(b"\0")
+
+    def drain_wake_ups(self) -> None:
+        assert self.wake_in is not None
+        with contextlib.suppress(OSError):
+            while self.wake_in.recv(4096):
+                pass
 
     def remote_socket(self, family: int) -> socket.socket:
         """The remote-facing socket for ``family``, opened (and bound) on first use."""

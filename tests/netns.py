@@ -17,6 +17,8 @@ when `unshare` or `ip` is missing or unsharing is not permitted (not root).
 
 The namespace also gets its own PID namespace where util-linux allows it, so a timeout
 that kills the snippet takes every process it started (a daemon, a forked child) along.
+With `mount=True` it also gets a private mount namespace, where the snippet may bind-mount
+files over system ones (say /etc/resolv.conf) that no other process sees.
 """
 
 from __future__ import annotations
@@ -110,13 +112,20 @@ def netns_only(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def run_in_netns(
-    code: str, *, timeout: float = NETNS_TIMEOUT, env: dict[str, str] | None = None
+    code: str,
+    *,
+    timeout: float = NETNS_TIMEOUT,
+    env: dict[str, str] | None = None,
+    mount: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Run a Python snippet in a fresh network namespace; cwd is the repository root and
-    `tests/` is importable (conftest, clients, the test modules). Bounded by `timeout`."""
+    `tests/` is importable (conftest, clients, the test modules). Bounded by `timeout`.
+    `mount`: in a private mount namespace too (mounts made there stay there)."""
     command, reason = _unshare_command()
     if command is None:
         pytest.skip(reason)
+    if mount:
+        command = (command[0], "--mount", *command[1:])
     guarded = "from netns import assert_isolated\nassert_isolated()\n" + textwrap.dedent(code)
     python_path = [str(TESTS), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     environment = {
@@ -138,10 +147,14 @@ def run_in_netns(
 
 
 def json_in_netns(
-    code: str, *, timeout: float = NETNS_TIMEOUT, env: dict[str, str] | None = None
+    code: str,
+    *,
+    timeout: float = NETNS_TIMEOUT,
+    env: dict[str, str] | None = None,
+    mount: bool = False,
 ) -> Any:
     """Run `code` in a namespace; it must exit 0 and print JSON as its last stdout line."""
-    result = run_in_netns(code, timeout=timeout, env=env)
+    result = run_in_netns(code, timeout=timeout, env=env, mount=mount)
     lines = result.stdout.strip().splitlines()
     assert result.returncode == 0 and lines, (
         f"netns snippet failed with exit code {result.returncode}\n"
@@ -150,7 +163,9 @@ def json_in_netns(
     return json.loads(lines[-1])
 
 
-def call_in_netns(function: Callable[..., Any], *args: Any, timeout: float = NETNS_TIMEOUT) -> Any:
+def call_in_netns(
+    function: Callable[..., Any], *args: Any, timeout: float = NETNS_TIMEOUT, mount: bool = False
+) -> Any:
     """`function(*args)` in a private network namespace; returns its JSON-able result.
 
     `function` must be a module-level function of a module under tests/, and `args`
@@ -166,4 +181,6 @@ def call_in_netns(function: Callable[..., Any], *args: Any, timeout: float = NET
         "print()\n"
         "print(json.dumps(result))\n"
     )
-    return json_in_netns(code, timeout=timeout, env={"NETNS_ARGS": json.dumps(list(args))})
+    return json_in_netns(
+        code, timeout=timeout, env={"NETNS_ARGS": json.dumps(list(args))}, mount=mount
+    )

@@ -160,12 +160,18 @@ def test_connection_refused_gets_05_then_close(proxy):
         assert recv_all(sock) == b""
 
 
-def test_unresolvable_name_gets_04(threading_proxy):
+def test_unresolvable_name_gets_04():
+    # The resolver's answer for an unknown name, injected: a real lookup of it would send a
+    # query to the machine's name server, off this host.
+    def resolver(host: str, port: int):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
     target = Address(AddressType.DOMAINNAME, "no-such-host.invalid", 80)
-    sock, reply, _ = open_tunnel(threading_proxy.address, target)
-    with sock:
-        assert reply == Reply.HOST_UNREACHABLE
-        assert recv_all(sock) == b""
+    with running_proxy(resolver=resolver) as proxy:
+        sock, reply, _ = open_tunnel(proxy.address, target)
+        with sock:
+            assert reply == Reply.HOST_UNREACHABLE
+            assert recv_all(sock) == b""
 
 
 def test_unknown_command_gets_07(proxy):
