@@ -22,6 +22,7 @@ ALLOWED = {
     "systemd": set(),
     "privileges": set(),
     "session": {"protocol"},
+    "handshake": {"protocol", "session", "auth"},
     "rules": {"config", "protocol"},
     "auth": {"protocol", "config"},
     "addresses": set(),
