@@ -1,0 +1,190 @@
+"""socks5d.shmem: memory shared with forked processes, and a lock that a killed holder
+cannot keep (the kernel drops an fcntl record lock when its process ends).
+
+Children are forked from the test process, do one small thing and leave with
+os._exit(); every wait on them or on a lock has a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+from clients import TIMEOUT
+
+from socks5d.shmem import RobustLock, SharedBytes, SharedInts, anonymous_file
+
+
+def fork_child(body: Callable[[], int]) -> int:
+    """Fork a child that runs `body` and exits with its status (1 on an exception)."""
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            status = body()
+        finally:
+            os._exit(status)
+    return pid
+
+
+def exit_code(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def finishes(action: Callable[[], object], timeout: float = TIMEOUT) -> bool:
+    """Whether `action` returns within `timeout` (run in a daemon thread: a hang is
+    reported, not inherited by the rest of the run)."""
+    done = threading.Event()
+
+    def run() -> None:
+        action()
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(timeout)
+
+
+def die_holding(lock: RobustLock) -> int:
+    """Fork a child that takes `lock` and is SIGKILLed while holding it; reaped."""
+
+    def body() -> int:
+        lock.acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+
+    pid = fork_child(body)
+    assert exit_code(pid) == -signal.SIGKILL
+    return pid
+
+
+def take_and_release(lock: RobustLock) -> None:
+    with lock:
+        pass
+
+
+# ---- RobustLock ----
+
+
+def test_a_holder_killed_with_the_lock_does_not_block_the_others():
+    fd = anonymous_file()
+    lock = RobustLock(fd)
+    die_holding(lock)
+    assert finishes(lambda: take_and_release(lock))
+    os.close(fd)
+
+
+def test_the_lock_excludes_another_process_until_released():
+    fd = anonymous_file()
+    lock = RobustLock(fd)
+    took, release = os.pipe(), os.pipe()
+
+    def hold_until_told() -> int:
+        with lock:
+            os.write(took[1], b"x")
+            os.read(release[0], 1)
+        return 0
+
+    pid = fork_child(hold_until_told)
+    assert os.read(took[0], 1) == b"x"
+    acquired = threading.Event()
+
+    def take() -> None:
+        with lock:
+            acquired.set()
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    # The child holds it: the other process must still be waiting after this long.
+    assert not acquired.wait(0.3)
+    os.write(release[1], b"x")
+    assert acquired.wait(TIMEOUT)
+    thread.join(TIMEOUT)
+    assert exit_code(pid) == 0
+    for end in (*took, *release, fd):
+        os.close(end)
+
+
+def test_the_lock_excludes_other_threads_of_the_same_process():
+    # fcntl record locks belong to the process: only the thread lock keeps two threads apart.
+    fd = anonymous_file()
+    lock = RobustLock(fd)
+    lock.acquire()
+    acquired = threading.Event()
+
+    def take() -> None:
+        with lock:
+            acquired.set()
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    assert not acquired.wait(0.3)
+    lock.release()
+    assert acquired.wait(TIMEOUT)
+    thread.join(TIMEOUT)
+    os.close(fd)
+
+
+def test_a_child_forked_while_another_thread_holds_the_lock_can_take_it():
+    fd = anonymous_file()
+    lock = RobustLock(fd)
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            holding.set()
+            done.wait(TIMEOUT)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert holding.wait(TIMEOUT)
+    try:
+        # The child has neither the other thread nor its record lock; after the parent's
+        # thread lets go, the child gets the lock (its thread lock is a fresh one).
+        def take_after_release() -> int:
+            lock.acquire()
+            lock.release()
+            return 0
+
+        pid = fork_child(take_after_release)
+    finally:
+        done.set()
+    holder.join(TIMEOUT)
+    assert exit_code(pid) == 0
+    os.close(fd)
+
+
+# ---- SharedInts and SharedBytes ----
+
+
+def test_shared_ints_start_at_zero_and_are_shared_with_children():
+    shared = SharedInts(1000)
+    assert shared.values[0:1000].tolist() == [0] * 1000
+
+    def add() -> int:
+        for _ in range(100):
+            with shared.lock:
+                shared.values[999] += 1
+        return 0
+
+    pids = [fork_child(add) for _ in range(4)]
+    assert [exit_code(pid) for pid in pids] == [0] * 4
+    assert shared.values[999] == 400
+    shared.values[0] = -(2**63)  # signed 64-bit
+    assert shared.values[0] == -(2**63)
+
+
+def test_shared_bytes_publishes_whole_generations_to_children():
+    box = SharedBytes()
+    assert box.read() == (0, b"")
+    assert box.publish(b"first") == 1
+    data = os.urandom(300_000)  # far above one page and a pipe's buffer
+
+    def read_second() -> int:
+        generation, seen = box.read()
+        return 0 if (generation, seen) == (2, data) else 1
+
+    assert box.publish(data) == 2
+    assert exit_code(fork_child(read_second)) == 0
+    assert box.publish(b"") == 3 and box.read() == (3, b"")
