@@ -11,7 +11,9 @@ serving thread.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import resource
@@ -31,7 +33,7 @@ from .limits import UserSlots
 from .logs import configure_logging
 from .privileges import drop_privileges
 from .rules import exposure_problem
-from .server import ForkingTCPServer, ThreadingTCPServer
+from .server import ForkingTCPServer, ThreadingTCPServer, reap_child
 
 logger = logging.getLogger("socks5d")
 
@@ -97,6 +99,9 @@ class ThreadingSocksServer(SocksServerMixIn, ThreadingTCPServer):
 class ForkingSocksServer(SocksServerMixIn, ForkingTCPServer):
     """One process per client; children see the settings current when they forked."""
 
+    def child_exited(self, pid: int, code: int) -> None:
+        give_back_slots(self.user_slots, pid, code)
+
 
 SocksServer = ThreadingSocksServer | ForkingSocksServer
 
@@ -116,6 +121,22 @@ def attach_relay_hubs(server: ThreadingSocksServer, count: int) -> HubPool:
     server.accept_elsewhere = True
     pool.serve_listeners(server.listeners(), server.accept_ready)
     return pool
+
+
+def give_back_slots(slots: UserSlots | None, pid: int, code: int) -> int:
+    """Process `pid` ended (not reaped yet): free the per-user slots it still held
+    (killed mid-tunnel). `code`: exit status, or minus the signal that killed it."""
+    if slots is None:
+        return 0
+    given_back = slots.reconcile(pid)
+    if given_back:
+        logger.warning(
+            "process %d %s holding %d per-user slot(s); given back",
+            pid,
+            _exit_text(code),
+            given_back,
+        )
+    return given_back
 
 
 def apply_logging(config: Config) -> None:
@@ -390,9 +411,12 @@ class Supervisor:
 
     The parent binds, forks the workers and then only waits for signals: SIGTERM/SIGINT
     and SIGHUP are passed on to every worker (each drains or reloads itself), a worker
-    that dies is logged and replaced (at most once a second per slot). Limits count per
-    worker; the login back-off and per-user slots live in shared memory and count for
-    all of them.
+    that dies is logged and replaced (at most once a second per slot), and the per-user
+    slots it held are given back. Limits count per worker; the login back-off and
+    per-user slots live in shared memory and count for all of them.
+
+    The parent is a child subreaper (Linux): a forking worker's children that outlive
+    it become the parent's to reap, and their slots too are given back when they end.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
@@ -407,6 +431,7 @@ class Supervisor:
     def run(self) -> int:
         # Blocked, the signals queue up for sigwaitinfo(): no handler runs between checks.
         previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        become_subreaper()
         try:
             for _ in range(self.count):
                 self.start_worker(previous_mask)
@@ -464,22 +489,38 @@ class Supervisor:
             systemd.ready(f"{len(self.workers)} workers")
 
     def reap(self, block: bool, previous_mask: Any = None) -> None:
+        server = self.daemon.server
+        slots = server.user_slots if server else None
         while self.workers:
             try:
-                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+                # Slots are given back before another process can be given the PID.
+                ended = reap_child(functools.partial(give_back_slots, slots), block=block)
             except ChildProcessError:
                 self.workers.clear()
                 return
-            if pid == 0:
+            if ended is None:
                 return
+            pid, code = ended
             started = self.workers.pop(pid, None)
             if started is None or self.stopping or previous_mask is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
             logger.error("worker %d exited (%s); starting a new one", pid, _exit_text(code))
             # A worker that dies at once would otherwise be restarted in a tight loop.
             time.sleep(max(0.0, self.RESTART_INTERVAL - (time.monotonic() - started)))
             self.start_worker(previous_mask)
+
+
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def become_subreaper() -> bool:
+    """Linux: orphaned descendants are re-parented to this process instead of init, so
+    it reaps them (and learns which PIDs are gone). False where that is not possible."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _exit_text(code: int) -> str:

@@ -39,6 +39,7 @@ __all__ = [
     "TCPServer",
     "ThreadingMixIn",
     "ThreadingTCPServer",
+    "reap_child",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1096,10 +1097,13 @@ class ForkingMixIn(_MixInBase):
     shutdown_request() and leaves with os._exit(0), or 1 after handle_error(). In a child,
     shutdown() is a harmless no-op: only the parent runs the loop.
 
-    The parent reaps with os.waitpid(-1, WNOHANG) in service_actions() and before the
-    cap check, never blocking the loop. waitpid(-1) also collects children that some
+    The parent reaps without blocking (reap_child()) in service_actions() and before the
+    cap check, never blocking the loop. It reaps any child, also those that some
     other part of the process forked, so a process serving with this mixin should not
-    start other child processes whose status it needs.
+    start other child processes whose status it needs. child_exited(pid, code) may be
+    overridden: it runs for each child that ended, while the child is still a zombie
+    (so no other process can have its PID yet), to clean up what a child killed
+    mid-request could not (shared counters it held).
 
     server_close() policy: stop listening; wait up to close_timeout (0 if not
     block_on_close) for the children; SIGKILL and reap the rest, logging how many. No
@@ -1142,15 +1146,25 @@ class ForkingMixIn(_MixInBase):
         with self._children_lock:
             while self._children:
                 try:
-                    pid, _status = os.waitpid(-1, os.WNOHANG)
+                    ended = reap_child(self._child_exited_safely)
                 except ChildProcessError:
                     # No children at all: whatever we tracked is gone.
                     self._children.clear()
                     self._per_ip.clear()
                     return
-                if pid == 0:
+                if ended is None:
                     return
-                self._forget_child(pid)
+                self._forget_child(ended[0])
+
+    def child_exited(self, pid: int, code: int) -> None:
+        """A child ended (`code`: its exit status, or minus the signal that killed it) and
+        is not reaped yet. May be overridden."""
+
+    def _child_exited_safely(self, pid: int, code: int) -> None:
+        try:
+            self.child_exited(pid, code)
+        except Exception:
+            logger.exception("child_exited(%d) failed", pid)
 
     def handle_timeout(self) -> None:
         """Reap children when handle_request() has been idle for self.timeout."""
@@ -1262,8 +1276,29 @@ class ForkingMixIn(_MixInBase):
                     os.kill(pid, signal.SIGKILL)
             for pid in pids:
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
+                    reap_child(self._child_exited_safely, pid, block=True)
                 self._forget_child(pid)
+
+
+def reap_child(
+    before_reaping: Callable[[int, int], object], pid: int | None = None, block: bool = False
+) -> tuple[int, int] | None:
+    """Reap one ended child (`pid`, or any): (its PID, code), or None if none has ended
+    yet (only when not blocking). ChildProcessError when there is no such child.
+
+    `before_reaping(pid, code)` runs while the child is still a zombie: until it is
+    reaped, its PID cannot be given to another process, so whatever is recorded under
+    that PID (shared counters) is surely the dead child's. `code` is the exit status,
+    or minus the number of the signal that killed it.
+    """
+    which, ident = (os.P_ALL, 0) if pid is None else (os.P_PID, pid)
+    info = os.waitid(which, ident, os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG))
+    if info is None or not info.si_pid:  # WNOHANG and nothing has ended
+        return None
+    code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+    before_reaping(info.si_pid, code)
+    os.waitpid(info.si_pid, 0)  # a zombie: returns at once
+    return info.si_pid, code
 
 
 class ThreadingTCPServer(ThreadingMixIn, TCPServer):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from clients import TIMEOUT
 
+from socks5d.limits import UserSlots
 from socks5d.shmem import RobustLock, SharedBytes, SharedInts, anonymous_file
 
 
@@ -188,3 +189,74 @@ def test_shared_bytes_publishes_whole_generations_to_children():
     assert box.publish(data) == 2
     assert exit_code(fork_child(read_second)) == 0
     assert box.publish(b"") == 3 and box.read() == (3, b"")
+
+
+# ---- UserSlots on top of them ----
+
+
+def test_user_slots_survive_a_process_killed_inside_their_lock():
+    # Before: a multiprocessing.Lock (a POSIX semaphore) stayed taken forever.
+    slots = UserSlots(limit=2)
+    die_holding(slots.lock)
+    assert finishes(lambda: slots.acquire("alice"))
+    assert slots.count("alice") == 1
+
+
+def test_reconcile_gives_back_what_a_dead_process_held():
+    slots = UserSlots(limit=3)
+    assert slots.acquire("alice")
+
+    def take_two_and_one() -> int:
+        ok = slots.acquire("alice") and slots.acquire("alice") and slots.acquire("bob")
+        return 0 if ok else 1
+
+    pid = fork_child(take_two_and_one)  # exits without releasing: as if it were killed
+    assert exit_code(pid) == 0
+    assert (slots.count("alice"), slots.count("bob")) == (3, 1)
+    assert not slots.acquire("alice")
+    assert slots.reconcile(pid) == 3
+    assert (slots.count("alice"), slots.count("bob")) == (1, 0)  # ours is still ours
+    assert slots.reconcile(pid) == 0  # nothing twice
+    slots.release("alice")
+    assert slots.count("alice") == 0
+
+
+def test_reconcile_leaves_the_slots_of_live_processes():
+    slots = UserSlots(limit=10)
+    for _ in range(3):
+        assert slots.acquire("alice")
+    assert slots.reconcile(os.getpid() + 1_000_000) == 0  # no such process holds any
+    assert slots.count("alice") == 3
+    for _ in range(3):
+        slots.release("alice")
+    assert slots.count("alice") == 0
+
+
+def test_a_full_ledger_refuses_under_a_limit_and_does_not_count_without_one():
+    slots = UserSlots(limit=5, capacity=2)
+    assert slots.acquire("alice") and slots.acquire("bob")
+    assert slots.acquire("alice")  # alice's entry of this process already exists
+    carol = next(
+        n
+        for n in (f"user{i}" for i in range(100))
+        if slots._bucket(n) not in {slots._bucket("alice"), slots._bucket("bob")}
+    )
+    assert not slots.acquire(carol)  # no entry left: refused rather than unaccounted
+    slots.limit = None
+    assert slots.acquire(carol)  # no limit: served, uncounted
+    assert slots.count(carol) == 0
+    slots.release(carol)  # nothing held: nothing changes
+    assert (slots.count("alice"), slots.count("bob")) == (2, 1)
+
+
+def test_entries_are_reused_after_release_and_reconcile():
+    slots = UserSlots(limit=None, capacity=4)
+    for round_ in range(50):
+        users = [f"u{round_}-{n}" for n in range(4)]
+        assert all(slots.acquire(user) for user in users)
+        for user in users:
+            slots.release(user)
+        pid = fork_child(lambda users=users: 0 if all(map(slots.acquire, users)) else 1)
+        assert exit_code(pid) == 0
+        assert slots.reconcile(pid) == 4
+    assert slots.acquire("last") and slots.count("last") == 1

