@@ -5,7 +5,9 @@ timeouts.shutdown_grace, cut the rest and exit 0 (a second signal cuts at once);
 SIGHUP re-reads the config file, validates it whole, and swaps users, rules, limits and
 logging without dropping established tunnels (a bad file is rejected, the old config
 stays). Signal handlers only set flags and wake the loop; the work happens in the
-serving thread.
+serving thread. With workers, only the supervising parent reads the file: it applies
+what it accepted to itself (a worker started later inherits it) and publishes it to the
+workers, which never read the file themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import os
+import pickle
 import resource
 import signal
 import time
@@ -30,10 +33,11 @@ from .fastpath import FastHandshake
 from .handler import HandlerSettings, Resume, Socks5Handler
 from .hub import HubPool
 from .limits import UserSlots
-from .logs import configure_logging
-from .privileges import drop_privileges
+from .logs import configure_logging, hand_log_files_to, reconfigure_logging
+from .privileges import drop_privileges, resolve_ids
 from .rules import exposure_problem
 from .server import ForkingTCPServer, ThreadingTCPServer, reap_child
+from .shmem import SharedBytes
 
 logger = logging.getLogger("socks5d")
 
@@ -177,6 +181,11 @@ class Daemon:
         self.reload_requested = False
         self.stopping = False
         self.stop_requested = False
+        # Workers mode: the accepted config as the parent published it, and the
+        # generation this process serves (a forked worker inherits the parent's).
+        self.published: SharedBytes | None = None
+        self.generation = 0
+        self.is_worker = False
 
     def bind(self) -> SocksServer:
         """Create and bind the listening server, ready to serve.
@@ -212,8 +221,10 @@ class Daemon:
             server.login_backoff = FailedLoginBackoff()
             server.user_slots = UserSlots()
             self._apply(server, config)
+            warn_plaintext_passwords(config)
             # Last: with root gone, nothing more may need to open a privileged resource.
             if config.server.run_as_user:
+                self._hand_log_files_over(config)
                 drop_privileges(config.server.run_as_user, config.server.run_as_group or None)
         except BaseException:
             server.server_close()
@@ -234,15 +245,16 @@ class Daemon:
             server.login_backoff.delay = config.auth.failure_delay
             server.login_backoff.max_delay = config.auth.failure_delay_max
             server.login_backoff.window = config.auth.failure_window
-        for index, user in enumerate(config.users):
-            if user.password is not None:
-                logger.warning(
-                    "users[%d] (%s) has a plaintext password in %s; store password_hash "
-                    "instead (socks5d hash-password)",
-                    index,
-                    user.name,
-                    config.source,
-                )
+
+    @staticmethod
+    def _hand_log_files_over(config: Config) -> None:
+        """Started as root, about to drop to run_as_user: give that user the log file we
+        opened, so a reload (which reopens it, for logrotate) still can."""
+        if os.geteuid() != 0:
+            return
+        uid, _gid = resolve_ids(config.server.run_as_user, config.server.run_as_group or None)
+        for path in hand_log_files_to(uid):
+            logger.info("log file %s now belongs to %s, who reopens it on reload", path, uid)
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit code."""
@@ -372,10 +384,28 @@ class Daemon:
     # ---- reload ----
 
     def reload(self) -> bool:
-        """Re-read the config file; keep the old config if the new one is bad."""
+        """Re-read the config file; keep the old config if the new one is bad.
+
+        A worker does not read the file: it takes what the parent accepted.
+        """
         if self.server is None:
             return False
-        server = self.server
+        if self.is_worker:
+            return self._adopt_published()
+        fresh = self._read_fresh_config(self.server)
+        if fresh is None:
+            return False
+        warn_plaintext_passwords(fresh)
+        self._put_into_effect(fresh)
+        if self.published is not None:
+            self.generation = self.published.publish(pickle.dumps(fresh))
+        logger.info(
+            "reloaded %s (%d user(s), %d rule(s))", fresh.source, len(fresh.users), len(fresh.rules)
+        )
+        return True
+
+    def _read_fresh_config(self, server: SocksServer) -> Config | None:
+        """The config file as it is now, validated whole; None (and an error) if bad."""
         try:
             fresh = load_config(self.config_path) if self.config_path else Config()
             fresh = apply_overrides(fresh, **self.overrides)
@@ -392,28 +422,64 @@ class Daemon:
             HandlerSettings.from_config(fresh, server.server_addresses)  # validates hashes
         except ConfigError as exc:
             logger.error("reload rejected, keeping the running config: %s", exc)
+            return None
+        return fresh
+
+    def _put_into_effect(self, fresh: Config) -> None:
+        """Apply a validated config: logging (reopening the file, for logrotate), then
+        users, rules and limits for new connections."""
+        assert self.server is not None
+        problem = reconfigure_logging(
+            fresh.logging.level, fresh.logging.format, fresh.logging.file or None
+        )
+        if problem is not None:
+            logger.warning(
+                "reload: cannot open log file %s (%s); still writing to the one already open",
+                fresh.logging.file,
+                problem.strerror or problem,
+            )
+        self._apply(self.server, fresh)
+        self.config = fresh
+
+    def _adopt_published(self) -> bool:
+        """A worker: put into effect the config the parent accepted last, if newer."""
+        if self.published is None:
             return False
         try:
-            apply_logging(fresh)  # also reopens the log file, for logrotate
-        except OSError as exc:
-            logger.error("reload rejected: cannot open log file: %s", exc)
+            generation, data = self.published.read()
+            if generation <= self.generation:
+                return False
+            self._put_into_effect(pickle.loads(data))  # written by our parent only
+        except Exception:  # a worker that cannot follow is still better serving the old one
+            logger.exception("worker %d: cannot take the reloaded config", os.getpid())
             return False
-        self._apply(server, fresh)
-        logger.info(
-            "reloaded %s (%d user(s), %d rule(s))", fresh.source, len(fresh.users), len(fresh.rules)
-        )
-        self.config = fresh
+        self.generation = generation
+        logger.info("worker %d: reload %d in effect", os.getpid(), generation)
         return True
+
+
+def warn_plaintext_passwords(config: Config) -> None:
+    for index, user in enumerate(config.users):
+        if user.password is not None:
+            logger.warning(
+                "users[%d] (%s) has a plaintext password in %s; store password_hash "
+                "instead (socks5d hash-password)",
+                index,
+                user.name,
+                config.source,
+            )
 
 
 class Supervisor:
     """`server.workers` processes serving the same listening sockets, watched over.
 
     The parent binds, forks the workers and then only waits for signals: SIGTERM/SIGINT
-    and SIGHUP are passed on to every worker (each drains or reloads itself), a worker
-    that dies is logged and replaced (at most once a second per slot), and the per-user
-    slots it held are given back. Limits count per worker; the login back-off and
-    per-user slots live in shared memory and count for all of them.
+    are passed on to every worker (each drains itself); SIGHUP reloads the parent, which
+    publishes the accepted config and then tells every worker to take it (a rejected
+    reload changes nothing anywhere). A worker that dies is logged and replaced (at most
+    once a second per slot) by a fork of the parent, so it serves the last accepted
+    config, and the per-user slots it held are given back. Limits count per worker; the
+    login back-off and per-user slots live in shared memory and count for all of them.
 
     The parent is a child subreaper (Linux): a forking worker's children that outlive
     it become the parent's to reap, and their slots too are given back when they end.
@@ -431,6 +497,7 @@ class Supervisor:
     def run(self) -> int:
         # Blocked, the signals queue up for sigwaitinfo(): no handler runs between checks.
         previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        self.daemon.published = SharedBytes()  # before any fork: the workers share it
         become_subreaper()
         try:
             for _ in range(self.count):
@@ -462,6 +529,7 @@ class Supervisor:
         try:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
             os.environ.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
+            self.daemon.is_worker = True
             assert self.daemon.server is not None
             self.daemon.server.reinit_after_fork()
             code = self.daemon.serve(notify=False)
@@ -482,11 +550,17 @@ class Supervisor:
             self.stopping = True
         elif signo == signal.SIGHUP:
             systemd.reloading()
+            accepted = self.daemon.reload()
+            if accepted:
+                self.signal_workers(signo)
+            systemd.ready(f"{len(self.workers)} workers")
+            return
+        self.signal_workers(signo)
+
+    def signal_workers(self, signo: int) -> None:
         for pid in list(self.workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signo)
-        if signo == signal.SIGHUP:
-            systemd.ready(f"{len(self.workers)} workers")
 
     def reap(self, block: bool, previous_mask: Any = None) -> None:
         server = self.daemon.server

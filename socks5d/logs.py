@@ -2,13 +2,16 @@
 
 Text to stderr has no timestamps (journald adds them); text to a file has them. JSON
 is one object per line with the access-log fields as keys, for log shippers. A log file
-is reopened on SIGHUP so logrotate can move it away. Stdlib only.
+is reopened on SIGHUP so logrotate can move it away; one that cannot be reopened (the
+daemon dropped root since it opened it) keeps the descriptor it has. Stdlib only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import sys
 import time
 from typing import Any
@@ -73,13 +76,67 @@ def configure_logging(level: str, fmt: str = "text", file: str | None = None) ->
     else:
         handler = _StderrHandler(sys.stderr)
         text_format = TEXT_FORMAT
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(text_format))
+    handler.setFormatter(_formatter(fmt, text_format))
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def reconfigure_logging(level: str, fmt: str = "text", file: str | None = None) -> OSError | None:
+    """configure_logging() for a reload, which must not fail for want of a log file.
+
+    When `file` cannot be opened (after dropping root, a file only root may open), the
+    handler in place stays, with the new level and format, and the error is returned for
+    the caller to report.
+    """
+    try:
+        configure_logging(level, fmt, file)
+    except OSError as exc:
+        root = logging.getLogger()
+        for handler in root.handlers:
+            if isinstance(handler, _OurHandler):
+                in_file = isinstance(handler, _FileHandler)
+                handler.setFormatter(_formatter(fmt, TEXT_FILE_FORMAT if in_file else TEXT_FORMAT))
+        root.setLevel(level.upper())
+        return exc
+    return None
+
+
+def hand_log_files_to(uid: int) -> list[str]:
+    """Make `uid` the owner of the log files we opened as root, so that after dropping
+    root to that user a reload can still reopen them. Returns their paths.
+
+    Only a file that is plainly ours changes owner: a regular file owned by root, named
+    by its path itself (not through a symlink) and by no other hard link, so a link
+    planted where the log goes cannot hand `uid` some other file of root's. Group and
+    mode stay as they are.
+    """
+    given: list[str] = []
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, _FileHandler) or handler.stream is None or uid == 0:
+            continue
+        fd = handler.stream.fileno()
+        opened = os.fstat(fd)
+        try:
+            named = os.lstat(handler.baseFilename)
+        except OSError:
+            continue
+        if (
+            stat.S_ISREG(named.st_mode)
+            and (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+            and opened.st_nlink == 1
+            and opened.st_uid == 0
+        ):
+            os.fchown(fd, uid, -1)
+            given.append(handler.baseFilename)
+    return given
+
+
+def _formatter(fmt: str, text_format: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else logging.Formatter(text_format)
 
 
 def reopen_log_files() -> None:

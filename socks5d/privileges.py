@@ -15,7 +15,7 @@ import logging
 import os
 import pwd
 
-__all__ = ["drop_privileges"]
+__all__ = ["drop_privileges", "resolve_ids"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,13 @@ def _resolve_group(group: str) -> int:
     raise ValueError(f"unknown group {group!r} (run_as_group)")
 
 
+def resolve_ids(user: str, group: str | None = None) -> tuple[int, int]:
+    """(uid, gid) of `user` and `group` (default: the user's primary group), names or
+    numbers; ValueError naming what is unknown."""
+    entry = _resolve_user(user)
+    return entry.pw_uid, _resolve_group(group) if group else entry.pw_gid
+
+
 def drop_privileges(user: str, group: str | None = None) -> None:
     """Become `user` (and `group`, default: the user's primary group) for good.
 
@@ -63,23 +70,17 @@ def drop_privileges(user: str, group: str | None = None) -> None:
         if user:
             logger.debug("run_as_user %r ignored: not running as root", user)
         return
-    entry = _resolve_user(user)
-    gid = _resolve_group(group) if group else entry.pw_gid
+    uid, gid = resolve_ids(user, group)
     os.setgroups([gid])
     os.setgid(gid)
-    os.setuid(entry.pw_uid)
-    if entry.pw_uid != 0:
+    os.setuid(uid)
+    if uid != 0:
         try:
             os.setuid(0)
         except PermissionError:
             pass
         else:
             raise RuntimeError(f"could regain root after switching to user {user!r}")
-    if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) != (
-        entry.pw_uid,
-        entry.pw_uid,
-        gid,
-        gid,
-    ):
+    if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) != (uid, uid, gid, gid):
         raise RuntimeError(f"switching to user {user!r} / gid {gid} did not take effect")
-    logger.info("dropped privileges to user %s (uid %d, gid %d)", user, entry.pw_uid, gid)
+    logger.info("dropped privileges to user %s (uid %d, gid %d)", user, uid, gid)

@@ -266,7 +266,9 @@ def test_log_file_is_reopened_on_sighup_after_logrotate_moved_it(
     assert daemon.stderr == []  # nothing on stderr: the file has it all
 
 
-def test_reload_that_cannot_open_the_new_log_file_is_rejected(processes, tmp_path, echo_target):
+def test_reload_that_cannot_open_the_new_log_file_keeps_the_old_one_and_applies(
+    processes, tmp_path, echo_target
+):
     log = tmp_path / "socks5d.log"
     config = tmp_path / "config.toml"
     config.write_text(f'[server]\nlisten = ["127.0.0.1:0"]\n[logging]\nfile = "{log}"\n')
@@ -279,12 +281,13 @@ def test_reload_that_cannot_open_the_new_log_file_is_rejected(processes, tmp_pat
         '[[users]]\nname = "alice"\npassword = "pw"\n'
     )
     daemon.proc.send_signal(signal.SIGHUP)
-    assert wait_until(lambda: bool(matching(daemon.file_lines(), "reload rejected")))
-    (line,) = matching(daemon.file_lines(), "reload rejected")
-    assert " ERROR " in line and "cannot open log file" in line
-    # Nothing of the new config was applied: still no login, still this file.
-    assert round_trip(proxy, echo_target.port, b"no login") == b"no login"
-    assert wait_until(lambda: bool(matching(daemon.file_lines(), "cmd=CONNECT", "up=8 ")))
+    assert wait_until(lambda: bool(matching(daemon.file_lines(), "reloaded")))
+    (line,) = matching(daemon.file_lines(), "cannot open log file")
+    assert " WARNING " in line and str(unopenable) in line
+    assert not matching(daemon.file_lines(), "reload rejected")
+    # The policy applied (a login is required now); the lines still go to this file.
+    assert round_trip(proxy, echo_target.port, b"login", (b"alice", b"pw")) == b"login"
+    assert wait_until(lambda: bool(matching(daemon.file_lines(), "cmd=CONNECT", "up=5 ")))
     assert not unopenable.parent.exists()
 
 

@@ -17,13 +17,19 @@ and their own children, are ever killed. Every wait is bounded.
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import signal
+import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from clients import (
     TIMEOUT,
     children_of,
+    closed_port,
     connect_through,
     open_tunnel,
     recv_exactly,
@@ -93,6 +99,56 @@ def reload_workers(daemon: DaemonProcess, generation: int, workers: int = 2) -> 
     daemon.proc.send_signal(signal.SIGHUP)
     needle = f"reload {generation} in effect"
     assert wait_until(lambda: daemon.output().count(needle) == workers), daemon.output()
+
+
+# ---- a restarted worker serves the last accepted config ----
+
+
+def test_restarted_workers_serve_the_last_accepted_config(daemon_factory, tmp_path, echo_target):
+    config = tmp_path / "config.toml"
+    config.write_text("[server]\nworkers = 2\n")
+    daemon = daemon_factory("--config", str(config), "--port", "0")
+    parent = daemon.proc.pid
+    workers = workers_of(parent, 2)
+    assert reply_of(daemon.port, echo_target) == Reply.SUCCEEDED
+
+    config.write_text("[server]\nworkers = 2\n" + deny_rule(echo_target))
+    reload_workers(daemon, 1)
+    assert daemon.output().count("reloaded") == 1  # the parent read and accepted it
+    assert reply_of(daemon.port, echo_target) == Reply.CONNECTION_NOT_ALLOWED
+    # The file changes again without a SIGHUP: nothing may take this version up.
+    config.write_text("[server]\nworkers = 2\n")
+
+    kill_and_await_replacements(parent, workers, 2)
+    replies = [reply_of(daemon.port, echo_target) for _ in range(30)]
+    assert replies == [Reply.CONNECTION_NOT_ALLOWED] * 30
+    assert wait_until(lambda: count(daemon.lines, "cmd=CONNECT", "reply=02") == 31)
+
+
+def test_a_rejected_reload_keeps_the_accepted_config_in_old_and_new_workers(
+    daemon_factory, tmp_path, echo_target
+):
+    config = tmp_path / "config.toml"
+    config.write_text("[server]\nworkers = 2\n" + deny_rule(echo_target))
+    daemon = daemon_factory("--config", str(config), "--port", "0")
+    parent = daemon.proc.pid
+    workers = workers_of(parent, 2)
+    config.write_text("[server]\nworkers = 2\n[access]\ndefault_action = 'deny'\n")
+    reload_workers(daemon, 1)  # deny everything
+    config.write_text("[server\nworkers = 2\n")  # not TOML
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload rejected" in daemon.output())
+    other = Address.from_host("127.0.0.1", closed_port())
+    # Both old workers keep generation 1 (once each: never told to reload again).
+    assert [reply_of(daemon.port, echo_target) for _ in range(10)] == [2] * 10
+    sock, reply, _ = open_tunnel(("127.0.0.1", daemon.port), other)
+    sock.close()
+    assert reply == Reply.CONNECTION_NOT_ALLOWED  # the default_action of generation 1
+    kill_and_await_replacements(parent, workers[:1], 2)
+    assert [reply_of(daemon.port, echo_target) for _ in range(10)] == [2] * 10
+    output = daemon.output()
+    assert output.count("reload rejected") == 1 and output.count("reload 1 in effect") == 2
+    assert "reload 2" not in output
 
 
 # ---- per-user slots of dead processes are given back ----
@@ -165,3 +221,101 @@ def test_slot_of_a_forked_child_orphaned_by_its_worker_is_given_back(
         assert wait_until(lambda: "starting a new one" in daemon.output())
         os.kill(child, signal.SIGKILL)
         assert_slot_given_back(daemon, echo_target, child)
+
+
+# ---- the parent's own log file ----
+
+
+def test_supervisor_reopens_its_own_log_file_on_sighup(processes, tmp_path):
+    log, rotated = tmp_path / "socks5d.log", tmp_path / "socks5d.log.1"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[server]\nlisten = ["127.0.0.1:0"]\nworkers = 2\n[logging]\nfile = "{log}"\n'
+    )
+    daemon = Process([sys.executable, "-m", "socks5d", "--config", str(config)], log_file=log)
+    processes.append(daemon)
+    parent = daemon.proc.pid
+    workers = workers_of(parent, 2)
+    log.rename(rotated)  # logrotate moves the file, then sends SIGHUP
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: count(daemon.file_lines(log), "reload 1 in effect") == 2)
+    assert count(daemon.file_lines(log), "reloaded") == 1  # the parent's line, in the new file
+    kill_and_await_replacements(parent, workers[:1], 2)
+    exited = f"worker {workers[0]} exited (killed by signal 9)"
+    assert wait_until(lambda: count(daemon.file_lines(log), exited) == 1)
+    assert count(daemon.file_lines(rotated), exited) == 0
+    assert daemon.stop() == 0
+    assert count(daemon.file_lines(log), "stopped") >= 1
+
+
+# ---- run_as_user with a log file ----
+
+
+@pytest.fixture
+def nobody_folder() -> Iterator[Path]:
+    """A folder `nobody` can enter (a pytest tmp_path is private to root)."""
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' here")
+    folder = Path(tempfile.mkdtemp(prefix="socks5d-as-nobody-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_as_nobody(folder: Path, workers: int, processes: list[Process]) -> tuple[Process, Path]:
+    log, config = folder / "socks5d.log", folder / "config.toml"
+    config.write_text(as_nobody_config(log, workers, ""))
+    config.chmod(0o644)  # a reload reads it as nobody
+    daemon = Process([sys.executable, "-m", "socks5d", "--config", str(config)], log_file=log)
+    processes.append(daemon)
+    return daemon, config
+
+
+def as_nobody_config(log: Path, workers: int, rules: str) -> str:
+    return (
+        f'[server]\nlisten = ["127.0.0.1:0"]\nrun_as_user = "nobody"\nworkers = {workers}\n'
+        f'[logging]\nfile = "{log}"\n' + rules
+    )
+
+
+@needs_root
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_as_user_with_a_log_file_reloads_the_policy(
+    processes, nobody_folder, echo_target, workers
+):
+    daemon, config = start_as_nobody(nobody_folder, workers, processes)
+    log = nobody_folder / "socks5d.log"
+    assert log.stat().st_uid == pwd.getpwnam("nobody").pw_uid  # handed over before the drop
+    assert reply_of(daemon.port, echo_target) == Reply.SUCCEEDED
+    config.write_text(as_nobody_config(log, workers, deny_rule(echo_target)))
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: count(daemon.file_lines(), "reloaded") == 1), daemon.file_lines()
+    if workers > 1:
+        assert wait_until(lambda: count(daemon.file_lines(), "reload 1 in effect") == workers)
+    assert reply_of(daemon.port, echo_target) == Reply.CONNECTION_NOT_ALLOWED
+    assert count(daemon.file_lines(), "reload rejected") == 0
+    assert count(daemon.file_lines(), "cannot open log file") == 0
+    assert daemon.stop() == 0
+
+
+@needs_root
+def test_run_as_user_log_file_that_cannot_be_reopened_keeps_the_old_one(
+    processes, nobody_folder, echo_target
+):
+    daemon, config = start_as_nobody(nobody_folder, 1, processes)
+    log, rotated = nobody_folder / "socks5d.log", nobody_folder / "socks5d.log.1"
+    log.rename(rotated)
+    log.touch(mode=0o600)  # made by root, for root: nobody cannot open it
+    config.write_text(as_nobody_config(log, 1, deny_rule(echo_target)))
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: count(daemon.file_lines(rotated), "reloaded") == 1)
+    (warning,) = [line for line in daemon.file_lines(rotated) if "cannot open log file" in line]
+    assert " WARNING " in warning and "Permission denied" in warning
+    assert reply_of(daemon.port, echo_target) == Reply.CONNECTION_NOT_ALLOWED  # applied
+    assert wait_until(lambda: count(daemon.file_lines(rotated), "cmd=CONNECT", "reply=02") == 1)
+    assert log.read_text() == ""
+    assert daemon.stop() == 0
