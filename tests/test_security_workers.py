@@ -22,7 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,11 +50,19 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop pr
 
 
 @pytest.fixture
-def processes() -> Iterator[list[Process]]:
+def start_logging_to_file() -> Iterator[Callable[[Path, Path], Process]]:
+    """Start socks5d with `config`, found listening through its log file `log`
+    (test_operations.Process); each one is stopped after the test."""
     started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop()
+
+    def start(config: Path, log: Path) -> Process:
+        daemon = Process([sys.executable, "-m", "socks5d", "--config", str(config)], log_file=log)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
 
 
 def local(target: TargetServer) -> Address:
@@ -116,6 +124,7 @@ def test_restarted_workers_serve_the_last_accepted_config(daemon_factory, tmp_pa
     reload_workers(daemon, 1)
     assert daemon.output().count("reloaded") == 1  # the parent read and accepted it
     assert reply_of(daemon.port, echo_target) == Reply.CONNECTION_NOT_ALLOWED
+    assert wait_until(lambda: count(daemon.lines, "cmd=CONNECT", "reply=02") == 1)
     # The file changes again without a SIGHUP: nothing may take this version up.
     config.write_text("[server]\nworkers = 2\n")
 
@@ -226,14 +235,13 @@ def test_slot_of_a_forked_child_orphaned_by_its_worker_is_given_back(
 # ---- the parent's own log file ----
 
 
-def test_supervisor_reopens_its_own_log_file_on_sighup(processes, tmp_path):
+def test_supervisor_reopens_its_own_log_file_on_sighup(start_logging_to_file, tmp_path):
     log, rotated = tmp_path / "socks5d.log", tmp_path / "socks5d.log.1"
     config = tmp_path / "config.toml"
     config.write_text(
         f'[server]\nlisten = ["127.0.0.1:0"]\nworkers = 2\n[logging]\nfile = "{log}"\n'
     )
-    daemon = Process([sys.executable, "-m", "socks5d", "--config", str(config)], log_file=log)
-    processes.append(daemon)
+    daemon = start_logging_to_file(config, log)
     parent = daemon.proc.pid
     workers = workers_of(parent, 2)
     log.rename(rotated)  # logrotate moves the file, then sends SIGHUP
@@ -266,13 +274,13 @@ def nobody_folder() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def start_as_nobody(folder: Path, workers: int, processes: list[Process]) -> tuple[Process, Path]:
+def start_as_nobody(
+    start: Callable[[Path, Path], Process], folder: Path, workers: int
+) -> tuple[Process, Path]:
     log, config = folder / "socks5d.log", folder / "config.toml"
     config.write_text(as_nobody_config(log, workers, ""))
     config.chmod(0o644)  # a reload reads it as nobody
-    daemon = Process([sys.executable, "-m", "socks5d", "--config", str(config)], log_file=log)
-    processes.append(daemon)
-    return daemon, config
+    return start(config, log), config
 
 
 def as_nobody_config(log: Path, workers: int, rules: str) -> str:
@@ -285,9 +293,9 @@ def as_nobody_config(log: Path, workers: int, rules: str) -> str:
 @needs_root
 @pytest.mark.parametrize("workers", [1, 2])
 def test_run_as_user_with_a_log_file_reloads_the_policy(
-    processes, nobody_folder, echo_target, workers
+    start_logging_to_file, nobody_folder, echo_target, workers
 ):
-    daemon, config = start_as_nobody(nobody_folder, workers, processes)
+    daemon, config = start_as_nobody(start_logging_to_file, nobody_folder, workers)
     log = nobody_folder / "socks5d.log"
     assert log.stat().st_uid == pwd.getpwnam("nobody").pw_uid  # handed over before the drop
     assert reply_of(daemon.port, echo_target) == Reply.SUCCEEDED
@@ -304,9 +312,9 @@ def test_run_as_user_with_a_log_file_reloads_the_policy(
 
 @needs_root
 def test_run_as_user_log_file_that_cannot_be_reopened_keeps_the_old_one(
-    processes, nobody_folder, echo_target
+    start_logging_to_file, nobody_folder, echo_target
 ):
-    daemon, config = start_as_nobody(nobody_folder, 1, processes)
+    daemon, config = start_as_nobody(start_logging_to_file, nobody_folder, 1)
     log, rotated = nobody_folder / "socks5d.log", nobody_folder / "socks5d.log.1"
     log.rename(rotated)
     log.touch(mode=0o600)  # made by root, for root: nobody cannot open it

@@ -65,6 +65,23 @@ def take_and_release(lock: RobustLock) -> None:
         pass
 
 
+def assert_waits_until_released(lock: RobustLock, release: Callable[[], object]) -> None:
+    """`lock` is held elsewhere: a thread here must wait for it until release() runs."""
+    acquired = threading.Event()
+
+    def take() -> None:
+        with lock:
+            acquired.set()
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    # Held elsewhere: still waiting after this long (a lower bound, safe under load).
+    assert not acquired.wait(0.3)
+    release()
+    assert acquired.wait(TIMEOUT)
+    thread.join(TIMEOUT)
+
+
 # ---- RobustLock ----
 
 
@@ -89,19 +106,7 @@ def test_the_lock_excludes_another_process_until_released():
 
     pid = fork_child(hold_until_told)
     assert os.read(took[0], 1) == b"x"
-    acquired = threading.Event()
-
-    def take() -> None:
-        with lock:
-            acquired.set()
-
-    thread = threading.Thread(target=take, daemon=True)
-    thread.start()
-    # The child holds it: the other process must still be waiting after this long.
-    assert not acquired.wait(0.3)
-    os.write(release[1], b"x")
-    assert acquired.wait(TIMEOUT)
-    thread.join(TIMEOUT)
+    assert_waits_until_released(lock, lambda: os.write(release[1], b"x"))
     assert exit_code(pid) == 0
     for end in (*took, *release, fd):
         os.close(end)
@@ -112,18 +117,7 @@ def test_the_lock_excludes_other_threads_of_the_same_process():
     fd = anonymous_file()
     lock = RobustLock(fd)
     lock.acquire()
-    acquired = threading.Event()
-
-    def take() -> None:
-        with lock:
-            acquired.set()
-
-    thread = threading.Thread(target=take, daemon=True)
-    thread.start()
-    assert not acquired.wait(0.3)
-    lock.release()
-    assert acquired.wait(TIMEOUT)
-    thread.join(TIMEOUT)
+    assert_waits_until_released(lock, lock.release)
     os.close(fd)
 
 
