@@ -22,7 +22,6 @@ from types import FrameType
 from typing import Any
 
 from . import systemd
-from .auth import FailedLoginBackoff
 from .config import Config, ConfigError, apply_overrides, load_config
 from .fastpath import FastHandshake
 from .handler import HandlerSettings, Resume, Socks5Handler
@@ -32,6 +31,7 @@ from .logs import configure_logging
 from .privileges import drop_privileges
 from .rules import exposure_problem
 from .server import ForkingTCPServer, ThreadingTCPServer
+from .throttle import FailedLoginBackoff
 
 logger = logging.getLogger("socks5d")
 
@@ -136,6 +136,19 @@ def raise_open_file_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def warn_about_passwords(config: Config) -> None:
+    """Plaintext passwords in the config."""
+    for index, user in enumerate(config.users):
+        if user.password is not None:
+            logger.warning(
+                "users[%d] (%s) has a plaintext password in %s; store password_hash "
+                "instead (socks5d hash-password)",
+                index,
+                user.name,
+                config.source,
+            )
+
+
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -188,6 +201,7 @@ class Daemon:
             problem = exposure_problem(config, server.server_addresses)
             if problem:
                 raise ConfigError(problem)
+            # Before any fork (forking mode, workers): every process shares it.
             server.login_backoff = FailedLoginBackoff()
             server.user_slots = UserSlots()
             self._apply(server, config)
@@ -213,15 +227,8 @@ class Daemon:
             server.login_backoff.delay = config.auth.failure_delay
             server.login_backoff.max_delay = config.auth.failure_delay_max
             server.login_backoff.window = config.auth.failure_window
-        for index, user in enumerate(config.users):
-            if user.password is not None:
-                logger.warning(
-                    "users[%d] (%s) has a plaintext password in %s; store password_hash "
-                    "instead (socks5d hash-password)",
-                    index,
-                    user.name,
-                    config.source,
-                )
+            server.login_backoff.ipv6_prefix = limits.ipv6_client_prefix
+        warn_about_passwords(config)
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit code."""

@@ -18,6 +18,8 @@ ALLOWED = {
     "fastpath": {"handler", "hub", "outbound", "protocol", "relay", "server", "session"},
     "server": set(),
     "limits": set(),
+    "addresses": set(),
+    "throttle": {"addresses"},
     "logs": set(),
     "systemd": set(),
     "privileges": set(),
@@ -38,6 +40,7 @@ ALLOWED = {
         "rules",
         "server",
         "session",
+        "throttle",
     },
     "daemon": {
         "protocol",
@@ -54,12 +57,13 @@ ALLOWED = {
         "logs",
         "systemd",
         "privileges",
+        "throttle",
     },
     "cli": {"config", "auth", "rules", "daemon", "logs", "__init__"},
     "__main__": {"cli"},
     "__init__": set(),
 }
-NO_SOCKETS = {"protocol", "config", "auth"}
+NO_SOCKETS = {"protocol", "config", "auth", "throttle", "addresses"}
 
 
 def project_imports(path: Path) -> tuple[set[str], set[str]]:
