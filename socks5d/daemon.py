@@ -31,7 +31,7 @@ from .logs import configure_logging
 from .privileges import drop_privileges
 from .rules import exposure_problem
 from .server import ForkingTCPServer, ThreadingTCPServer
-from .throttle import FailedLoginBackoff
+from .throttle import CheckGate, FailedLoginBackoff
 
 logger = logging.getLogger("socks5d")
 
@@ -43,6 +43,7 @@ class SocksServerMixIn:
     periodic: Callable[[], None] | None = None
     # State that outlives a reload; the handler reads it from here.
     login_backoff: FailedLoginBackoff | None = None
+    check_gate: CheckGate | None = None  # the bound on password checks at once
     user_slots: UserSlots | None = None
     # Threading mode: the loops that relay established tunnels (None: each handler
     # thread relays its own). Made in the serving process, after any fork.
@@ -201,8 +202,9 @@ class Daemon:
             problem = exposure_problem(config, server.server_addresses)
             if problem:
                 raise ConfigError(problem)
-            # Before any fork (forking mode, workers): every process shares it.
+            # Before any fork (forking mode, workers): every process shares these.
             server.login_backoff = FailedLoginBackoff()
+            server.check_gate = CheckGate(config.auth.parallel_checks)
             server.user_slots = UserSlots()
             self._apply(server, config)
             # Last: with root gone, nothing more may need to open a privileged resource.
@@ -228,6 +230,8 @@ class Daemon:
             server.login_backoff.max_delay = config.auth.failure_delay_max
             server.login_backoff.window = config.auth.failure_window
             server.login_backoff.ipv6_prefix = limits.ipv6_client_prefix
+        if server.check_gate is not None:
+            server.check_gate.limit = config.auth.parallel_checks
         warn_about_passwords(config)
 
     def run(self) -> int:

@@ -17,6 +17,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -58,7 +59,7 @@ from .relay import RelayResult, fix_socket_buffers, relay, socket_buffer_for
 from .rules import Decision, Policy
 from .server import BaseRequestHandler, client_ip
 from .session import Session
-from .throttle import NO_WAIT, FailedLoginBackoff
+from .throttle import NO_WAIT, CheckGate, FailedLoginBackoff
 from .udp import open_udp_endpoint, serve_association
 
 logger = logging.getLogger(__name__)
@@ -313,8 +314,9 @@ class Socks5Handler(BaseRequestHandler):
         """RFC 1929 §2: a non-zero status means the connection must close.
 
         Credentials that logged in moments ago pass at once. Others are checked in
-        their turn after this client's failed-login back-off (FailedLoginBackoff),
-        before the handshake deadline, else refused with status 01 and no check.
+        their turn: after this client's failed-login back-off (FailedLoginBackoff) and
+        within the bound on checks running at once (CheckGate), both before the
+        handshake deadline, else refused with status 01 and no check.
         """
         credentials = reader.read(parse_username_password, MAX_USERNAME_PASSWORD_SIZE)
         name = credentials.username.decode("utf-8", "backslashreplace")
@@ -343,19 +345,23 @@ class Socks5Handler(BaseRequestHandler):
         password: bytes,
         deadline: float,
     ) -> str | None:
-        """Run the password check when this client's back-off turn has come, without a
-        check when that is past `deadline`. None: logged in; else why not, for the
-        access log."""
+        """Run the password check when this client's back-off turn has come and a check
+        slot is free, without a check when either is past `deadline`. None: logged in;
+        else why not, for the access log."""
         backoff: FailedLoginBackoff | None = getattr(self.server, "login_backoff", None)
+        gate: CheckGate | None = getattr(self.server, "check_gate", None)
         while True:
             turn = NO_WAIT if backoff is None else backoff.book(self.client_ip, username, deadline)
             if turn is None:
                 return "login refused unchecked: back-off turn after the deadline"
             if turn.wait:
                 time.sleep(turn.wait)
-            if backoff is not None and backoff.overtaken(self.client_ip, username, turn):
-                continue  # a failure landed while this one waited: take a later turn
-            ok = auth.verify(username, password)
+            with gate.slot(deadline) if gate is not None else nullcontext(True) as admitted:
+                if not admitted:
+                    return "login refused unchecked: password checks busy"
+                if backoff is not None and backoff.overtaken(self.client_ip, username, turn):
+                    continue  # a failure landed while this one waited: take a later turn
+                ok = auth.verify(username, password)
             if backoff is not None:
                 (backoff.succeeded if ok else backoff.failed)(self.client_ip, username)
             return None if ok else "authentication failed"

@@ -1,15 +1,17 @@
 """Login throttling that holds across threads, forked children and worker processes:
-the back-off after failed logins.
+the back-off after failed logins, and the bound on password checks running at once.
 
-It is made before any fork (Daemon.bind) so every process of the tree shares it, as an
-anonymous shared memory table. Every lock here is an fcntl record lock, which the kernel
-drops when its holder dies: a worker killed by SIGKILL (or the OOM killer) cannot leave
-every later login waiting forever, as a process-shared semaphore would. Stdlib only; no
-sockets.
+Both are made before any fork (Daemon.bind) so every process of the tree shares them:
+the back-off as an anonymous shared memory table, the bound as byte-range locks on an
+anonymous file. Every lock here is an fcntl record lock, which the kernel drops when its
+holder dies: a worker killed by SIGKILL (or the OOM killer) cannot leave every later
+login waiting forever, as a process-shared semaphore would. Stdlib only; no sockets.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fcntl
 import hashlib
 import math
@@ -20,7 +22,8 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .addresses import DEFAULT_IPV6_CLIENT_PREFIX, client_key
@@ -101,6 +104,100 @@ class TreeLock(_ProcessLocal):
             fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
         finally:
             self.threads.release()
+
+
+# ---- the bound on password checks running at once ----
+
+# glibc's M_MMAP_THRESHOLD (malloc.h) and the size from which blocks get their own mapping.
+_M_MMAP_THRESHOLD, _OWN_MAPPING_FROM = -3, 4 << 20
+
+
+def _return_big_blocks_to_the_os() -> None:
+    """Make glibc give every block of 4 MiB and more its own mapping, unmapped on free.
+
+    By default glibc raises that threshold to the size of the first big block freed, so
+    later scrypt buffers (16 MiB) come from per-thread arenas, which keep them: checks
+    run one at a time in 60 threads still left 278 MiB resident. Elsewhere (musl) big
+    blocks are mapped anyway.
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _OWN_MAPPING_FROM)
+
+
+class CheckGate(_ProcessLocal):
+    """At most `limit` password checks at once across the process tree.
+
+    A scrypt check holds 16 MiB for its duration; without a bound, a few hundred
+    connections sending wrong logins at the same moment exhaust memory. A check holds
+    one of `limit` bytes of a nameless file locked (fcntl). Threads of one process queue
+    in order (and never hold one byte twice, as fcntl locks are per process); the first
+    of them polls for a byte another process frees. A waiter gives up at its deadline.
+    """
+
+    POLL_FIRST, POLL_MAX = 0.002, 0.05  # seconds between looks at other processes' bytes
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.fd = _lock_file(self)
+        self._register()
+        _return_big_blocks_to_the_os()  # else the memory bounded here stays resident
+
+    def _start_process(self) -> None:
+        self.lock = threading.Lock()
+        self.held: set[int] = set()  # bytes this process holds
+        self.queue: deque[threading.Condition] = deque()  # this process's waiters, in order
+
+    @contextlib.contextmanager
+    def slot(self, deadline: float) -> Iterator[bool]:
+        """True inside while this caller holds a check slot; False: none before `deadline`."""
+        index = self.acquire(deadline)
+        try:
+            yield index is not None
+        finally:
+            if index is not None:
+                self.release(index)
+
+    def acquire(self, deadline: float) -> int | None:
+        """The byte held for one check, or None when `deadline` (monotonic) passed first."""
+        with self.lock:
+            turn = threading.Condition(self.lock)
+            self.queue.append(turn)
+            try:
+                return self._wait_for_byte(turn, deadline)
+            finally:
+                self.queue.remove(turn)
+                self._wake_first()
+
+    def release(self, index: int) -> None:
+        with self.lock:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, index)
+            self.held.discard(index)
+            self._wake_first()
+
+    def _wait_for_byte(self, turn: threading.Condition, deadline: float) -> int | None:
+        poll = self.POLL_FIRST
+        while True:
+            pause: float | None = None  # None: until a thread of ours wakes this one
+            if self.queue[0] is turn and len(self.held) < max(self.limit, 1):
+                index = self._lock_a_free_byte()
+                if index is not None:
+                    self.held.add(index)
+                    return index
+                pause, poll = poll, min(poll * 2, self.POLL_MAX)  # all held elsewhere
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            turn.wait(remaining if pause is None else min(pause, remaining))
+
+    def _lock_a_free_byte(self) -> int | None:
+        for index in range(max(self.limit, 1)):
+            if index not in self.held and _try_lock(self.fd, index):
+                return index
+        return None
+
+    def _wake_first(self) -> None:
+        if self.queue:
+            self.queue[0].notify()
 
 
 # ---- back-off after failed logins ----

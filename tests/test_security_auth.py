@@ -1,29 +1,37 @@
 """Logins under attack (issue 9), each attack run against a real server.
 
-Logging in as one user must not clear the back-off of guesses at another, and a client
-must not be able to aim its back-off at someone else's.
+Many wrong logins at once must not run as many 16 MiB scrypt checks at once; logging in
+as one user must not clear the back-off of guesses at another; and a client must not be
+able to aim its back-off at someone else's.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from clients import TIMEOUT, recv_exactly, wait_until
-from conftest import DaemonProcess
+from conftest import DaemonProcess, running_proxy
 from netns import call_in_netns, needs_netns, netns_only
 from test_security import needs_127_0_0_2, start
 
-from socks5d.config import parse_config
+from socks5d.auth import Authenticator, hash_password
+from socks5d.config import ConfigError, User, parse_config
 from socks5d.daemon import Daemon
 from socks5d.protocol import Method, encode_greeting, encode_username_password
-from socks5d.throttle import CLIENT_FREE_FAILURES, FailedLoginBackoff
+from socks5d.throttle import CLIENT_FREE_FAILURES, CheckGate, FailedLoginBackoff
+
+SCRYPT_CHECK_MIB = 16  # what one check with the default parameters holds (128 * N * r)
 
 
 def greeted(proxy: tuple[str, int], source: str = "127.0.0.1") -> socket.socket:
@@ -64,6 +72,141 @@ def peak_memory_mib(pid: int) -> float:
 
 def access_ends(daemon: DaemonProcess) -> list[str]:
     return re.findall(r"end='([^']*)'", daemon.output())
+
+
+# ---- finding 2: hash checks at once are bounded, in memory and across processes ----
+
+
+def test_simultaneous_wrong_logins_hash_one_at_a_time_in_bounded_memory(daemon_factory, tmp_path):
+    # One scrypt user; 60 connections send their wrong logins at the same moment. Each
+    # check holds 16 MiB: unbounded, the daemon peaked 775 MiB above its start.
+    config = (
+        "[limits]\nmax_connections_per_ip = 0\n[timeouts]\nhandshake = 120\n"
+        "[auth]\nfailure_delay = 0\nmax_parallel_checks = 1\n"
+        f'[[users]]\nname = "alice"\npassword_hash = "{hash_password("right")}"\n'
+    )
+    daemon = start(daemon_factory, tmp_path, config, "--port", "0")
+    proxy = ("127.0.0.1", daemon.port)
+    connections = [greeted(proxy) for _ in range(60)]
+    try:
+        before = peak_memory_mib(daemon.proc.pid)
+        for sock in connections:
+            sock.sendall(encode_username_password(b"alice", b"wrong"))
+        statuses = {recv_exactly(sock, 2) for sock in connections}
+        grown = peak_memory_mib(daemon.proc.pid) - before
+    finally:
+        for sock in connections:
+            sock.close()
+    assert statuses == {b"\x01\x01"}
+    # Every one of them was really checked, none refused unchecked.
+    assert wait_until(lambda: access_ends(daemon).count("authentication failed") == 60)
+    margin = 16
+    assert grown < 1 * SCRYPT_CHECK_MIB + margin, f"peak memory grew {grown:.0f} MiB"
+
+
+@pytest.fixture
+def busy_gate_proxy(monkeypatch) -> Iterator[tuple[tuple[str, int], CheckGate, list[bytes]]]:
+    """An in-process server whose one check slot the test can hold; records checks."""
+    checked: list[bytes] = []
+    verify = Authenticator.verify
+
+    def counting_verify(self: Authenticator, username: bytes, password: bytes) -> bool:
+        checked.append(username)
+        return verify(self, username, password)
+
+    monkeypatch.setattr(Authenticator, "verify", counting_verify)
+    with running_proxy(users=(User("alice", "right"),), handshake_timeout=1.0) as proxy:
+        gate = CheckGate(1)
+        proxy.server.check_gate = gate
+        yield proxy.address, gate, checked
+
+
+def test_a_login_still_queued_at_the_handshake_deadline_is_refused_unchecked(
+    busy_gate_proxy, caplog
+):
+    proxy, gate, checked = busy_gate_proxy
+    held = gate.acquire(time.monotonic() + TIMEOUT)  # every check slot is taken
+    assert held is not None
+    try:
+        with caplog.at_level(logging.INFO, logger="socks5d.access"):
+            assert status_of(proxy, b"alice", b"wrong") == b"\x01\x01"  # RFC 1929: failure
+            assert wait_until(lambda: any(hasattr(r, "access") for r in caplog.records))
+    finally:
+        gate.release(held)
+    assert checked == []
+    (record,) = [r for r in caplog.records if hasattr(r, "access")]
+    assert record.access.end == "login refused unchecked: password checks busy"
+    # With the slot free again, the same login is checked.
+    assert status_of(proxy, b"alice", b"wrong") == b"\x01\x01"
+    assert checked == [b"alice"]
+
+
+def test_a_remembered_login_skips_the_hash_and_the_queue(busy_gate_proxy):
+    proxy, gate, checked = busy_gate_proxy
+    assert status_of(proxy, b"alice", b"right") == b"\x01\x00"
+    assert checked == [b"alice"]
+    held = gate.acquire(time.monotonic() + TIMEOUT)
+    try:
+        # Every slot is busy, yet the heavy legitimate client goes on logging in.
+        for _ in range(5):
+            assert status_of(proxy, b"alice", b"right") == b"\x01\x00"
+    finally:
+        gate.release(held)
+    assert checked == [b"alice"]
+
+
+def hold_a_slot_until_killed(gate: CheckGate, ready: int) -> None:
+    """In a forked child: take the one slot, say so, and wait to be killed."""
+    try:
+        if gate.acquire(time.monotonic() + TIMEOUT) is not None:
+            os.write(ready, b"held")
+        time.sleep(TIMEOUT)
+    finally:
+        os._exit(0)
+
+
+def test_the_bound_holds_across_processes_and_a_killed_holder_frees_its_slot():
+    gate = CheckGate(1)  # made before the fork, as the daemon makes it
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        hold_a_slot_until_killed(gate, ready_write)
+    try:
+        os.close(ready_write)
+        assert os.read(ready_read, 4) == b"held"
+        assert gate.acquire(time.monotonic() + 0.3) is None  # the other process has it
+        os.kill(pid, signal.SIGKILL)  # the OOM killer's way: no chance to clean up
+        os.waitpid(pid, 0)
+        pid = 0
+        index = gate.acquire(time.monotonic() + TIMEOUT)  # the kernel freed its lock
+        assert index == 0
+        gate.release(index)
+    finally:
+        os.close(ready_read)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def test_threads_of_one_process_share_the_bound():
+    gate = CheckGate(2)
+    first = gate.acquire(time.monotonic() + TIMEOUT)
+    second = gate.acquire(time.monotonic() + TIMEOUT)
+    assert {first, second} == {0, 1}  # fcntl locks are per process: never one byte twice
+    assert gate.acquire(time.monotonic() + 0.1) is None
+    gate.release(first)
+    assert gate.acquire(time.monotonic() + TIMEOUT) == first
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [(0, "between 1 and 1024"), ("many", 'or "auto"'), (True, "must be an integer")],
+)
+def test_max_parallel_checks_must_be_a_count_or_auto(value, problem):
+    with pytest.raises(ConfigError, match=f"auth.max_parallel_checks: .*{problem}"):
+        parse_config({"auth": {"max_parallel_checks": value}})
+    assert parse_config({"auth": {"max_parallel_checks": 3}}).auth.parallel_checks == 3
+    assert parse_config({}).auth.parallel_checks == len(os.sched_getaffinity(0))
 
 
 # ---- finding 4: a success clears only that user's failures ----
@@ -232,6 +375,7 @@ def test_the_daemon_keys_its_back_off_by_limits_ipv6_client_prefix():
     server = Daemon(config).bind()
     try:
         assert server.login_backoff.ipv6_prefix == 56
+        assert server.check_gate.limit == config.auth.parallel_checks
     finally:
         server.server_close()
 
