@@ -1,9 +1,10 @@
 """Authentication policy: which RFC 1928 method to pick, RFC 1929 credential checks and
-password hashes. (How often checks may run: throttle.py.)
+password hashes. (How often and how many checks may run: throttle.py.)
 
-No sockets. Credentials are compared in constant time; an unknown user costs the same
-as a wrong password so a client cannot probe for user names; passwords are stored as
-self-describing scrypt or PBKDF2 hashes (plaintext still works, with a warning).
+No sockets. Credentials are compared in constant time; an unknown user and a plaintext
+entry cost one scrypt check with the default parameters, exactly what a wrong password
+of a default hash costs, so timing does not tell which names exist; passwords are stored
+as self-describing scrypt or PBKDF2 hashes (plaintext still works, with a warning).
 """
 
 from __future__ import annotations
@@ -100,10 +101,26 @@ class _Credential:
 def _credential(user: User) -> _Credential:
     if user.password_hash:
         return _Credential(parse_hash(user.password_hash), _expected_digest(user.password_hash))
-    plain = (user.password or "").encode()
-    # Plaintext: hash both sides with a per-process key so the compare is constant time
-    # whatever the lengths.
-    return _Credential(_keyed, _keyed(plain))
+    # Plaintext: hashed here as the default scheme would, so that checking it costs what
+    # checking a default hash does (and the compare is constant time whatever the length).
+    salt = os.urandom(16)
+    compute = _default_scrypt(salt)
+    return _Credential(compute, compute((user.password or "").encode()))
+
+
+def _default_scrypt(salt: bytes) -> Callable[[bytes], bytes]:
+    return lambda secret: _scrypt(secret, salt, SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P)
+
+
+def _unknown_user() -> _Credential:
+    """What an unknown name is checked against: a default scrypt that never matches."""
+    return _Credential(_default_scrypt(os.urandom(16)), os.urandom(32))
+
+
+def is_default_hash(encoded: str) -> bool:
+    """True for a scrypt hash with our parameters: checking it costs what an unknown
+    user costs. Others (PBKDF2, other scrypt costs) can be told apart by timing."""
+    return encoded.startswith(f"scrypt$ln={SCRYPT_LOG_N},r={SCRYPT_R},p={SCRYPT_P}$")
 
 
 _PROCESS_KEY = os.urandom(32)
@@ -152,6 +169,7 @@ class Authenticator:
 
     credentials: dict[bytes, _Credential] = field(default_factory=dict, repr=False)
     verified: _VerifiedCache = field(default_factory=_VerifiedCache, repr=False, compare=False)
+    unknown: _Credential = field(default_factory=_unknown_user, repr=False, compare=False)
 
     @classmethod
     def from_users(cls, users: Iterable[User], source: str = "<config>") -> Authenticator:
@@ -182,21 +200,13 @@ class Authenticator:
         return self.verified.key(username, password) in self.verified
 
     def verify(self, username: bytes, password: bytes) -> bool:
-        """The costly constant-time check; unknown users compare against a dummy."""
+        """The costly constant-time check; an unknown user costs one default scrypt too."""
         credential = self.credentials.get(username)
         known = credential is not None
         if credential is None:
-            # Spend what a real check of the costliest kind would cost.
-            credential = max(self.credentials.values(), key=_cost, default=_DUMMY)
+            credential = self.unknown
         matches = hmac.compare_digest(credential.compute(password), credential.expected)
         if known and matches:
             self.verified.add(self.verified.key(username, password))
             return True
         return False
-
-
-def _cost(credential: _Credential) -> int:
-    return 0 if credential.compute is _keyed else 1
-
-
-_DUMMY = _Credential(_keyed, _keyed(os.urandom(16)))

@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 from . import systemd
+from .auth import is_default_hash
 from .config import Config, ConfigError, apply_overrides, load_config
 from .fastpath import FastHandshake
 from .handler import HandlerSettings, Resume, Socks5Handler
@@ -138,7 +139,7 @@ def raise_open_file_limit() -> tuple[int, int]:
 
 
 def warn_about_passwords(config: Config) -> None:
-    """Plaintext passwords in the config."""
+    """Plaintext passwords, and hashes whose check time sets their user apart."""
     for index, user in enumerate(config.users):
         if user.password is not None:
             logger.warning(
@@ -147,6 +148,15 @@ def warn_about_passwords(config: Config) -> None:
                 index,
                 user.name,
                 config.source,
+            )
+        elif user.password_hash and not is_default_hash(user.password_hash):
+            logger.warning(
+                "users[%d] (%s) has a password_hash with other costs than the default "
+                "scrypt: a wrong password for it takes a different time than for an "
+                "unknown user, which tells that the name exists; rehash it with "
+                "socks5d hash-password",
+                index,
+                user.name,
             )
 
 

@@ -1,8 +1,9 @@
 """Logins under attack (issue 9), each attack run against a real server.
 
 Many wrong logins at once must not run as many 16 MiB scrypt checks at once; logging in
-as one user must not clear the back-off of guesses at another; and a client must not be
-able to aim its back-off at someone else's.
+as one user must not clear the back-off of guesses at another; a client must not be able
+to aim its back-off at someone else's; and a wrong password must take as long for a
+plaintext entry or an unknown name as for a default hash.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -25,6 +27,7 @@ from conftest import DaemonProcess, running_proxy
 from netns import call_in_netns, needs_netns, netns_only
 from test_security import needs_127_0_0_2, start
 
+from socks5d import auth
 from socks5d.auth import Authenticator, hash_password
 from socks5d.config import ConfigError, User, parse_config
 from socks5d.daemon import Daemon
@@ -32,6 +35,7 @@ from socks5d.protocol import Method, encode_greeting, encode_username_password
 from socks5d.throttle import CLIENT_FREE_FAILURES, CheckGate, FailedLoginBackoff
 
 SCRYPT_CHECK_MIB = 16  # what one check with the default parameters holds (128 * N * r)
+DEFAULTS = (auth.SCRYPT_LOG_N, auth.SCRYPT_R, auth.SCRYPT_P)
 
 
 def greeted(proxy: tuple[str, int], source: str = "127.0.0.1") -> socket.socket:
@@ -416,3 +420,63 @@ def logins_from_one_slash_64(daemon: DaemonProcess) -> list[str]:
 @needs_netns
 def test_ipv6_addresses_of_one_slash_64_share_a_back_off():
     assert call_in_netns(ipv6_neighbours_scenario) == ["0101", "0101 at once", "0101 waited"]
+
+
+# ---- finding 10: a wrong password takes as long whoever the user is ----
+
+
+@pytest.fixture
+def kdf_calls(monkeypatch) -> list[tuple[int, int, int]]:
+    """(log2 N, r, p) of every scrypt run through socks5d.auth, in order."""
+    calls: list[tuple[int, int, int]] = []
+    scrypt = auth._scrypt
+
+    def recording(secret: bytes, salt: bytes, log_n: int, r: int, p: int) -> bytes:
+        calls.append((log_n, r, p))
+        return scrypt(secret, salt, log_n, r, p)
+
+    monkeypatch.setattr(auth, "_scrypt", recording)
+    return calls
+
+
+def test_unknown_and_plaintext_users_cost_one_default_scrypt_check(kdf_calls):
+    users = [
+        User("plain", "secret"),
+        User("default", password_hash=hash_password("secret")),
+        User("pbkdf2", password_hash=hash_password("secret", "pbkdf2_sha256")),
+    ]
+    authenticator = Authenticator.from_users(users)
+    for name in (b"plain", b"default", b"nobody"):
+        kdf_calls.clear()
+        assert not authenticator.verify(name, b"wrong")
+        assert kdf_calls == [DEFAULTS], name
+    kdf_calls.clear()
+    assert authenticator.verify(b"plain", b"secret")
+    assert kdf_calls == [DEFAULTS]
+
+
+def test_a_wrong_password_takes_as_long_for_any_name(daemon_factory, tmp_path):
+    config = (
+        "[auth]\nfailure_delay = 0\n"
+        f'[[users]]\nname = "hashed"\npassword_hash = "{hash_password("right")}"\n'
+        '[[users]]\nname = "plain"\npassword = "right"\n'
+    )
+    daemon = start(daemon_factory, tmp_path, config, "--port", "0")
+    proxy = ("127.0.0.1", daemon.port)
+    times: dict[bytes, list[float]] = {b"hashed": [], b"plain": [], b"nobody": []}
+    for _ in range(7):
+        for name, samples in times.items():
+            status, elapsed = login(proxy, name, b"wrong")
+            assert status == b"\x01\x01"
+            samples.append(elapsed)
+    medians = {name: statistics.median(samples) for name, samples in times.items()}
+    for name in (b"plain", b"nobody"):
+        ratio = medians[name] / medians[b"hashed"]
+        assert 0.33 < ratio < 3.0, f"{name!r}: {ratio:.2f} of a default hash's time {medians}"
+
+
+def test_a_hash_with_other_costs_is_named_at_startup(daemon_factory, tmp_path):
+    encoded = hash_password("secret", "pbkdf2_sha256")
+    config = f'[[users]]\nname = "carol"\npassword_hash = "{encoded}"\n'
+    daemon = start(daemon_factory, tmp_path, config, "--port", "0")
+    assert "users[0] (carol) has a password_hash with other costs" in daemon.output()
