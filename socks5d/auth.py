@@ -1,9 +1,10 @@
-"""Authentication policy: which RFC 1928 method to pick, RFC 1929 credential checks,
-password hashes, and the per-client back-off after failed logins.
+"""Authentication policy: which RFC 1928 method to pick, RFC 1929 credential checks and
+password hashes. (How often and how many checks may run: throttle.py.)
 
-No sockets. Credentials are compared in constant time; an unknown user costs the same
-as a wrong password so a client cannot probe for user names; passwords are stored as
-self-describing scrypt or PBKDF2 hashes (plaintext still works, with a warning).
+No sockets. Credentials are compared in constant time; an unknown user and a plaintext
+entry cost one scrypt check with the default parameters, exactly what a wrong password
+of a default hash costs, so timing does not tell which names exist; passwords are stored
+as self-describing scrypt or PBKDF2 hashes (plaintext still works, with a warning).
 """
 
 from __future__ import annotations
@@ -11,13 +12,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import mmap
-import multiprocessing
 import os
-import struct
 import threading
-import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -105,10 +101,26 @@ class _Credential:
 def _credential(user: User) -> _Credential:
     if user.password_hash:
         return _Credential(parse_hash(user.password_hash), _expected_digest(user.password_hash))
-    plain = (user.password or "").encode()
-    # Plaintext: hash both sides with a per-process key so the compare is constant time
-    # whatever the lengths.
-    return _Credential(_keyed, _keyed(plain))
+    # Plaintext: hashed here as the default scheme would, so that checking it costs what
+    # checking a default hash does (and the compare is constant time whatever the length).
+    salt = os.urandom(16)
+    compute = _default_scrypt(salt)
+    return _Credential(compute, compute((user.password or "").encode()))
+
+
+def _default_scrypt(salt: bytes) -> Callable[[bytes], bytes]:
+    return lambda secret: _scrypt(secret, salt, SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P)
+
+
+def _unknown_user() -> _Credential:
+    """What an unknown name is checked against: a default scrypt that never matches."""
+    return _Credential(_default_scrypt(os.urandom(16)), os.urandom(32))
+
+
+def is_default_hash(encoded: str) -> bool:
+    """True for a scrypt hash with our parameters: checking it costs what an unknown
+    user costs. Others (PBKDF2, other scrypt costs) can be told apart by timing."""
+    return encoded.startswith(f"scrypt$ln={SCRYPT_LOG_N},r={SCRYPT_R},p={SCRYPT_P}$")
 
 
 _PROCESS_KEY = os.urandom(32)
@@ -157,6 +169,7 @@ class Authenticator:
 
     credentials: dict[bytes, _Credential] = field(default_factory=dict, repr=False)
     verified: _VerifiedCache = field(default_factory=_VerifiedCache, repr=False, compare=False)
+    unknown: _Credential = field(default_factory=_unknown_user, repr=False, compare=False)
 
     @classmethod
     def from_users(cls, users: Iterable[User], source: str = "<config>") -> Authenticator:
@@ -179,100 +192,21 @@ class Authenticator:
         return wanted if wanted in offered else Method.NO_ACCEPTABLE_METHODS
 
     def check(self, username: bytes, password: bytes) -> bool:
-        """RFC 1929 §2: constant-time check; unknown users compare against a dummy."""
-        cache_key = self.verified.key(username, password)
-        if cache_key in self.verified:
-            return True
+        """RFC 1929 §2: remembered, or verified now (see verify)."""
+        return self.remembers(username, password) or self.verify(username, password)
+
+    def remembers(self, username: bytes, password: bytes) -> bool:
+        """True when this exact pair logged in recently: no hash (and no queue) needed."""
+        return self.verified.key(username, password) in self.verified
+
+    def verify(self, username: bytes, password: bytes) -> bool:
+        """The costly constant-time check; an unknown user costs one default scrypt too."""
         credential = self.credentials.get(username)
         known = credential is not None
         if credential is None:
-            # Spend what a real check of the costliest kind would cost.
-            credential = max(self.credentials.values(), key=_cost, default=_DUMMY)
+            credential = self.unknown
         matches = hmac.compare_digest(credential.compute(password), credential.expected)
         if known and matches:
-            self.verified.add(cache_key)
+            self.verified.add(self.verified.key(username, password))
             return True
         return False
-
-
-def _cost(credential: _Credential) -> int:
-    return 0 if credential.compute is _keyed else 1
-
-
-_DUMMY = _Credential(_keyed, _keyed(os.urandom(16)))
-
-
-# ---- back-off after failed logins ----
-
-# One slot per client address: failure count, time of the last failure, and the time
-# from which the next check may run (CLOCK_MONOTONIC is the same for every process).
-_SLOT = struct.Struct("=idd")
-
-
-class FailedLoginBackoff:
-    """Makes password guessing from one client address slow.
-
-    After a failed login, the next check for the same address waits `delay * 2**(n-1)`
-    (capped at `max_delay`) after the previous one, so parallel connections queue up
-    instead of multiplying the guessing rate. Forgotten after `window` quiet seconds or
-    a successful login.
-
-    The state lives in an anonymous shared memory table created before any fork, so
-    forked children (forking mode) see and extend each other's failures. Addresses hash
-    into `capacity` slots: memory is fixed, and two addresses sharing a slot only slow
-    each other down, never let a guesser go faster.
-    """
-
-    def __init__(
-        self,
-        delay: float = 0.5,
-        max_delay: float = 10.0,
-        window: float = 600.0,
-        capacity: int = 65536,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.delay = delay
-        self.max_delay = max_delay
-        self.window = window
-        self.capacity = capacity
-        self.clock = clock
-        self.table = mmap.mmap(-1, capacity * _SLOT.size)  # MAP_SHARED | MAP_ANONYMOUS
-        self.lock = multiprocessing.Lock()
-
-    def _offset(self, client_ip: str) -> int:
-        return (zlib.crc32(client_ip.encode()) % self.capacity) * _SLOT.size
-
-    def wait_time(self, client_ip: str) -> float:
-        """Seconds this attempt must wait before its credentials are checked; books a slot."""
-        offset = self._offset(client_ip)
-        now = self.clock()
-        with self.lock:
-            count, last, next_slot = _SLOT.unpack_from(self.table, offset)
-            if count == 0:
-                return 0.0
-            if now - last > self.window:
-                _SLOT.pack_into(self.table, offset, 0, 0.0, 0.0)
-                return 0.0
-            slot = max(now, next_slot)
-            _SLOT.pack_into(self.table, offset, count, last, slot + self._delay(count))
-            return slot - now
-
-    def failed(self, client_ip: str) -> None:
-        offset = self._offset(client_ip)
-        now = self.clock()
-        with self.lock:
-            count, _, next_slot = _SLOT.unpack_from(self.table, offset)
-            count += 1
-            next_slot = max(next_slot, now + self._delay(count))
-            _SLOT.pack_into(self.table, offset, count, now, next_slot)
-
-    def succeeded(self, client_ip: str) -> None:
-        with self.lock:
-            _SLOT.pack_into(self.table, self._offset(client_ip), 0, 0.0, 0.0)
-
-    def failures(self, client_ip: str) -> int:
-        with self.lock:
-            return _SLOT.unpack_from(self.table, self._offset(client_ip))[0]
-
-    def _delay(self, count: int) -> float:
-        return min(self.delay * 2 ** min(count - 1, 30), self.max_delay)

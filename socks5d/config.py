@@ -111,12 +111,21 @@ class LoggingConfig:
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
-    """Login throttling per client IP: the delay doubles per failure up to a cap; a quiet
-    window forgets the count."""
+    """Login throttling per client (and per user name): the delay doubles per failure up
+    to a cap; a quiet window forgets the count. Password checks at once are bounded."""
 
     failure_delay: float = 0.5
     failure_delay_max: float = 10.0
     failure_window: float = 600.0
+    # Password hash checks running at once in the whole daemon (each scrypt check holds
+    # 16 MiB); "auto": one per CPU. The others wait their turn within the handshake timeout.
+    max_parallel_checks: int | str = "auto"
+
+    @property
+    def parallel_checks(self) -> int:
+        """max_parallel_checks as a number ("auto": the CPUs this process may use)."""
+        limit = self.max_parallel_checks
+        return _cpu_count() if limit == "auto" else int(limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,6 +480,15 @@ def _workers(value: Any) -> int:
     return _integer(1, 256)(value)
 
 
+def _parallel_checks(value: Any) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str):
+        raise ValueError(f'must be a number of checks or "auto", got {value!r}')
+    limit: int = _integer(1, 1024)(value)
+    return limit
+
+
 def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
@@ -515,6 +533,7 @@ AUTH_KEYS: dict[str, Callable[[Any], Any]] = {
     "failure_delay": _seconds,
     "failure_delay_max": _seconds,
     "failure_window": _positive_seconds,
+    "max_parallel_checks": _parallel_checks,
 }
 ACCESS_KEYS: dict[str, Callable[[Any], Any]] = {
     "default_action": _choice(ACTIONS),

@@ -27,7 +27,7 @@ from types import FrameType
 from typing import Any
 
 from . import systemd
-from .auth import FailedLoginBackoff
+from .auth import is_default_hash
 from .config import Config, ConfigError, apply_overrides, load_config
 from .fastpath import FastHandshake
 from .handler import HandlerSettings, Resume, Socks5Handler
@@ -38,6 +38,7 @@ from .privileges import drop_privileges, resolve_ids
 from .rules import exposure_problem
 from .server import ForkingTCPServer, ThreadingTCPServer, reap_child
 from .shmem import SharedBytes
+from .throttle import CheckGate, FailedLoginBackoff
 
 logger = logging.getLogger("socks5d")
 
@@ -49,6 +50,7 @@ class SocksServerMixIn:
     periodic: Callable[[], None] | None = None
     # State that outlives a reload; the handler reads it from here.
     login_backoff: FailedLoginBackoff | None = None
+    check_gate: CheckGate | None = None  # the bound on password checks at once
     user_slots: UserSlots | None = None
     # Threading mode: the loops that relay established tunnels (None: each handler
     # thread relays its own). Made in the serving process, after any fork.
@@ -161,6 +163,28 @@ def raise_open_file_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def warn_about_passwords(config: Config) -> None:
+    """Plaintext passwords, and hashes whose check time sets their user apart."""
+    for index, user in enumerate(config.users):
+        if user.password is not None:
+            logger.warning(
+                "users[%d] (%s) has a plaintext password in %s; store password_hash "
+                "instead (socks5d hash-password)",
+                index,
+                user.name,
+                config.source,
+            )
+        elif user.password_hash and not is_default_hash(user.password_hash):
+            logger.warning(
+                "users[%d] (%s) has a password_hash with other costs than the default "
+                "scrypt: a wrong password for it takes a different time than for an "
+                "unknown user, which tells that the name exists; rehash it with "
+                "socks5d hash-password",
+                index,
+                user.name,
+            )
+
+
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -218,10 +242,12 @@ class Daemon:
             problem = exposure_problem(config, server.server_addresses)
             if problem:
                 raise ConfigError(problem)
+            # Before any fork (forking mode, workers): every process shares these.
             server.login_backoff = FailedLoginBackoff()
+            server.check_gate = CheckGate(config.auth.parallel_checks)
             server.user_slots = UserSlots()
             self._apply(server, config)
-            warn_plaintext_passwords(config)
+            warn_about_passwords(config)
             # Last: with root gone, nothing more may need to open a privileged resource.
             if config.server.run_as_user:
                 self._hand_log_files_over(config)
@@ -245,6 +271,9 @@ class Daemon:
             server.login_backoff.delay = config.auth.failure_delay
             server.login_backoff.max_delay = config.auth.failure_delay_max
             server.login_backoff.window = config.auth.failure_window
+            server.login_backoff.ipv6_prefix = limits.ipv6_client_prefix
+        if server.check_gate is not None:
+            server.check_gate.limit = config.auth.parallel_checks
 
     @staticmethod
     def _hand_log_files_over(config: Config) -> None:
@@ -395,7 +424,7 @@ class Daemon:
         fresh = self._read_fresh_config(self.server)
         if fresh is None:
             return False
-        warn_plaintext_passwords(fresh)
+        warn_about_passwords(fresh)
         self._put_into_effect(fresh)
         if self.published is not None:
             self.generation = self.published.publish(pickle.dumps(fresh))
@@ -456,18 +485,6 @@ class Daemon:
         self.generation = generation
         logger.info("worker %d: reload %d in effect", os.getpid(), generation)
         return True
-
-
-def warn_plaintext_passwords(config: Config) -> None:
-    for index, user in enumerate(config.users):
-        if user.password is not None:
-            logger.warning(
-                "users[%d] (%s) has a plaintext password in %s; store password_hash "
-                "instead (socks5d hash-password)",
-                index,
-                user.name,
-                config.source,
-            )
 
 
 class Supervisor:

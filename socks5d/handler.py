@@ -17,6 +17,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -58,6 +59,7 @@ from .relay import RelayResult, fix_socket_buffers, relay, socket_buffer_for
 from .rules import Decision, Policy
 from .server import BaseRequestHandler, client_ip
 from .session import Session
+from .throttle import NO_WAIT, CheckGate, FailedLoginBackoff
 from .udp import open_udp_endpoint, serve_association
 
 logger = logging.getLogger(__name__)
@@ -318,31 +320,58 @@ class Socks5Handler(BaseRequestHandler):
     def authenticate(self, reader: HandshakeReader, auth: Authenticator, session: Session) -> bool:
         """RFC 1929 §2: a non-zero status means the connection must close.
 
-        After failed logins from this client's address each check waits its turn
-        (FailedLoginBackoff), so guessing passwords is slow however many connections
-        the guesser opens.
+        Credentials that logged in moments ago pass at once. Others are checked in
+        their turn: after this client's failed-login back-off (FailedLoginBackoff) and
+        within the bound on checks running at once (CheckGate), both before the
+        handshake deadline, else refused with status 01 and no check.
         """
         credentials = reader.read(parse_username_password, MAX_USERNAME_PASSWORD_SIZE)
         name = credentials.username.decode("utf-8", "backslashreplace")
         session.user = name or "''"
+        username, password = credentials.username, credentials.password
         backoff = getattr(self.server, "login_backoff", None)
-        wait = backoff.wait_time(self.client_ip) if backoff is not None else 0.0
-        if wait and wait >= reader.deadline - time.monotonic():
-            ok = False  # the turn comes after the handshake deadline: refuse unchecked
-        else:
-            if wait:
-                time.sleep(wait)
-            ok = auth.check(credentials.username, credentials.password)
+        if auth.remembers(username, password):
+            failure = None
             if backoff is not None:
-                (backoff.succeeded if ok else backoff.failed)(self.client_ip)
-        if ok:
+                backoff.succeeded(self.client_ip, username)
+        else:
+            failure = self.check_in_turn(auth, username, password, reader.deadline)
+        if failure is None:
             reader.send(encode_auth_status(AuthStatus.SUCCESS))
             self.user = name
             return True
         reader.send(encode_auth_status(AuthStatus.FAILURE))
-        session.end = "authentication failed"
+        session.end = failure
         session.closed_by = "proxy"
         return False
+
+    def check_in_turn(
+        self,
+        auth: Authenticator,
+        username: bytes,
+        password: bytes,
+        deadline: float,
+    ) -> str | None:
+        """Run the password check when this client's back-off turn has come and a check
+        slot is free, without a check when either is past `deadline`. None: logged in;
+        else why not, for the access log."""
+        backoff: FailedLoginBackoff | None = getattr(self.server, "login_backoff", None)
+        gate: CheckGate | None = getattr(self.server, "check_gate", None)
+        while True:
+            turn = NO_WAIT if backoff is None else backoff.book(self.client_ip, username, deadline)
+            if turn is None:
+                return "login refused unchecked: back-off turn after the deadline"
+            if turn.wait:
+                time.sleep(turn.wait)
+            with gate.slot(deadline) if gate is not None else nullcontext(True) as admitted:
+                if not admitted:
+                    return "login refused unchecked: password checks busy"
+                if backoff is not None and backoff.overtaken(self.client_ip, username, turn):
+                    continue  # a failure landed while this one waited: take a later turn
+                ok = auth.verify(username, password)
+            if backoff is not None:
+                (backoff.succeeded if ok else backoff.failed)(self.client_ip, username)
+            return None if ok else "authentication failed"
 
     def take_user_slot(self, user: str) -> bool:
         slots = getattr(self.server, "user_slots", None)

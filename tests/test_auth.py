@@ -8,13 +8,13 @@ import pytest
 
 from socks5d.auth import (
     Authenticator,
-    FailedLoginBackoff,
     HashFormatError,
     hash_password,
     parse_hash,
 )
 from socks5d.config import User
 from socks5d.protocol import Method
+from socks5d.throttle import FailedLoginBackoff
 
 OPEN = Authenticator()
 LOCKED = Authenticator.from_users([User("alice", "secret"), User("bob", "hunter2")])
@@ -118,9 +118,14 @@ class Clock:
         return self.now
 
 
+def wait(backoff: FailedLoginBackoff, client: str, user: bytes = b"alice") -> float | None:
+    turn = backoff.book(client, user)
+    return None if turn is None else turn.wait
+
+
 def test_no_wait_before_any_failure():
     backoff = FailedLoginBackoff(delay=0.5, clock=Clock())
-    assert backoff.wait_time("192.0.2.1") == 0.0
+    assert wait(backoff, "192.0.2.1") == 0.0
 
 
 def test_delay_doubles_per_failure_up_to_the_cap():
@@ -128,8 +133,8 @@ def test_delay_doubles_per_failure_up_to_the_cap():
     backoff = FailedLoginBackoff(delay=0.5, max_delay=3.0, clock=clock)
     waits = []
     for _ in range(5):
-        backoff.failed("192.0.2.1")
-        waits.append(backoff.wait_time("192.0.2.1"))
+        backoff.failed("192.0.2.1", b"alice")
+        waits.append(wait(backoff, "192.0.2.1"))
         clock.now += 100  # far apart: each wait is the fresh delay
     assert waits == [0.5, 1.0, 2.0, 3.0, 3.0]
 
@@ -137,34 +142,29 @@ def test_delay_doubles_per_failure_up_to_the_cap():
 def test_parallel_attempts_queue_up_instead_of_multiplying_the_rate():
     clock = Clock()
     backoff = FailedLoginBackoff(delay=1.0, max_delay=10.0, clock=clock)
-    backoff.failed("192.0.2.1")
-    assert [backoff.wait_time("192.0.2.1") for _ in range(3)] == [1.0, 2.0, 3.0]
-    assert backoff.wait_time("192.0.2.2") == 0.0  # other clients are not slowed
+    backoff.failed("192.0.2.1", b"alice")
+    assert [wait(backoff, "192.0.2.1") for _ in range(3)] == [1.0, 2.0, 3.0]
+    assert wait(backoff, "192.0.2.2") == 0.0  # other clients are not slowed
 
 
 def test_success_and_quiet_window_forget_the_failures():
     clock = Clock()
     backoff = FailedLoginBackoff(delay=1.0, window=60.0, clock=clock)
-    backoff.failed("192.0.2.1")
-    backoff.succeeded("192.0.2.1")
-    assert backoff.wait_time("192.0.2.1") == 0.0
-    backoff.failed("192.0.2.3")
+    backoff.failed("192.0.2.1", b"alice")
+    backoff.succeeded("192.0.2.1", b"alice")
+    assert wait(backoff, "192.0.2.1") == 0.0
+    backoff.failed("192.0.2.3", b"alice")
     clock.now += 61
-    assert backoff.wait_time("192.0.2.3") == 0.0
-
-
-def test_addresses_share_slots_only_to_be_stricter():
-    backoff = FailedLoginBackoff(capacity=1, delay=1.0, clock=Clock())
-    backoff.failed("192.0.2.1")
-    assert backoff.wait_time("192.0.2.99") == 1.0  # same slot: slowed, never sped up
+    assert wait(backoff, "192.0.2.3") == 0.0
+    assert backoff.failures("192.0.2.3") == 0
 
 
 def test_forked_children_share_the_failures():
     backoff = FailedLoginBackoff(delay=1.0, clock=Clock())
     pid = os.fork()
     if pid == 0:  # a child fails a login, as a forking-mode handler would
-        backoff.failed("192.0.2.1")
+        backoff.failed("192.0.2.1", b"alice")
         os._exit(0)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-    assert backoff.failures("192.0.2.1") == 1
-    assert backoff.wait_time("192.0.2.1") == 1.0
+    assert backoff.failures("192.0.2.1", b"alice") == 1
+    assert wait(backoff, "192.0.2.1") == 1.0

@@ -19,6 +19,7 @@ ALLOWED = {
     "server": set(),
     "shmem": set(),
     "limits": {"shmem"},
+    "throttle": {"addresses"},
     "logs": set(),
     "systemd": set(),
     "privileges": set(),
@@ -43,6 +44,7 @@ ALLOWED = {
         "rules",
         "server",
         "session",
+        "throttle",
     },
     "daemon": {
         "protocol",
@@ -60,12 +62,13 @@ ALLOWED = {
         "systemd",
         "privileges",
         "shmem",
+        "throttle",
     },
     "cli": {"config", "auth", "rules", "daemon", "logs", "__init__"},
     "__main__": {"cli"},
     "__init__": set(),
 }
-NO_SOCKETS = {"protocol", "config", "auth"}
+NO_SOCKETS = {"protocol", "config", "auth", "throttle", "addresses"}
 
 
 def project_imports(path: Path) -> tuple[set[str], set[str]]:
