@@ -75,17 +75,12 @@ class SocksServerMixIn:
             self.periodic()
 
     # ---- systemd STATUS= counter ----
-    # Connections handed to a handler since start. Counted in the serving thread (the
-    # only one that calls process_request), so it needs no lock and works in forking mode.
-    served: int = 0
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self.served += 1
-        super().process_request(request, client_address)  # type: ignore[misc]
-
-    def handle_overload(self, request: Any, client_address: Any) -> None:
-        self.served -= 1  # refused at max_connections: counted above, not served
-        super().handle_overload(request, client_address)  # type: ignore[misc]
+    @property
+    def served(self) -> int:
+        """Connections admitted since start. The core counts them as it takes their slot,
+        under its accounting lock: several relay hubs may accept at once."""
+        return int(self.admitted_total)  # type: ignore[attr-defined]
 
     # ---- end systemd STATUS= counter ----
 
@@ -115,6 +110,8 @@ def attach_relay_hubs(server: ThreadingSocksServer, count: int) -> HubPool:
     server.resumes = {}
     server.accept_elsewhere = True
     pool.serve_listeners(server.listeners(), server.accept_ready)
+    # A closed request ends an EMFILE back-off at once, in the hubs too.
+    server.add_accept_waker(pool.resume_listeners)
     return pool
 
 
@@ -207,6 +204,7 @@ class Daemon:
         server.settings = HandlerSettings.from_config(config, server.server_addresses)
         server.max_connections = limits.max_connections
         server.max_connections_per_ip = limits.max_connections_per_ip or None
+        server.ipv6_client_prefix = limits.ipv6_client_prefix
         if server.user_slots is not None:
             server.user_slots.limit = limits.max_connections_per_user or None
         if server.login_backoff is not None:
