@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from clients import TIMEOUT, connect_through, recv_exactly
+from clients import TIMEOUT, connect_through, recv_exactly, wait_until
 from conftest import ROOT, DaemonProcess, TargetServer, ipv6_available
 
 from socks5d import privileges, systemd
@@ -340,7 +340,9 @@ def test_daemon_ready_after_a_rejected_reload(daemon_factory, notify_path, tmp_p
     daemon.proc.send_signal(signal.SIGHUP)
     reloading_at, _ = listener.expect(lambda m: m.startswith("RELOADING=1"), marker)
     listener.expect(lambda m: m.startswith("READY=1"), reloading_at + 1)
-    assert "reload rejected" in daemon.output()
+    # The log line was written before READY=1 was sent, but reaches us through a pipe
+    # and a reader thread: wait for it rather than race it.
+    assert wait_until(lambda: "reload rejected" in daemon.output()), daemon.output()
 
 
 @pytest.mark.parametrize("mode", ["threading", "forking"])
