@@ -37,3 +37,8 @@ def client_key(ip: str, ipv6_prefix: int = DEFAULT_IPV6_CLIENT_PREFIX) -> str:
         network = ipaddress.IPv6Network((int(address), ipv6_prefix), strict=False)
         return str(network)
     return str(address)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """host:port, with brackets around an IPv6 host ("[::1]:1080")."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -17,7 +17,13 @@ from . import __version__
 from .auth import Authenticator, hash_password
 from .config import LOG_LEVELS, MODES, Config, ConfigError, apply_overrides, load_config
 from .config import parse_user_flag as parse_user
-from .daemon import Daemon, apply_logging, format_address, raise_open_file_limit
+from .daemon import (
+    Daemon,
+    apply_logging,
+    connection_limits,
+    format_address,
+    raise_open_file_limit,
+)
 from .rules import describe_policy, exposure_problem
 
 EXAMPLES = """\b
@@ -251,6 +257,11 @@ def check_config_command(file: str) -> None:
     listening = config.server.listen_addresses
     for line in describe_policy(config, listening):
         click.echo(line)
+    # With this shell's resource limits (a systemd unit has its own LimitNOFILE=).
+    caps = connection_limits(config, listening, raised_open_files=True)
+    click.echo(caps.describe())
+    if caps.warning:
+        click.echo(f"warning: {caps.warning}")
     problem = exposure_problem(config, listening)
     if problem:
         raise ConfigProblem(f"{file}: {problem}")

@@ -76,8 +76,10 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    max_connections: int = 1024
-    max_connections_per_ip: int = 64  # 0 = unlimited
+    # "auto": as many as the open-file limit can back (socks5d.capacity); or a number.
+    max_connections: int | str = "auto"
+    # "auto": unlimited while every listener is loopback-only, else 256; 0 = unlimited.
+    max_connections_per_ip: int | str = "auto"
     max_connections_per_user: int = 256  # 0 = unlimited
     # IPv6 clients are counted per network of this prefix length for per-address limits
     # and the login back-off (a host usually owns a whole /64); 128: per address.
@@ -189,6 +191,20 @@ def _integer(low: int, high: int) -> Callable[[Any], int]:
         return value
 
     return check
+
+
+def _integer_or_auto(low: int, high: int) -> Callable[[Any], int | str]:
+    check = _integer(low, high)
+
+    def check_or_auto(value: Any) -> int | str:
+        if value == "auto":
+            return "auto"
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise ValueError(f'{exc} (or "auto")') from None
+
+    return check_or_auto
 
 
 def _seconds(value: Any) -> float:
@@ -508,8 +524,8 @@ SERVER_KEYS: dict[str, Callable[[Any], Any]] = {
     "run_as_group": _account,
 }
 LIMITS_KEYS: dict[str, Callable[[Any], Any]] = {
-    "max_connections": _integer(1, 1_000_000),
-    "max_connections_per_ip": _integer(0, 1_000_000),
+    "max_connections": _integer_or_auto(1, 1_000_000),
+    "max_connections_per_ip": _integer_or_auto(0, 1_000_000),
     "max_connections_per_user": _integer(0, 1_000_000),
     "ipv6_client_prefix": _integer(32, 128),
 }

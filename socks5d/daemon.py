@@ -28,6 +28,7 @@ from typing import Any
 
 from . import systemd
 from .auth import is_default_hash
+from .capacity import ConnectionLimits, process_limits, resolve_limits
 from .config import Config, ConfigError, apply_overrides, load_config
 from .fastpath import FastHandshake
 from .handler import HandlerSettings, Resume, Socks5Handler
@@ -83,17 +84,12 @@ class SocksServerMixIn:
             self.periodic()
 
     # ---- systemd STATUS= counter ----
-    # Connections handed to a handler since start. Counted in the serving thread (the
-    # only one that calls process_request), so it needs no lock and works in forking mode.
-    served: int = 0
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self.served += 1
-        super().process_request(request, client_address)  # type: ignore[misc]
-
-    def handle_overload(self, request: Any, client_address: Any) -> None:
-        self.served -= 1  # refused at max_connections: counted above, not served
-        super().handle_overload(request, client_address)  # type: ignore[misc]
+    @property
+    def served(self) -> int:
+        """Connections admitted since start. The core counts them as it takes their slot,
+        under its accounting lock: several relay hubs may accept at once."""
+        return int(self.admitted_total)  # type: ignore[attr-defined]
 
     # ---- end systemd STATUS= counter ----
 
@@ -126,6 +122,8 @@ def attach_relay_hubs(server: ThreadingSocksServer, count: int) -> HubPool:
     server.resumes = {}
     server.accept_elsewhere = True
     pool.serve_listeners(server.listeners(), server.accept_ready)
+    # A closed request ends an EMFILE back-off at once, in the hubs too.
+    server.add_accept_waker(pool.resume_listeners)
     return pool
 
 
@@ -185,6 +183,22 @@ def warn_about_passwords(config: Config) -> None:
             )
 
 
+def connection_limits(
+    config: Config, listening: Any, *, raised_open_files: bool = False
+) -> ConnectionLimits:
+    """The caps `config` gives servers bound to `listening` (bound or adopted addresses:
+    what clients can reach), with this process's resource limits (`raised_open_files`:
+    as they will be once raise_open_file_limit() has run)."""
+    threading_mode = config.server.mode == "threading"
+    return resolve_limits(
+        config.limits,
+        mode=config.server.mode,
+        relay_threads=config.server.relay_threads if threading_mode else 0,
+        listening=[(str(address[0]), int(address[1])) for address in listening],
+        process=process_limits(raised=raised_open_files),
+    )
+
+
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -235,8 +249,7 @@ class Daemon:
             list(config.server.listen_addresses),
             Socks5Handler,
             backlog=config.server.backlog,
-            max_connections=config.limits.max_connections,
-            listen_sockets=adopted or None,
+            listen_sockets=adopted or None,  # the caps come from _apply(), below
         )
         try:
             problem = exposure_problem(config, server.server_addresses)
@@ -263,8 +276,13 @@ class Daemon:
         """Put a validated config into effect for new connections."""
         limits = config.limits
         server.settings = HandlerSettings.from_config(config, server.server_addresses)
-        server.max_connections = limits.max_connections
-        server.max_connections_per_ip = limits.max_connections_per_ip or None
+        caps = connection_limits(config, server.server_addresses)
+        server.max_connections = caps.max_connections
+        server.max_connections_per_ip = caps.max_connections_per_ip
+        server.ipv6_client_prefix = limits.ipv6_client_prefix
+        logger.info("%s", caps.describe())
+        if caps.warning:
+            logger.warning("%s", caps.warning)
         if server.user_slots is not None:
             server.user_slots.limit = limits.max_connections_per_user or None
         if server.login_backoff is not None:

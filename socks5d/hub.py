@@ -122,6 +122,12 @@ class _ListenerWatch:
         self.timer = None
         self.hub._watch_listener(self)
 
+    def resume_now(self) -> None:
+        """The back-off ended early (a descriptor was freed): watch again at once."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.resume()
+
     def forget(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
@@ -273,6 +279,16 @@ class RelayHub:
             fd = watch.listener.fileno()
             self._poller.register(fd, select.POLLIN | self._poller.exclusive)
             self._by_fd[fd] = watch
+
+    def resume_listeners(self) -> None:
+        """End an accept back-off early: listeners paused by ``accept``'s return value are
+        watched again at once. From any thread; a closed hub ignores it."""
+        with contextlib.suppress(RuntimeError):
+            self.call_soon(self._resume_listeners)
+
+    def _resume_listeners(self) -> None:
+        for watch in self._listeners:
+            watch.resume_now()
 
     def forget_listeners(self, timeout: float = 2.0) -> None:
         """Stop watching the listening sockets, before they are closed. From any thread
@@ -583,6 +599,11 @@ class HubPool:
         hubs = self.hubs if _EXCLUSIVE else self.hubs[:1]
         for hub in hubs:
             hub.serve_listeners(listeners, accept)
+
+    def resume_listeners(self) -> None:
+        """End every hub's accept back-off early (see :meth:`RelayHub.resume_listeners`)."""
+        for hub in self.hubs:
+            hub.resume_listeners()
 
     def forget_listeners(self, timeout: float = 2.0) -> None:
         deadline = time.monotonic() + timeout

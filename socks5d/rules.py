@@ -443,7 +443,7 @@ def exposure_problem(config: Config, listening: Iterable[tuple[str, int]]) -> st
     Open: some listener is not loopback-only, there are no users, clients are not
     restricted by rules, and server.allow_open is not set.
     """
-    exposed = _exposed(listening)
+    exposed = exposed_listeners(listening)
     if not exposed or config.users or config.server.allow_open or clients_restricted(config):
         return None
     where = ", ".join(_format_address(host, port) for host, port in exposed)
@@ -543,7 +543,7 @@ def _covering_notes(config: Config) -> list[str]:
 
 
 def _exposure_line(config: Config, bound: list[tuple[str, int]]) -> str:
-    exposed = _exposed(bound)
+    exposed = exposed_listeners(bound)
     if not exposed:
         return "exposure: loopback only; only this host can use the proxy"
     where = ", ".join(_format_address(host, port) for host, port in exposed)
@@ -585,7 +585,8 @@ def _warnings(config: Config) -> list[str]:
     return lines
 
 
-def _exposed(listening: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+def exposed_listeners(listening: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The (host, port) pairs of `listening` that other hosts can reach (not loopback-only)."""
     bound = [(_strip_host(item[0]), item[1]) for item in listening]
     return [(host, port) for host, port in bound if not _is_loopback_host(host)]
 

@@ -9,7 +9,8 @@ applies; where we differ (prompt shutdown, accept back-off, reaped threads, capp
 concurrency, logging instead of printing) the class docstrings say so.
 
 Must not import SOCKS code (protocol, auth, handler, ...) nor ``socketserver``: it is the
-bottom layer and knows nothing of what the handler speaks. Stdlib only.
+bottom layer and knows nothing of what the handler speaks. Stdlib and the pure
+``socks5d.addresses`` helpers only.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Self, cast
+
+from .addresses import DEFAULT_IPV6_CLIENT_PREFIX, client_key
 
 __all__ = [
     "BaseRequestHandler",
@@ -70,8 +73,6 @@ _TRANSIENT_ERRNOS = frozenset(
     )
     if code is not None
 )
-_ACCEPT_BACKOFF_MIN = 0.05
-_ACCEPT_BACKOFF_MAX = 1.0
 
 # Errors that say "the peer went away" rather than "our code is broken".
 _CONNECTION_ERRORS = (ConnectionError, TimeoutError)
@@ -122,6 +123,7 @@ class BaseServer:
     - close_request(request)
     - service_actions()
     - handle_error(request, client_address)
+    - over_limit(client_address)  # runs under the accounting lock (see below)
     - handle_overload(request, client_address)
 
     Methods for derived classes:
@@ -132,9 +134,13 @@ class BaseServer:
 
     - timeout (for handle_request)
     - overload_log_interval (seconds between "connection limit reached" warnings)
+    - accept_log_interval (seconds between "accept() failed" warnings)
+    - accept_backoff_min, accept_backoff_max (the accept back-off after EMFILE and the
+      like: it doubles from min to max; closing a request ends it at once)
     - accept_elsewhere (False; True: serve_forever() leaves the listening sockets to
       another loop that calls accept_ready(), and only waits for shutdown() and runs
       service_actions())
+    - ipv6_client_prefix (64: IPv6 clients are counted per network of this length)
 
     Instance variables:
 
@@ -142,12 +148,22 @@ class BaseServer:
     - RequestHandlerClass
     - max_connections (None: unlimited; may be changed while serving)
     - max_connections_per_ip (None: unlimited; may be changed while serving)
+    - admitted_total (requests admitted since start)
+
+    Accounting: several threads may accept at once (relay hubs calling accept_ready()).
+    One lock guards what accepting changes: the slots held per client and in all, the
+    accept back-off and the refusals not yet logged. A slot is checked (over_limit) and
+    taken in one step under it, so no cap is ever exceeded.
     """
 
     timeout: float | None = None
     max_connections: int | None = None
     max_connections_per_ip: int | None = None
+    ipv6_client_prefix: int = DEFAULT_IPV6_CLIENT_PREFIX
     overload_log_interval: float = 1.0
+    accept_log_interval: float = 10.0
+    accept_backoff_min: float = 0.05
+    accept_backoff_max: float = 1.0
     accept_elsewhere: bool = False
 
     def __init__(self, server_address: Any, RequestHandlerClass: type[BaseRequestHandler]) -> None:
@@ -165,13 +181,32 @@ class BaseServer:
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
-        # Accept back-off state (see _accept_failed).
+        self._reset_accounting()
+
+    def _reset_accounting(self) -> None:
+        """The accept-side state, fresh (at start, and in a forked child)."""
+        # RLock: over_limit() runs under it and may call active_count/active_for.
+        self._accounting_lock = threading.RLock()
+        # Slots held: in all, and per client key (see client_key()).
+        self._admitted = 0
+        self._per_client: collections.Counter[str] = collections.Counter()
+        self.admitted_total = 0
+        # Accept back-off (see _accept_failed); resume_at 0.0: not paused.
         self._accept_backoff = 0.0
         self._accept_resume_at = 0.0
         self._accept_failures = 0
         self._accept_burst_started = 0.0
-        # Overload warning rate limit (see handle_overload).
-        self._overload_refused = 0
+        self._accept_burst_warned = False
+        self._accept_unlogged = 0  # failures in bursts that logged nothing
+        self._accept_warned_at = float("-inf")
+        # Loops of others that stop watching the listeners during a back-off.
+        self._accept_wakers: list[Callable[[], None]] = []
+        # Requests closed so far (approximate: only "has it changed?" matters).
+        self._releases = 0
+        # Refusals not yet logged (see handle_overload): by limit, and per-address ones
+        # by client.
+        self._refused: collections.Counter[str] = collections.Counter()
+        self._refused_clients: collections.Counter[str] = collections.Counter()
         self._overload_logged_at = float("-inf")
 
     # ---- the loop ----
@@ -332,10 +367,14 @@ class BaseServer:
 
     def _handle_request_noblock(self, listener: Any) -> None:
         """Accept and dispatch one request; the selector said `listener` is readable."""
+        releases = self._releases
         try:
             request, client_address = self.get_request_from(listener)
+        except BlockingIOError:
+            self._accept_succeeded()  # nothing pending, but a descriptor to take it
+            return
         except OSError as exc:
-            self._accept_failed(exc)
+            self._accept_failed(exc, releases)
             return
         self._accept_succeeded()
         self._dispatch(request, client_address)
@@ -346,21 +385,37 @@ class BaseServer:
         For a loop other than serve_forever() that watches the (non-blocking) listening
         sockets itself (see accept_elsewhere), from any thread. Returns 0.0, or the
         time.monotonic() until which accepting is paused after a failure such as EMFILE:
-        stop watching the listener until then, or the loop would spin.
+        stop watching the listener until then, or the loop would spin. A request that
+        closes ends the pause early: the callbacks given to add_accept_waker() say so.
         """
         for _ in range(limit):
+            resume_at = self._accept_resume_at
+            if resume_at > time.monotonic():
+                return resume_at  # another loop hit EMFILE: no point trying
+            releases = self._releases
             try:
                 request, client_address = self.get_request_from(listener)
             except BlockingIOError:
-                return 0.0  # drained (or another loop took it)
+                # Drained (or another loop took it). accept() takes a descriptor before
+                # it looks at the queue, so this also means EMFILE is over.
+                self._accept_succeeded()
+                return 0.0
             except OSError as exc:
-                self._accept_failed(exc)
-                if self._accept_resume_at > time.monotonic():
-                    return self._accept_resume_at
+                self._accept_failed(exc, releases)
                 continue
             self._accept_succeeded()
             self._dispatch(request, client_address)
         return 0.0
+
+    def add_accept_waker(self, waker: Callable[[], None]) -> None:
+        """Have `waker()` called when a back-off that accept_ready() returned ends early.
+
+        For loops of your own (accept_elsewhere): after EMFILE they stop watching the
+        listeners until the time accept_ready() returned; `waker` (called from any
+        thread, often the one closing a request) tells them to watch again now.
+        """
+        with self._accounting_lock:
+            self._accept_wakers.append(waker)
 
     def _dispatch(self, request: socket.socket, client_address: Any) -> None:
         if self.verify_request(request, client_address):
@@ -375,40 +430,87 @@ class BaseServer:
         else:
             self.shutdown_request(request)
 
-    def _accept_failed(self, exc: OSError) -> None:
-        """Ignore per-connection failures; back off on exhaustion, logging once per burst."""
+    def _accept_failed(self, exc: OSError, releases: int) -> None:
+        """Ignore per-connection failures; back off on exhaustion (see accept_log_interval).
+
+        `releases`: self._releases before the failed accept(). A request that closed since
+        then found no pause to end: retry at once instead of waiting for the back-off.
+        """
         if exc.errno in _TRANSIENT_ERRNOS or (exc.errno is None and isinstance(exc, TimeoutError)):
             logger.debug("accept() failed, ignored: %s", exc)
             return
         now = time.monotonic()
-        if self._accept_failures == 0:
-            self._accept_burst_started = now
-            self._accept_backoff = _ACCEPT_BACKOFF_MIN
-            if exc.errno in _RESOURCE_ERRNOS:
-                logger.warning(
-                    "accept() failed: %s; pausing accepts (backing off up to %.1f s) "
-                    "until resources free up",
-                    exc,
-                    _ACCEPT_BACKOFF_MAX,
-                )
+        warn, earlier = False, 0
+        with self._accounting_lock:
+            if self._accept_failures == 0:
+                self._accept_burst_started = now
+                self._accept_backoff = self.accept_backoff_min
+                # A closing request ends each burst at once, so under lasting starvation
+                # bursts come and go: warn for at most one per accept_log_interval, and
+                # count the failures of the others for the next warning.
+                warn = now - self._accept_warned_at >= self.accept_log_interval
+                self._accept_burst_warned = warn
+                if warn:
+                    self._accept_warned_at = now
+                    earlier, self._accept_unlogged = self._accept_unlogged, 0
             else:
-                # Unknown: still back off, so a persistent failure cannot spin either.
-                logger.error("accept() failed: %s; pausing accepts", exc)
+                self._accept_backoff = min(self._accept_backoff * 2, self.accept_backoff_max)
+            if not self._accept_burst_warned:
+                self._accept_unlogged += 1
+            self._accept_failures += 1
+            released = self._releases != releases
+            self._accept_resume_at = now if released else now + self._accept_backoff
+        if not warn:
+            return
+        since = f" ({earlier} more failure(s) since the last warning)" if earlier else ""
+        if exc.errno in _RESOURCE_ERRNOS:
+            logger.warning(
+                "accept() failed: %s; pausing accepts until a connection closes "
+                "(or for up to %.1f s)%s",
+                exc,
+                self.accept_backoff_max,
+                since,
+            )
         else:
-            self._accept_backoff = min(self._accept_backoff * 2, _ACCEPT_BACKOFF_MAX)
-        self._accept_failures += 1
-        self._accept_resume_at = now + self._accept_backoff
+            # Unknown: still back off, so a persistent failure cannot spin either.
+            logger.error("accept() failed: %s; pausing accepts%s", exc, since)
 
     def _accept_succeeded(self) -> None:
-        if self._accept_failures:
-            logger.info(
-                "accept() recovered after %d failed attempt(s) over %.2f s",
-                self._accept_failures,
-                time.monotonic() - self._accept_burst_started,
-            )
-            self._accept_failures = 0
+        if not self._accept_failures:  # the common case, without the lock
+            return
+        with self._accounting_lock:
+            failures, self._accept_failures = self._accept_failures, 0
+            if not failures:
+                return
+            warned = self._accept_burst_warned
             self._accept_backoff = 0.0
             self._accept_resume_at = 0.0
+            started = self._accept_burst_started
+        if warned:
+            logger.info(
+                "accept() recovered after %d failed attempt(s) over %.2f s",
+                failures,
+                time.monotonic() - started,
+            )
+
+    def _resume_accepting(self) -> None:
+        """A request closed and gave back its descriptor: if accepting is paused after
+        EMFILE, retry now instead of when the back-off ends (which stays, as a fallback,
+        for descriptors freed by anything else)."""
+        self._releases += 1  # for an accept() failing right now (see _accept_failed)
+        if not self._accept_resume_at:  # not paused: the common case, without the lock
+            return
+        with self._accounting_lock:
+            if not self._accept_resume_at:
+                return
+            self._accept_resume_at = 0.0
+            wakers = list(self._accept_wakers)
+        self._wake()  # serve_forever() watches the listeners again
+        for waker in wakers:
+            try:
+                waker()
+            except Exception:
+                logger.exception("an accept waker failed")
 
     def handle_timeout(self) -> None:
         """Called if no new request arrives within self.timeout (handle_request only)."""
@@ -424,6 +526,7 @@ class BaseServer:
 
     def server_close(self) -> None:
         """Release the server's resources. May be extended (call super())."""
+        self._flush_overload_log(force=True)  # refusals not yet logged: now or never
         self._close_wakeup()
 
     def finish_request(self, request: socket.socket, client_address: Any) -> None:
@@ -456,14 +559,50 @@ class BaseServer:
         """The descriptor to wait on. Must be overridden."""
         raise NotImplementedError
 
+    # ---- accounting: slots per client and in all (see the class docstring) ----
+
+    def client_key(self, client_address: Any) -> str:
+        """What a client's connections count under for max_connections_per_ip: its IP,
+        or for IPv6 its network of ipv6_client_prefix bits (see socks5d.addresses)."""
+        return client_key(client_ip(client_address), self.ipv6_client_prefix)
+
     @property
     def active_count(self) -> int:
-        """Requests being handled now; the mixins count their threads or children."""
-        return 0
+        """Requests holding a slot now (admitted by process_request, not yet ended)."""
+        with self._accounting_lock:
+            return self._admitted
 
-    def active_for(self, client_ip: str) -> int:
-        """Requests being handled now for one client address (see client_ip())."""
-        return 0
+    def active_for(self, client: str) -> int:
+        """Requests holding a slot now for one client: an IP (an IPv6 one counts with its
+        whole network, see client_key()) or a key client_key() returned."""
+        key = client_key(client, self.ipv6_client_prefix)
+        with self._accounting_lock:
+            return self._per_client[key]
+
+    def _admit(self, client_address: Any) -> str | None:
+        """Take a slot for a new client: its key, or None when over_limit() says no.
+
+        The check and the taking are one step under the accounting lock, so two threads
+        accepting at once cannot both take the last slot.
+        """
+        key = self.client_key(client_address)
+        with self._accounting_lock:
+            if self.over_limit(client_address):
+                return None
+            self._admitted += 1
+            self._per_client[key] += 1
+            self.admitted_total += 1
+        return key
+
+    def _release(self, key: str) -> None:
+        """Give back a slot _admit() took."""
+        with self._accounting_lock:
+            self._admitted -= 1
+            left = self._per_client[key] - 1
+            if left > 0:
+                self._per_client[key] = left
+            else:
+                del self._per_client[key]
 
     def wait_for_idle(self, timeout: float, cancelled: Callable[[], bool] | None = None) -> int:
         """Wait up to `timeout` s for active requests to finish (sooner if `cancelled()`).
@@ -486,39 +625,66 @@ class BaseServer:
         """Collect finished workers; ForkingMixIn reaps its children here."""
 
     def over_limit(self, client_address: Any) -> bool:
-        """Whether a new client must go to handle_overload(): the total or its address's cap."""
-        limit = self.max_connections
-        if limit is not None and self.active_count >= limit:
-            return True
-        per_ip = self.max_connections_per_ip
-        return per_ip is not None and self.active_for(client_ip(client_address)) >= per_ip
+        """Whether a new client must go to handle_overload(): the total or its key's cap.
+
+        Called under the accounting lock (held while the slot is taken), so it sees the
+        counts as they are. May be overridden; keep it quick.
+        """
+        return self._limit_reached(self.client_key(client_address)) is not None
+
+    def _limit_reached(self, key: str) -> str | None:
+        """The name of the cap a new client with this key would exceed, if any."""
+        with self._accounting_lock:
+            limit = self.max_connections
+            if limit is not None and self._admitted >= limit:
+                return "max_connections"
+            per_ip = self.max_connections_per_ip
+            if per_ip is not None and self._per_client[key] >= per_ip:
+                return "max_connections_per_ip"
+            return None
 
     def handle_overload(self, request: socket.socket, client_address: Any) -> None:
         """Called instead of process_request() when over_limit() says so.
 
         The default counts the refusal for a rate-limited WARNING (at most one line per
-        overload_log_interval, with the number refused) and closes the connection with a
-        FIN. Override to send something first (then call super()).
+        overload_log_interval, with how many were refused at which cap, from any number
+        of accepting threads) and closes the connection with a FIN. Override to send
+        something first (then call super()).
         """
-        self._overload_refused += 1
+        key = self.client_key(client_address)
+        with self._accounting_lock:
+            reason = self._limit_reached(key) or "a cap of the server"
+            self._refused[reason] += 1
+            if reason == "max_connections_per_ip":
+                self._refused_clients[key] += 1
         self._flush_overload_log()
         self.shutdown_request(request)
 
-    def _flush_overload_log(self) -> None:
-        if not self._overload_refused:
+    def _flush_overload_log(self, force: bool = False) -> None:
+        """Log the refusals counted since the last line, unless that was too recent."""
+        if not self._refused:  # the common case, without the lock
             return
-        now = time.monotonic()
-        if now - self._overload_logged_at < self.overload_log_interval:
-            return
+        with self._accounting_lock:
+            now = time.monotonic()
+            if not self._refused or (
+                not force and now - self._overload_logged_at < self.overload_log_interval
+            ):
+                return
+            refused, self._refused = self._refused, collections.Counter()
+            clients, self._refused_clients = self._refused_clients, collections.Counter()
+            self._overload_logged_at = now
+        parts = [f"{count} at {reason}" for reason, count in sorted(refused.items())]
+        if clients:
+            busiest, count = clients.most_common(1)[0]
+            parts.append(f"most from {busiest} ({count})")
         logger.warning(
             "connection limit reached (max_connections=%s, max_connections_per_ip=%s): "
-            "refused %d connection(s)",
+            "refused %d connection(s): %s",
             self.max_connections,
             self.max_connections_per_ip,
-            self._overload_refused,
+            sum(refused.values()),
+            ", ".join(parts),
         )
-        self._overload_refused = 0
-        self._overload_logged_at = now
 
     def handle_error(self, request: socket.socket, client_address: Any) -> None:
         """Log the exception being handled; the server goes on. May be overridden.
@@ -819,8 +985,9 @@ class TCPServer(BaseServer):
         self.close_request(request)
 
     def close_request(self, request: socket.socket) -> None:
-        """Close the request socket."""
+        """Close the request socket; a paused accept (EMFILE) may go on at once."""
         request.close()
+        self._resume_accepting()
 
 
 # The mixins call TCPServer methods through super(); let the type checker see them.
@@ -872,30 +1039,18 @@ class ThreadingMixIn(_MixInBase):
         # One hand-over queue per idle thread, most recently idle last (its stack and
         # caches are the warmest).
         self._idle: list[queue.SimpleQueue[tuple[socket.socket, Any] | None]] = []
-        # request -> client IP, and how many requests each IP has (for the per-IP cap).
+        # request -> the client key its slot is held under (see BaseServer._admit).
         self._active_requests: dict[socket.socket, str] = {}
-        self._per_ip: collections.Counter[str] = collections.Counter()
         # Requests whose handler passed them on (detach_request): their thread leaves them.
         self._detached: set[socket.socket] = set()
         super().__init__(*args, **kwargs)
 
-    @property
-    def active_count(self) -> int:
-        """Requests being handled now (a client that has seen EOF is no longer counted)."""
-        with self._threads_lock:
-            return len(self._active_requests)
-
-    def active_for(self, client_ip: str) -> int:
-        with self._threads_lock:
-            return self._per_ip[client_ip]
-
     def _untrack_request(self, request: socket.socket) -> None:
+        """Give the request's slot back (a client that has seen EOF is no longer counted)."""
         with self._threads_lock:
-            ip = self._active_requests.pop(request, None)
-            if ip is not None:
-                self._per_ip[ip] -= 1
-                if not self._per_ip[ip]:
-                    del self._per_ip[ip]
+            key = self._active_requests.pop(request, None)
+        if key is not None:
+            self._release(key)
 
     def _thread_main(self, request: socket.socket, client_address: Any) -> None:
         """Serve the first request, then further ones handed over while idle."""
@@ -969,13 +1124,12 @@ class ThreadingMixIn(_MixInBase):
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         """Hand the request to an idle thread or start one; handle_overload() at a cap."""
-        if self.over_limit(client_address):
+        key = self._admit(client_address)
+        if key is None:
             self.handle_overload(request, client_address)
             return
-        ip = client_ip(client_address)
         with self._threads_lock:
-            self._active_requests[request] = ip
-            self._per_ip[ip] += 1
+            self._active_requests[request] = key
         try:
             if self.hand_off_request(request, client_address):
                 return
@@ -1118,28 +1272,18 @@ class ForkingMixIn(_MixInBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # RLock: abort_active_requests() may run in a signal handler in the serving thread.
         self._children_lock = threading.RLock()
-        # pid -> client IP, and how many children each IP has (for the per-IP cap).
+        # pid -> the client key its slot is held under (see BaseServer._admit); a child
+        # counts (active_count, the caps) until it is reaped.
         self._children: dict[int, str] = {}
-        self._per_ip: collections.Counter[str] = collections.Counter()
         super().__init__(*args, **kwargs)
-
-    @property
-    def active_count(self) -> int:
-        """Children forked and not yet reaped."""
-        with self._children_lock:
-            return len(self._children)
-
-    def active_for(self, client_ip: str) -> int:
-        with self._children_lock:
-            return self._per_ip[client_ip]
 
     def _forget_child(self, pid: int) -> None:
         with self._children_lock:
-            ip = self._children.pop(pid, None)
-            if ip is not None:
-                self._per_ip[ip] -= 1
-                if not self._per_ip[ip]:
-                    del self._per_ip[ip]
+            key = self._children.pop(pid, None)
+        if key is not None:
+            self._release(key)
+            # A child's exit frees system-wide resources (ENFILE, ENOMEM): try accepting.
+            self._resume_accepting()
 
     def collect_children(self) -> None:
         """Reap every child that has exited, without blocking."""
@@ -1149,8 +1293,8 @@ class ForkingMixIn(_MixInBase):
                     ended = reap_child(self._child_exited_safely)
                 except ChildProcessError:
                     # No children at all: whatever we tracked is gone.
-                    self._children.clear()
-                    self._per_ip.clear()
+                    for pid in list(self._children):
+                        self._forget_child(pid)
                     return
                 if ended is None:
                     return
@@ -1181,7 +1325,8 @@ class ForkingMixIn(_MixInBase):
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         """Fork a child for the request, or hand it to handle_overload() at the cap."""
         self.collect_children()
-        if self.over_limit(client_address):
+        key = self._admit(client_address)
+        if key is None:
             self.handle_overload(request, client_address)
             return
         blocked = set(_CHILD_DEFAULT_SIGNALS)
@@ -1193,11 +1338,10 @@ class ForkingMixIn(_MixInBase):
                 pid = os.fork()
             except BaseException:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                self._release(key)
                 raise
             if pid:
-                ip = client_ip(client_address)
-                self._children[pid] = ip
-                self._per_ip[ip] += 1
+                self._children[pid] = key
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             self.close_request(request)
@@ -1220,7 +1364,7 @@ class ForkingMixIn(_MixInBase):
         # The lock may have been held by another parent thread at fork time.
         self._children_lock = threading.RLock()
         self._children = {}
-        self._per_ip = collections.Counter()
+        self._reset_accounting()  # the parent's counts, lock and wakers are not ours
         for sock in self.sockets:
             sock.close()
         # The parent may have pointed signal.set_wakeup_fd() at the socketpair we are

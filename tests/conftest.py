@@ -216,8 +216,14 @@ class DaemonProcess:
 
     LISTENING = re.compile(r"listening on (\S+):(\d+) \((\w+)\)")
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.args = [sys.executable, "-m", "socks5d", *args]
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        python_args: tuple[str, ...] = ("-m", "socks5d"),
+    ) -> None:
+        # python_args: how Python runs the command (a -c wrapper that sets a limit first).
+        self.args = [sys.executable, *python_args, *args]
         self.proc = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,

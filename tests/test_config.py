@@ -277,7 +277,8 @@ def test_new_keys_default_to_the_documented_values():
         "",
         "",
     )
-    assert config.limits.max_connections_per_ip == 64
+    assert config.limits.max_connections == "auto"
+    assert config.limits.max_connections_per_ip == "auto"
     assert config.limits.max_connections_per_user == 256
     assert config.timeouts.shutdown_grace == 5.0
     assert (config.auth.failure_delay, config.auth.failure_delay_max) == (0.5, 10.0)

@@ -1018,17 +1018,22 @@ def test_a_hub_accepts_from_a_listener_until_it_forgets_it(listener: socket.sock
         pool.close(TIMEOUT)
 
 
-def test_an_accept_back_off_stops_watching_until_it_ends(listener: socket.socket) -> None:
+@pytest.mark.parametrize("woken", [False, True], ids=["timer", "resume_listeners"])
+def test_an_accept_back_off_stops_watching_until_it_ends(
+    listener: socket.socket, woken: bool
+) -> None:
     # accept() failing with EMFILE leaves the listener readable; the hub must not spin on
-    # it but come back when the back-off ends.
+    # it but come back when the back-off ends, or at once when told that it is over (a
+    # request closed and gave its descriptor back).
     listener.setblocking(False)
+    pause = 30.0 if woken else 0.3
     calls: list[float] = []
     accepted: queue.Queue[socket.socket] = queue.Queue()
 
     def accept(sock: socket.socket) -> float:
         calls.append(time.monotonic())
         if len(calls) == 1:
-            return time.monotonic() + 0.3  # "out of descriptors": pause
+            return time.monotonic() + pause  # "out of descriptors": pause
         conn, _ = sock.accept()
         accepted.put(conn)
         return 0.0
@@ -1037,9 +1042,15 @@ def test_an_accept_back_off_stops_watching_until_it_ends(listener: socket.socket
     try:
         relay_hub.serve_listeners([listener], accept)
         with socket.create_connection(listener.getsockname(), timeout=TIMEOUT):
+            if woken:
+                assert wait_until(lambda: len(calls) == 1)
+                relay_hub.resume_listeners()
             conn = accepted.get(timeout=TIMEOUT)
             conn.close()
         assert len(calls) == 2  # one refusal, then one accept: no busy loop
-        assert calls[1] - calls[0] >= 0.29
+        if woken:
+            assert calls[1] - calls[0] < pause / 3  # not the timer
+        else:
+            assert calls[1] - calls[0] >= pause - 0.01
     finally:
         relay_hub.close(TIMEOUT)

@@ -41,10 +41,11 @@ from socks5d.server import (
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 5.0
-# How fast shutdown() must take effect; serve loops below poll every 10 s, so only the
-# wake-up socket can explain meeting it.
-PROMPT = 0.2
-SLOW_POLL = 10.0
+# How fast shutdown() must take effect: serve loops below poll every SLOW_POLL seconds,
+# so only the wake-up socket can explain meeting it. Generous, for a loaded machine: a
+# relative bound, not a latency target.
+SLOW_POLL = 30.0
+PROMPT = SLOW_POLL / 6
 LOGGER = "socks5d.server"
 
 
@@ -882,6 +883,13 @@ EMFILE_SCRIPT = textwrap.dedent(
     import json, logging, os, resource, socket, threading, time
     from socks5d.server import BaseRequestHandler, ThreadingTCPServer
 
+    class CountingServer(ThreadingTCPServer):
+        attempts = 0
+
+        def get_request_from(self, listener):
+            CountingServer.attempts += 1
+            return super().get_request_from(listener)
+
     cond = threading.Condition()
     state = {"held": 0}
     records = []
@@ -918,7 +926,7 @@ EMFILE_SCRIPT = textwrap.dedent(
             chunks.append(chunk)
         return b"".join(chunks)
 
-    server = ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server = CountingServer(("127.0.0.1", 0), Handler)
     serve = threading.Thread(target=server.serve_forever)
     serve.start()
 
@@ -952,15 +960,15 @@ EMFILE_SCRIPT = textwrap.dedent(
         held.append(c)
 
     # One second of clients knocking while accept() keeps failing: a server that
-    # retried at once would burn a whole CPU here. (A measurement window, not a wait.)
-    cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
-    cpu0, wall0 = cpu(), time.monotonic()
+    # retried at once would call accept() thousands of times here, one that backs off
+    # (doubling from 50 ms) a handful. (A measurement window, not a wait.)
+    attempts_before = CountingServer.attempts
     late = clients[-2]
     late.connect(server.server_address)
     late.sendall(b"late")
     pending.append(late)
     threading.Event().wait(1.0)
-    cpu_used, wall = cpu() - cpu0, time.monotonic() - wall0
+    attempts = CountingServer.attempts - attempts_before
     warnings_during = sum("accept() failed" in r.getMessage() for r in records)
 
     release.set()
@@ -979,8 +987,7 @@ EMFILE_SCRIPT = textwrap.dedent(
     print(json.dumps({
         "held": len(held),
         "pending": len(pending),
-        "cpu": cpu_used,
-        "wall": wall,
+        "attempts": attempts,
         "warnings_during": warnings_during,
         "warnings": [r.getMessage() for r in records if r.levelno == logging.WARNING],
         "recovered": sum("recovered" in r.getMessage() for r in records),
@@ -1004,7 +1011,7 @@ def test_emfile_backs_off_logs_once_and_recovers() -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["held"] >= 2
-    assert result["cpu"] < 0.5 * result["wall"], result  # backed off, no busy loop
+    assert result["attempts"] <= 10, result  # backed off, no busy loop
     assert result["warnings_during"] == 1
     assert len(result["warnings"]) == 1, result["warnings"]
     assert "Too many open files" in result["warnings"][0]

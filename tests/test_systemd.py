@@ -340,8 +340,9 @@ def test_daemon_ready_after_a_rejected_reload(daemon_factory, notify_path, tmp_p
     daemon.proc.send_signal(signal.SIGHUP)
     reloading_at, _ = listener.expect(lambda m: m.startswith("RELOADING=1"), marker)
     listener.expect(lambda m: m.startswith("READY=1"), reloading_at + 1)
-    # The log line comes through a pipe read by another thread: it may trail READY=1.
-    assert wait_until(lambda: "reload rejected" in daemon.output())
+    # The log line was written before READY=1 was sent, but reaches us through a pipe
+    # and a reader thread: wait for it rather than race it.
+    assert wait_until(lambda: "reload rejected" in daemon.output()), daemon.output()
 
 
 @pytest.mark.parametrize("mode", ["threading", "forking"])
