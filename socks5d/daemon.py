@@ -143,6 +143,22 @@ def give_back_slots(slots: UserSlots | None, pid: int, code: int) -> int:
     return given_back
 
 
+def nothing_in_flight(server: SocksServer, quiet: float) -> Callable[[], bool]:
+    """For the graceful stop: true once every open connection is an established tunnel
+    in a relay hub and none has moved a byte for `quiet` seconds. Idle keep-alive
+    tunnels (a browser holds them for minutes) would only be cut at the end of the grace
+    period; a transfer in flight keeps the stop waiting. Handshakes, and tunnels relayed
+    elsewhere (forking mode, handler threads), always get the whole grace period."""
+
+    def check() -> bool:
+        pool = server.relay_hub
+        if pool is None or server.active_count > pool.tunnel_count:
+            return False
+        return time.monotonic() - pool.last_activity() >= quiet
+
+    return check
+
+
 def apply_logging(config: Config) -> None:
     """Install the config's log level, format and file (OSError if the file won't open)."""
     configure_logging(config.logging.level, config.logging.format, config.logging.file or None)
@@ -350,10 +366,18 @@ class Daemon:
         server.stop_listening()
         grace = self.config.timeouts.shutdown_grace
         active = server.active_count
+        quiet = nothing_in_flight(server, grace / 2)
         if active and grace > 0:
             logger.info("stopping: waiting up to %.1f s for %d open connection(s)", grace, active)
-            active = server.wait_for_idle(grace, cancelled=lambda: self.stop_requested)
-        if active:
+            active = server.wait_for_idle(grace, cancelled=lambda: self.stop_requested or quiet())
+        if active and not self.stop_requested and quiet():
+            server.abort_active_requests()
+            logger.info(
+                "stopping: no tunnel moved a byte for %.1f s; closed %d idle one(s)",
+                grace / 2,
+                active,
+            )
+        elif active:
             server.abort_active_requests()
             logger.warning("stopping: cut %d connection(s) still open", active)
         server.server_close()

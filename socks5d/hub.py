@@ -193,6 +193,16 @@ class RelayHub:
         """Tunnels handed to this hub that have not ended yet."""
         return self._live
 
+    def last_activity(self) -> float:
+        """When (time.monotonic) a byte last moved in any of this hub's tunnels; -inf for
+        none. Read from another thread: list() of the dict is taken whole under the GIL,
+        and a float read is atomic, so the answer is at worst a moment old."""
+        entries = list(self._by_fd.values())
+        return max(
+            (e.tunnel.last_activity for e in entries if isinstance(e, _Entry) and e.tunnel),
+            default=-math.inf,
+        )
+
     def add(
         self,
         a: socket.socket,
@@ -579,6 +589,9 @@ class HubPool:
     @property
     def tunnel_count(self) -> int:
         return sum(hub.tunnel_count for hub in self.hubs)
+
+    def last_activity(self) -> float:
+        return max((hub.last_activity() for hub in self.hubs), default=-math.inf)
 
     def start(self) -> None:
         """Start every hub now (their descriptors are then there from the start)."""
