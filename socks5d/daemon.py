@@ -31,7 +31,7 @@ from .auth import is_default_hash
 from .capacity import ConnectionLimits, process_limits, resolve_limits
 from .config import Config, ConfigError, apply_overrides, load_config
 from .fastpath import FastHandshake
-from .handler import HandlerSettings, Resume, Socks5Handler
+from .handler import HandlerSettings, Socks5Handler
 from .hub import HubPool
 from .limits import UserSlots
 from .logs import configure_logging, hand_log_files_to, reconfigure_logging
@@ -56,13 +56,11 @@ class SocksServerMixIn:
     # Threading mode: the loops that relay established tunnels (None: each handler
     # thread relays its own). Made in the serving process, after any fork.
     relay_hub: HubPool | None = None
-    # Handshakes the hub began and gave to a thread: request -> where to carry on.
-    resumes: dict[Any, Resume] | None = None
 
     def hand_off_request(self, request: Any, client_address: Any) -> bool:
         """Threading mode with relay hubs: the handshake starts in a hub (fastpath)."""
         pool = self.relay_hub
-        if pool is None or self.resumes is None:  # no hubs, or not attach_relay_hubs()
+        if pool is None:  # no hubs: a thread serves it all
             return False
         finish = self.detach_request(request)  # type: ignore[attr-defined]
         try:
@@ -119,7 +117,6 @@ def attach_relay_hubs(server: ThreadingSocksServer, count: int) -> HubPool:
     pool = HubPool(count)
     pool.start()
     server.relay_hub = pool
-    server.resumes = {}
     server.accept_elsewhere = True
     pool.serve_listeners(server.listeners(), server.accept_ready)
     # A closed request ends an EMFILE back-off at once, in the hubs too.

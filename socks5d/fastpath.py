@@ -1,4 +1,4 @@
-"""The common handshake, run inside a relay hub instead of a thread of its own.
+"""The common handshake, driven by a relay hub's events instead of a thread of its own.
 
 Most connections are the same few steps: a greeting that needs no login, a CONNECT to an
 IP address the rules allow, one non-blocking connect, the reply, a tunnel. Run in a
@@ -7,12 +7,13 @@ benchmark counted ~100 futex calls per short connection with 32 clients at once)
 hub already waits on epoll for its tunnels; here it waits for handshakes too, so a
 short connection lives in one thread from accept to close.
 
-This is only a faster way through the success path. At the first step it does not take
-as the common case (a login, a name to resolve, BIND, UDP, a rule that refuses, a
-malformed message, EOF, the handshake timeout, a failed connect) it hands the connection
-to a handler thread with a :class:`~socks5d.handler.Resume`: the bytes read so far and
-where the linear :class:`~socks5d.handler.Socks5Handler` carries on, so every reply, log
-line and limit is the handler's own.
+The negotiation is the same :class:`~socks5d.handshake.ServerHandshake` the handler
+thread drives; this module only feeds it the hub's bytes and does the actions that
+cannot block: sending an answer, and the connect of a CONNECT to an allowed address.
+At the first action it does not take (checking a login, a name to resolve, BIND, UDP, a
+refusal to send before closing, EOF, the handshake timeout) it hands the connection to
+a handler thread as a :class:`~socks5d.handler.Negotiation`: the same handshake object,
+with the actions left to do, so every reply, log line and limit is the handler's own.
 """
 
 from __future__ import annotations
@@ -21,38 +22,22 @@ import functools
 import logging
 import select
 import socket
-import time
 from typing import Any
 
 from .handler import (
-    HandlerSettings,
-    Resume,
+    Negotiation,
     cached_canonical_ip,
     conclude_session,
     format_peer,
     record_relay,
     size_tunnel_buffers,
 )
+from .handshake import Action, Close, Dispatch, Send
 from .hub import RelayHub, Timer
-from .outbound import ConnectFailed, connect_failed, start_connect
-from .protocol import (
-    MAX_GREETING_SIZE,
-    MAX_REQUEST_SIZE,
-    Address,
-    AddressType,
-    Command,
-    Method,
-    ProtocolError,
-    Reply,
-    Request,
-    encode_method_selection,
-    encode_reply,
-    parse_greeting,
-    parse_request,
-)
+from .outbound import connect_error, connect_failed, start_connect
+from .protocol import Address, AddressType, Command, Reply, Request
 from .relay import RelayResult
 from .server import client_ip
-from .session import Session
 
 __all__ = ["FastHandshake"]
 
@@ -66,21 +51,17 @@ class FastHandshake:
     """One client's handshake, driven by its hub's events (see the module docstring).
 
     ``server`` is the threading server that accepted the request and detached it
-    (``finish`` ends it); it provides ``settings``, ``resumes`` and ``resume_in_thread``.
+    (``finish`` ends it); it provides ``settings`` and ``resume_in_thread``.
     """
 
     __slots__ = (
-        "buffer",
         "client",
         "client_address",
-        "deadline",
+        "connecting",
         "finish",
         "hub",
-        "request",
+        "negotiation",
         "server",
-        "session",
-        "settings",
-        "stage",
         "timer",
         "upstream",
     )
@@ -98,12 +79,8 @@ class FastHandshake:
         self.client = client
         self.client_address = client_address
         self.finish = finish
-        self.settings: HandlerSettings = server.settings
-        self.session = Session(client=format_peer(client_address))
-        self.deadline = time.monotonic() + self.settings.handshake_timeout
-        self.buffer = bytearray()
-        self.stage = "greeting"
-        self.request: Request | None = None
+        self.negotiation = Negotiation.begin(server.settings, client_address)
+        self.connecting = False
         self.upstream: socket.socket | None = None
         self.timer: Timer | None = None
 
@@ -114,14 +91,15 @@ class FastHandshake:
             client.setblocking(False)
             self.hub.watch(client.fileno(), _POLLIN, self)
         except (OSError, ValueError):  # already closed (the daemon is stopping)
-            self.to_thread()
+            self.to_thread([])
             return
-        self.timer = self.hub.call_later(self.settings.handshake_timeout, self.timed_out)
+        timeout = self.negotiation.settings.handshake_timeout
+        self.timer = self.hub.call_later(timeout, self.timed_out)
 
     # ---- hub callbacks ----
 
     def on_events(self, revents: dict[int, int]) -> None:
-        if self.stage == "connecting":
+        if self.connecting:
             self.connect_done(revents)
             return
         try:
@@ -129,26 +107,25 @@ class FastHandshake:
         except BlockingIOError:
             return
         except OSError:
-            self.to_thread()  # the handler meets the error (or the EOF after it) itself
+            self.to_thread([])  # the handler meets the error (or the EOF after it) itself
             return
         if not chunk:
-            self.to_thread()
+            self.to_thread([])
             return
-        self.buffer += chunk
-        self.advance()
+        self.act(self.negotiation.handshake.receive(chunk))
 
     def timed_out(self) -> None:
         self.timer = None
-        if self.stage == "connecting":
+        if self.connecting:
             self.connect_failed(TimeoutError("connect timed out"))
         else:
-            self.to_thread()  # past the deadline: the handler logs the timeout
+            self.to_thread([])  # past the deadline: the handler logs the timeout
 
     def on_hub_close(self) -> None:
         self.drop_upstream()
         if self.timer is not None:
             self.timer.cancel()
-        session = self.session
+        session = self.negotiation.session
         session.end = "stopped during the handshake"
         session.closed_by = "proxy"
         try:
@@ -156,76 +133,59 @@ class FastHandshake:
         finally:
             self.finish()
 
-    # ---- the steps ----
+    # ---- the actions ----
 
-    def advance(self) -> None:
-        """Parse what has arrived; answer and move on, or hand over."""
-        try:
-            if self.stage == "greeting":
-                parsed_greeting = parse_greeting(self.buffer)
-                if parsed_greeting is None:
-                    if len(self.buffer) >= MAX_GREETING_SIZE:
-                        self.to_thread()
+    def act(self, actions: list[Action]) -> None:
+        """Do the handshake's actions that cannot block; hand the rest to a thread."""
+        for index, action in enumerate(actions):
+            if isinstance(action, Send) and not _followed_by_close(actions, index):
+                if not self.send(action.data):
                     return
-                greeting, used = parsed_greeting
-                method = self.settings.authenticator.choose_method(greeting.methods)
-                if method is not Method.NO_AUTHENTICATION_REQUIRED:
-                    self.to_thread()  # a login (or a refusal): the handler's part
-                    return
-                if not self.send(encode_method_selection(method)):
-                    return
-                del self.buffer[:used]
-                self.stage = "request"
-            parsed_request = parse_request(self.buffer)
-        except ProtocolError:
-            self.to_thread()  # it parses again and sends the right reply
-            return
-        if parsed_request is None:
-            if len(self.buffer) >= MAX_REQUEST_SIZE:
-                self.to_thread()
-            return
-        self.request, used = parsed_request
-        del self.buffer[:used]
-        self.stage = "command"
-        self.connect(self.request)
+            elif isinstance(action, Dispatch) and self.connect(action.request):
+                return
+            else:
+                # A login to check, a request that may block, or a last answer to send
+                # and linger over: the handler's part.
+                self.to_thread(actions[index:])
+                return
 
-    def connect(self, request: Request) -> None:
-        """CONNECT to an allowed IP address: start the one non-blocking connect."""
+    def connect(self, request: Request) -> bool:
+        """CONNECT to an allowed IP address: start the one non-blocking connect. False
+        when the request is not one the hub serves (names, BIND, UDP, refusals)."""
         address = request.address
         if request.command is not Command.CONNECT or address.type is AddressType.DOMAINNAME:
-            self.to_thread()  # names (DNS blocks), BIND, UDP ASSOCIATE
-            return
+            return False
+        settings = self.negotiation.settings
+        if settings.policy is not None:
+            ip = cached_canonical_ip(address.host)
+            decision = settings.policy.check(
+                client_ip(self.client_address), None, "connect", None, ip, address.port
+            )
+            if not decision.allowed:
+                return False  # the handler checks again, names the rule and replies 02
         sockaddr: tuple[Any, ...]
         if address.type is AddressType.IPV4:
             family, sockaddr = socket.AF_INET, (address.host, address.port)
         else:
             family, sockaddr = socket.AF_INET6, (address.host, address.port, 0, 0)
-        policy = self.settings.policy
-        if policy is not None:
-            ip = cached_canonical_ip(address.host)
-            decision = policy.check(
-                client_ip(self.client_address), None, "connect", None, ip, address.port
-            )
-            if not decision.allowed:
-                self.to_thread()  # the handler checks again and replies 02
-                return
         try:
-            upstream, connected = start_connect(family, sockaddr, self.settings.outgoing)
+            upstream, connected = start_connect(family, sockaddr, settings.outgoing)
         except OSError as exc:
             self.connect_failed(exc)
-            return
+            return True
         self.upstream = upstream
         if connected:
             self.succeed(upstream)
-            return
-        self.stage = "connecting"
+            return True
+        self.connecting = True
         # Nothing more is read from the client until the reply; bytes it pipelines wait
         # in the kernel, and its EOF or reset reaches the tunnel.
         self.hub.unwatch(self.client.fileno())
         self.hub.watch(upstream.fileno(), _POLLOUT, self)
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.hub.call_later(self.settings.connect_timeout, self.timed_out)
+        self.timer = self.hub.call_later(settings.connect_timeout, self.timed_out)
+        return True
 
     def connect_done(self, revents: dict[int, int]) -> None:
         upstream = self.upstream
@@ -233,28 +193,26 @@ class FastHandshake:
         events = revents.get(upstream.fileno(), 0)
         if not events:
             return
-        code = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code == 0 and events & _POLLOUT:
+        error = connect_error(upstream, events)
+        if error is None:
             self.hub.unwatch(upstream.fileno())
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
             self.succeed(upstream)
             return
-        self.connect_failed(OSError(code or 103, "connection aborted"))
+        self.connect_failed(error)
 
     def connect_failed(self, exc: BaseException) -> None:
         self.drop_upstream()
-        failure: ConnectFailed = connect_failed([exc], 1, 1)
-        self.to_thread(failure)
+        failure = connect_failed([exc], 1, 1)
+        handshake = self.negotiation.handshake
+        self.to_thread(handshake.reply(failure.reply, reason=failure.reason))
 
     def succeed(self, upstream: socket.socket) -> None:
         """Reply 00 with the outbound address; the tunnel starts in this hub."""
-        session = self.session
-        request = self.request
-        assert request is not None
-        session.command = request.command.name
-        session.target = str(request.address)
+        negotiation = self.negotiation
+        session = negotiation.session
         try:
             session.resolved = format_peer(upstream.getpeername())
             bound = Address.from_sockaddr(upstream.getsockname())
@@ -262,27 +220,29 @@ class FastHandshake:
             self.connect_failed(exc)
             return
         session.egress = str(bound)
-        session.reply = Reply.SUCCEEDED
-        if self.stage != "connecting":
+        if not self.connecting:
             self.hub.unwatch(self.client.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        (reply,) = negotiation.handshake.reply(Reply.SUCCEEDED, bound)
+        assert isinstance(reply, Send)
         error: OSError | None = None
-        reply = encode_reply(Reply.SUCCEEDED, bound)
         try:
-            sent = self.client.send(reply)
+            sent = self.client.send(reply.data)
         except OSError as exc:
             sent, error = 0, exc
-        if error is not None or sent < len(reply):  # a fresh socket takes 10-22 bytes whole
+        if error is not None or sent < len(reply.data):  # a fresh socket takes it whole
             self.drop_upstream()
             session.end = f"error: {getattr(error, 'strerror', None) or 'reply not sent'}"
             session.closed_by = "client"
             self.close_out()
             return
         self.upstream = None  # the tunnel's now
+        request = negotiation.handshake.request
+        assert request is not None
         size_tunnel_buffers(
-            self.settings,
+            negotiation.settings,
             self.client,
             self.client_address,
             upstream,
@@ -293,37 +253,40 @@ class FastHandshake:
             self.client,
             upstream,
             functools.partial(self.tunnel_ended, upstream),
-            idle_timeout=self.settings.idle_timeout,
-            pending_a_to_b=bytes(self.buffer),
+            idle_timeout=negotiation.settings.idle_timeout,
+            pending_a_to_b=negotiation.handshake.early_data(),
         )
 
     def tunnel_ended(self, upstream: socket.socket, result: RelayResult) -> None:
         """The tunnel's on_done, as the handler's: close, record, log, end the request."""
         upstream.close()
-        record_relay(self.session, result)
+        record_relay(self.negotiation.session, result)
         self.close_out()
 
     # ---- ways out ----
 
     def send(self, data: bytes) -> bool:
-        """Send a short answer whole; False (and the handler takes over) if it cannot."""
+        """Send a short answer whole; False when it could not be (and the connection
+        went elsewhere: to a thread, which meets the error, or closed)."""
         try:
             sent = self.client.send(data)
         except OSError:
-            self.to_thread()  # nothing sent: the handler answers again and meets the error
+            # Nothing sent: the handler sends it again and meets the error.
+            self.to_thread([Send(data)])
             return False
         if sent == len(data):
             return True
         # Part of a few bytes into a fresh socket's empty buffer: not seen in practice,
         # and the stream cannot be repaired. Close.
-        self.session.end = "error: answer not sent whole"
-        self.session.closed_by = "proxy"
+        session = self.negotiation.session
+        session.end = "error: answer not sent whole"
+        session.closed_by = "proxy"
         self.close_out()
         return False
 
     def close_out(self) -> None:
         try:
-            conclude_session(self.client, self.session, linger=False)
+            conclude_session(self.client, self.negotiation.session, linger=False)
         finally:
             self.finish()
 
@@ -333,26 +296,21 @@ class FastHandshake:
             self.upstream.close()
             self.upstream = None
 
-    def to_thread(self, failure: ConnectFailed | None = None) -> None:
-        """Give the connection to a handler thread, which carries on from this stage."""
+    def to_thread(self, actions: list[Action]) -> None:
+        """Give the connection to a handler thread with the actions left to do."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         with_fd = self.client.fileno()
         if with_fd >= 0:
             self.hub.unwatch(with_fd)
-        stage = "failed" if failure is not None else self.stage
-        self.server.resumes[self.client] = Resume(
-            stage=stage,
-            buffer=bytes(self.buffer),
-            deadline=self.deadline,
-            session=self.session,
-            settings=self.settings,
-            request=self.request,
-            failure=failure,
-        )
+        self.negotiation.pending = actions
         try:
-            self.server.resume_in_thread(self.client, self.client_address)
+            self.server.resume_in_thread(self.client, self.client_address, self.negotiation)
         except Exception:
-            self.server.resumes.pop(self.client, None)
             logger.exception("could not hand a handshake to a thread")
+
+
+def _followed_by_close(actions: list[Action], index: int) -> bool:
+    """Whether the Send at `index` is a last answer (a Close comes right after it)."""
+    return index + 1 < len(actions) and isinstance(actions[index + 1], Close)

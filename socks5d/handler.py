@@ -1,14 +1,17 @@
-"""Socks5Handler: one client connection, from greeting to the end of its tunnel.
+"""Socks5Handler: one client connection in a thread, from greeting to the end of its tunnel.
 
-A linear negotiation with one method per phase (greeting → method choice → RFC 1929
-auth → request → command), reading the stream through a buffer so a message may arrive
-in any number of pieces and bytes pipelined after the request reach the target. Wire
-format lives in protocol.py, policy in auth.py, connecting in outbound.py, moving bytes
-in relay.py; this module only sequences them and writes the access log line.
+The negotiation itself is :class:`~socks5d.handshake.ServerHandshake` (no I/O); this
+module drives it with blocking reads under one deadline, carries out what it asks for
+(checking a login in its turn, a request's rules, lookup and connect, BIND, UDP
+ASSOCIATE) and writes the access-log line. A handshake an event loop began arrives as a
+:class:`Negotiation` and carries on exactly where the loop left it. Wire format lives in
+protocol.py, policy in auth.py and rules.py, connecting in outbound.py, moving bytes in
+relay.py.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import ipaddress
 import logging
@@ -19,11 +22,12 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from .auth import Authenticator
 from .bind import ClientLeft, canonical_ip, expected_peer_ips, open_bind_listener, wait_for_peer
 from .config import Config
+from .handshake import Action, Authenticate, Dispatch, Send, ServerHandshake
 from .lookups import LookupPool
 from .outbound import (
     ANY_SOURCE,
@@ -36,25 +40,7 @@ from .outbound import (
     resolve_target,
     system_resolver,
 )
-from .protocol import (
-    MAX_GREETING_SIZE,
-    MAX_REQUEST_SIZE,
-    MAX_USERNAME_PASSWORD_SIZE,
-    Address,
-    AddressType,
-    AuthStatus,
-    Command,
-    Method,
-    ProtocolError,
-    Reply,
-    Request,
-    encode_auth_status,
-    encode_method_selection,
-    encode_reply,
-    parse_greeting,
-    parse_request,
-    parse_username_password,
-)
+from .protocol import Address, AddressType, Command, Reply, Request
 from .relay import RelayResult, fix_socket_buffers, relay, socket_buffer_for
 from .rules import Decision, Policy
 from .server import BaseRequestHandler, client_ip
@@ -64,9 +50,6 @@ from .udp import open_udp_endpoint, serve_association
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("socks5d.access")
-
-Message = TypeVar("Message")
-Parser = Callable[[bytearray], tuple[Message, int] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,36 +103,37 @@ cached_canonical_ip = functools.lru_cache(maxsize=4096)(canonical_ip)
 
 
 @dataclass(slots=True)
-class Resume:
-    """Where a handshake begun elsewhere (the relay hub's fast path) stands, for a
-    handler thread to carry on from: the start of `stage`, with the bytes read so far.
+class Negotiation:
+    """One client's handshake in progress: the one object an event loop hands to a
+    handler thread. The state machine (with its access-log record), the settings the
+    connection began under (a reload in between does not change its policy), its
+    deadline, and the actions the loop left for the thread to carry out."""
 
-    Stages: "greeting" (nothing answered yet), "request" (method NO AUTHENTICATION
-    REQUIRED answered), "command" (`request` parsed, nothing answered), "failed"
-    (`request` parsed and its connect failed: send `failure` and close).
-    """
-
-    stage: str
-    buffer: bytes
-    deadline: float
-    session: Session
-    # The settings the handshake began under: one connection is judged by one policy
-    # from greeting to reply, whatever a reload swapped in meanwhile.
+    handshake: ServerHandshake
     settings: HandlerSettings
-    request: Request | None = None
-    failure: ConnectFailed | None = None
+    deadline: float
+    pending: list[Action] = field(default_factory=list)
 
+    @classmethod
+    def begin(cls, settings: HandlerSettings, client_address: Any) -> Negotiation:
+        session = Session(client=format_peer(client_address))
+        return cls(
+            ServerHandshake(settings.authenticator, session),
+            settings,
+            time.monotonic() + settings.handshake_timeout,
+        )
 
-class ClientGone(Exception):
-    """The client closed its side before the handshake was complete."""
+    @property
+    def session(self) -> Session:
+        return self.handshake.session
 
 
 class HandshakeTimeout(Exception):
     """The client did not complete the handshake within the handshake timeout."""
 
 
-class HandshakeReader:
-    """Reads whole messages off a stream socket under one overall deadline.
+class HandshakeIO:
+    """Blocking reads and writes of a handshake under one overall deadline.
 
     A deadline (not a per-recv timeout) so a client trickling a byte at a time cannot
     hold its thread past the handshake timeout. The socket is made non-blocking once and
@@ -159,40 +143,25 @@ class HandshakeReader:
     the relay and the BIND/UDP paths work with it as it is.
     """
 
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, timeout: float, deadline: float) -> None:
         self.sock = sock
         self.timeout = timeout
-        self.deadline = time.monotonic() + timeout
-        self.buffer = bytearray()
+        self.deadline = deadline
         self.poller: select.poll | None = None  # made on the first wait
         sock.setblocking(False)
 
-    def send_reply(self, reply: Reply, bound: Address | None = None) -> None:
-        """Send an RFC 1928 §6 reply with a fresh deadline.
-
-        Replies follow a connect or a BIND wait that may outlast the handshake deadline;
-        the client still gets `timeout` seconds to take the reply.
-        """
+    def renew(self) -> None:
+        """A fresh deadline for a reply: a connect or a BIND wait may outlast the
+        handshake's, and the client still gets `timeout` seconds to take the answer."""
         self.deadline = time.monotonic() + self.timeout
-        self.send(encode_reply(reply, bound))
 
-    def read(self, parser: Parser[Message], limit: int) -> Message:
+    def recv(self) -> bytes:
+        """What the client sent next (b"" at EOF); HandshakeTimeout at the deadline."""
         while True:
-            parsed = parser(self.buffer)
-            if parsed is not None:
-                message, consumed = parsed
-                del self.buffer[:consumed]
-                return message
-            if len(self.buffer) >= limit:
-                raise ProtocolError(f"message longer than {limit} bytes")
             try:
-                chunk = self.sock.recv(4096)
+                return self.sock.recv(4096)
             except BlockingIOError:
                 self._wait(select.POLLIN)
-                continue
-            if not chunk:
-                raise ClientGone
-            self.buffer += chunk
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -203,6 +172,12 @@ class HandshakeReader:
                 self._wait(select.POLLOUT)
                 continue
             view = view[sent:]
+
+    def send_actions(self, actions: list[Action]) -> None:
+        """Send what a final answer of the handshake says to send (a Close follows)."""
+        for action in actions:
+            if isinstance(action, Send):
+                self.send(action.data)
 
     def _wait(self, event: int) -> None:
         """Wait until the socket is ready for `event` (or has an error or EOF to report,
@@ -220,33 +195,39 @@ class HandshakeReader:
 
 
 class Socks5Handler(BaseRequestHandler):
-    """Serves one SOCKS5 client (RFC 1928, RFC 1929).
+    """Serves one SOCKS5 client (RFC 1928, RFC 1929) in a thread.
 
-    Reads its settings from `server.settings` (a HandlerSettings), so a reload swaps one
-    attribute and new connections see the new policy while old ones keep theirs. State
-    that outlives a reload (login back-off, per-user slots) lives on the server too.
+    A fresh connection begins under `server.settings` (a HandlerSettings), so a reload
+    swaps one attribute and new connections see the new policy while old ones keep
+    theirs; one an event loop began arrives as the Negotiation it handed over (the
+    core's `handover`). State that outlives a reload (login back-off, per-user slots)
+    lives on the server.
     """
 
     def setup(self) -> None:
-        self.settings: HandlerSettings = getattr(self.server, "settings", None) or DEFAULTS
+        negotiation = self.handover if isinstance(self.handover, Negotiation) else None
+        if negotiation is None:
+            settings = getattr(self.server, "settings", None) or DEFAULTS
+            negotiation = Negotiation.begin(settings, self.client_address)
+        self.negotiation = negotiation
+        self.settings: HandlerSettings = negotiation.settings
+        self.handshake = negotiation.handshake
+        self.session = negotiation.session
         self.client_ip = client_ip(self.client_address)
-        resumes = getattr(self.server, "resumes", None)
-        self.resume: Resume | None = resumes.pop(self.request, None) if resumes else None
-        if self.resume is not None:
-            self.settings = self.resume.settings  # not a reload's: see Resume.settings
-            self.session = self.resume.session
-        else:
-            self.session = Session(client=format_peer(self.client_address))
-        self.user: str | None = None  # set once RFC 1929 login succeeded
         self.user_slot = False
         # True once the tunnel went to the server's relay hub: the hub ends it (and logs).
         self.detached = False
 
+    @property
+    def user(self) -> str | None:
+        """The RFC 1929 login name, once the login succeeded."""
+        return self.handshake.user
+
     def handle(self) -> None:
         session = self.session
         try:
-            self.serve(session)
-        except (ClientGone, ConnectionError):
+            self.serve()
+        except ConnectionError:
             session.end = "client closed during handshake"
             session.closed_by = "client"
         except HandshakeTimeout:
@@ -266,84 +247,55 @@ class Socks5Handler(BaseRequestHandler):
                 slots.release(self.user)
         conclude_session(self.request, self.session)
 
-    def serve(self, session: Session) -> None:
-        settings = self.settings
-        reader = HandshakeReader(self.request, settings.handshake_timeout)
-        resume, stage = self.resume, "greeting"
-        if resume is not None:
-            reader.buffer += resume.buffer
-            reader.deadline = resume.deadline
-            stage = resume.stage
-        try:
-            if stage == "greeting" and not self.negotiate(reader, settings.authenticator, session):
-                return
-            if stage in ("greeting", "request"):
-                request = reader.read(parse_request, MAX_REQUEST_SIZE)
-            else:
-                assert resume is not None and resume.request is not None
-                request = resume.request
-        except ProtocolError as exc:
-            session.end = f"protocol error: {exc.message}"
-            session.closed_by = "proxy"
-            if exc.reply is not None:
-                session.reply = exc.reply
-                reader.send_reply(exc.reply)
-            return
-        session.command = request.command.name
-        session.target = str(request.address)
-        if resume is not None and resume.failure is not None:
-            self.fail(reader, session, resume.failure.reply, resume.failure.reason)
-            return
-        if self.user is not None and not self.take_user_slot(self.user):
-            self.fail(reader, session, Reply.GENERAL_FAILURE, "per-user connection limit")
-            return
-        if request.command is Command.CONNECT:
-            self.connect(request, reader, session)
-        elif request.command is Command.BIND:
-            self.bind(request, reader, session)
-        else:
-            self.udp_associate(request, reader, session)
+    def serve(self) -> None:
+        io = HandshakeIO(self.request, self.settings.handshake_timeout, self.negotiation.deadline)
+        request = self.negotiate(io, self.negotiation.pending)
+        if request is not None:
+            self.carry_out(request, io)
 
-    def negotiate(self, reader: HandshakeReader, auth: Authenticator, session: Session) -> bool:
-        """RFC 1928 §3 method selection, then RFC 1929 when that is the method."""
-        greeting = reader.read(parse_greeting, MAX_GREETING_SIZE)
-        method = auth.choose_method(greeting.methods)
-        reader.send(encode_method_selection(method))
-        if method is Method.NO_ACCEPTABLE_METHODS:
-            session.end = "no acceptable method offered"
-            session.closed_by = "proxy"
-            return False
-        if method is Method.USERNAME_PASSWORD:
-            return self.authenticate(reader, auth, session)
-        return True
+    def negotiate(self, io: HandshakeIO, actions: list[Action]) -> Request | None:
+        """Drive the handshake until it dispatches a request (returned) or closes (None)."""
+        handshake = self.handshake
+        todo = collections.deque(actions)
+        while True:
+            while todo:
+                action = todo.popleft()
+                if isinstance(action, Send):
+                    io.send(action.data)
+                elif isinstance(action, Dispatch):
+                    return action.request
+                elif isinstance(action, Authenticate):
+                    failure = self.login(action, io.deadline)
+                    todo.extend(
+                        handshake.credentials_checked(True)
+                        if failure is None
+                        else handshake.credentials_checked(False, failure)
+                    )
+                else:  # Close: the handshake's last word was said (or there was none)
+                    return None
+            try:
+                data = io.recv()
+            except HandshakeTimeout:
+                todo.extend(handshake.timed_out())
+                continue
+            todo.extend(handshake.receive(data) if data else handshake.eof())
 
-    def authenticate(self, reader: HandshakeReader, auth: Authenticator, session: Session) -> bool:
-        """RFC 1929 §2: a non-zero status means the connection must close.
+    def login(self, credentials: Authenticate, deadline: float) -> str | None:
+        """RFC 1929 §2: None when the credentials are right, else why not (for the log).
 
         Credentials that logged in moments ago pass at once. Others are checked in
         their turn: after this client's failed-login back-off (FailedLoginBackoff) and
         within the bound on checks running at once (CheckGate), both before the
-        handshake deadline, else refused with status 01 and no check.
+        handshake deadline, else refused with no check.
         """
-        credentials = reader.read(parse_username_password, MAX_USERNAME_PASSWORD_SIZE)
-        name = credentials.username.decode("utf-8", "backslashreplace")
-        session.user = name or "''"
+        auth = self.settings.authenticator
         username, password = credentials.username, credentials.password
-        backoff = getattr(self.server, "login_backoff", None)
         if auth.remembers(username, password):
-            failure = None
+            backoff = getattr(self.server, "login_backoff", None)
             if backoff is not None:
                 backoff.succeeded(self.client_ip, username)
-        else:
-            failure = self.check_in_turn(auth, username, password, reader.deadline)
-        if failure is None:
-            reader.send(encode_auth_status(AuthStatus.SUCCESS))
-            self.user = name
-            return True
-        reader.send(encode_auth_status(AuthStatus.FAILURE))
-        session.end = failure
-        session.closed_by = "proxy"
-        return False
+            return None
+        return self.check_in_turn(auth, username, password, deadline)
 
     def check_in_turn(
         self,
@@ -427,17 +379,30 @@ class Socks5Handler(BaseRequestHandler):
             lookups=settings.lookups,
         )
 
-    def connect(self, request: Request, reader: HandshakeReader, session: Session) -> None:
+    def carry_out(self, request: Request, io: HandshakeIO) -> None:
+        """The dispatched request: the per-user limit, then the command."""
+        if self.user is not None and not self.take_user_slot(self.user):
+            self.fail(io, Reply.GENERAL_FAILURE, "per-user connection limit")
+            return
+        if request.command is Command.CONNECT:
+            self.connect(request, io)
+        elif request.command is Command.BIND:
+            self.bind(request, io)
+        else:
+            self.udp_associate(request, io)
+
+    def connect(self, request: Request, io: HandshakeIO) -> None:
         """RFC 1928 §4 CONNECT: reply with the outbound socket's address, then relay."""
         settings = self.settings
+        session = self.session
         if not self.allowed_by_name("connect", request.address, session):
-            self.deny(reader, session)
+            self.deny(io)
             return
         try:
             candidates = self.resolve(request.address)
             allowed = self.allowed_candidates("connect", request.address, candidates, session)
             if not allowed:
-                self.deny(reader, session)
+                self.deny(io)
                 return
             upstream = connect_any(
                 allowed,
@@ -447,33 +412,34 @@ class Socks5Handler(BaseRequestHandler):
                 blocking=False,  # the relay wants it non-blocking
             )
         except ConnectFailed as exc:
-            self.fail(reader, session, exc.reply, exc.reason)
+            self.fail(io, exc.reply, exc.reason)
             return
         try:
             session.resolved = format_peer(upstream.getpeername())
             bound = Address.from_sockaddr(upstream.getsockname())
             session.egress = str(bound)
-            session.reply = Reply.SUCCEEDED
-            reader.send_reply(Reply.SUCCEEDED, bound)
-            self.tunnel(upstream, reader, session)
+            io.renew()
+            io.send_actions(self.handshake.reply(Reply.SUCCEEDED, bound))
+            self.tunnel(upstream)
         finally:
             if not self.detached:
                 upstream.close()
 
-    def bind(self, request: Request, reader: HandshakeReader, session: Session) -> None:
+    def bind(self, request: Request, io: HandshakeIO) -> None:
         """RFC 1928 §4 BIND: first reply with where to connect, second with who did."""
         settings = self.settings
+        session = self.session
         if not self.allowed_by_name("bind", request.address, session):
-            self.deny(reader, session)
+            self.deny(io)
             return
         try:
             candidates = self.resolve(request.address)
         except ConnectFailed as exc:
-            self.fail(reader, session, exc.reply, exc.reason)
+            self.fail(io, exc.reply, exc.reason)
             return
         candidates = self.allowed_candidates("bind", request.address, candidates, session)
         if not candidates:
-            self.deny(reader, session)
+            self.deny(io)
             return
         resolved = [sockaddr[0] for _, sockaddr in candidates]
         expected = expected_peer_ips(request.address, resolved)
@@ -484,12 +450,13 @@ class Socks5Handler(BaseRequestHandler):
                 routable or [canonical_ip(self.request.getsockname()[0])], settings.outgoing
             )
         except OSError as exc:
-            self.fail(reader, session, reply_for_error(exc), f"bind failed: {exc}")
+            self.fail(io, reply_for_error(exc), f"bind failed: {exc}")
             return
         with listener:
             bound = Address.from_sockaddr(listener.getsockname())
             session.egress = str(bound)
-            reader.send_reply(Reply.SUCCEEDED, bound)
+            io.renew()
+            io.send_actions(self.handshake.bind_listening(bound))
             try:
                 accepted = wait_for_peer(listener, self.request, expected, settings.bind_timeout)
             except ClientLeft:
@@ -498,37 +465,38 @@ class Socks5Handler(BaseRequestHandler):
                 return
         if accepted is None:
             # Nobody (expected) connected in time: the same code as a connect timeout.
-            self.fail(reader, session, Reply.HOST_UNREACHABLE, "no BIND peer before the timeout")
+            self.fail(io, Reply.HOST_UNREACHABLE, "no BIND peer before the timeout")
             return
         try:
             session.resolved = str(accepted.peer)
-            session.reply = Reply.SUCCEEDED
-            reader.send_reply(Reply.SUCCEEDED, accepted.peer)
-            self.tunnel(accepted.sock, reader, session)
+            io.renew()
+            io.send_actions(self.handshake.reply(Reply.SUCCEEDED, accepted.peer))
+            self.tunnel(accepted.sock)
         finally:
             if not self.detached:
                 accepted.sock.close()
 
-    def udp_associate(self, request: Request, reader: HandshakeReader, session: Session) -> None:
+    def udp_associate(self, request: Request, io: HandshakeIO) -> None:
         """RFC 1928 §7: a UDP relay that lives exactly as long as this TCP connection."""
         settings = self.settings
+        session = self.session
         # The association itself: client, user and command (destinations come per datagram).
         decision = self.check("udp", None, None, None)
         if decision is not None and not decision.allowed:
             session.rule = decision.reason
-            self.deny(reader, session)
+            self.deny(io)
             return
         local_ip = canonical_ip(self.request.getsockname()[0])
         try:
             endpoint = open_udp_endpoint(local_ip, settings.udp_port_range)
         except OSError as exc:
-            self.fail(reader, session, Reply.GENERAL_FAILURE, f"no UDP port: {exc}")
+            self.fail(io, Reply.GENERAL_FAILURE, f"no UDP port: {exc}")
             return
         bound = Address.from_sockaddr(endpoint.getsockname())
         session.egress = str(bound)
-        session.reply = Reply.SUCCEEDED
         try:
-            reader.send_reply(Reply.SUCCEEDED, bound)
+            io.renew()
+            io.send_actions(self.handshake.reply(Reply.SUCCEEDED, bound))
         except BaseException:
             endpoint.close()
             raise
@@ -559,14 +527,13 @@ class Socks5Handler(BaseRequestHandler):
         decision = self.check("udp", host, ip, address.port)
         return decision is None or decision.allowed
 
-    def tunnel(self, upstream: socket.socket, reader: HandshakeReader, session: Session) -> None:
+    def tunnel(self, upstream: socket.socket) -> None:
         """Relay between the client and `upstream`; pipelined client bytes go first.
 
         With a relay hub on the server (threading mode), the tunnel goes there and this
         thread returns to the pool; the hub calls tunnel_ended. Else it is relayed here.
         """
-        pending = bytes(reader.buffer)
-        reader.buffer.clear()
+        pending = self.handshake.early_data()
         size_tunnel_buffers(
             self.settings,
             self.request,
@@ -611,17 +578,14 @@ class Socks5Handler(BaseRequestHandler):
         finally:
             finish()
 
-    def deny(self, reader: HandshakeReader, session: Session) -> None:
+    def deny(self, io: HandshakeIO) -> None:
         """RFC 1928 §6 reply 02: a rule said no (named in the access log)."""
-        self.fail(reader, session, Reply.CONNECTION_NOT_ALLOWED, f"denied by {session.rule}")
+        self.fail(io, Reply.CONNECTION_NOT_ALLOWED, f"denied by {self.session.rule}")
 
-    @staticmethod
-    def fail(reader: HandshakeReader, session: Session, reply: Reply, reason: str) -> None:
+    def fail(self, io: HandshakeIO, reply: Reply, reason: str) -> None:
         """Send a failure reply; the connection closes right after (RFC 1928 §6)."""
-        session.reply = reply
-        session.end = reason
-        session.closed_by = "proxy"
-        reader.send_reply(reply)
+        io.renew()
+        io.send_actions(self.handshake.reply(reply, reason=reason))
 
 
 def size_tunnel_buffers(

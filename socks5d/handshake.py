@@ -162,14 +162,15 @@ class ServerHandshake:
 
     # ---- the driver's answers ----
 
-    def credentials_checked(self, ok: bool) -> list[Action]:
-        """The outcome of an Authenticate: RFC 1929 §2 status, then on to the request."""
+    def credentials_checked(self, ok: bool, reason: str = "authentication failed") -> list[Action]:
+        """The outcome of an Authenticate: RFC 1929 §2 status, then on to the request;
+        `reason` says in the log why a login failed (a wrong password, or no check run)."""
         self._expect(State.CHECKING)
         if not ok:
             self.state = State.CLOSED
-            self.session.end = "authentication failed"
+            self.session.end = reason
             self.session.closed_by = "proxy"
-            return [Send(encode_auth_status(AuthStatus.FAILURE)), Close("authentication failed")]
+            return [Send(encode_auth_status(AuthStatus.FAILURE)), Close(reason)]
         self.user = self.login_name
         self.state = State.REQUEST
         return [Send(encode_auth_status(AuthStatus.SUCCESS)), *self._advance()]

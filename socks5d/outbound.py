@@ -270,6 +270,16 @@ def connect_failed(failures: Sequence[BaseException], tried: int, total: int) ->
     )
 
 
+def connect_error(sock: socket.socket, events: int) -> OSError | None:
+    """How a non-blocking connect ended, once poll reported `events` for it: None when it
+    connected, else its error (SO_ERROR; none recorded yet trouble reported: aborted)."""
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code == 0 and events & select.POLLOUT:
+        return None
+    code = code or errno.ECONNABORTED
+    return OSError(code, os.strerror(code))
+
+
 def start_connect(
     family: socket.AddressFamily, sockaddr: tuple, outgoing: OutgoingAddresses = ANY_SOURCE
 ) -> tuple[socket.socket, bool]:
@@ -336,11 +346,10 @@ class _Race:
             for fd, events in self.poller.poll(math.ceil(max(wait, 0.0) * 1000)):
                 sock, sockaddr = self.in_flight.pop(fd)
                 self.poller.unregister(fd)
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if code == 0 and events & select.POLLOUT:
+                error = connect_error(sock, events)
+                if error is None:
                     return sock
                 sock.close()
-                error = OSError(code or errno.ECONNABORTED, os.strerror(code or errno.ECONNABORTED))
                 self.fail(sockaddr, error)
                 next_start = now  # RFC 8305 §5: a failure starts the next attempt at once
         # The deadline passed with attempts still in flight (or none started in time).

@@ -80,6 +80,9 @@ _CONNECTION_ERRORS = (ConnectionError, TimeoutError)
 _WAKEUP = "wakeup"
 _LISTENER = "listener"
 
+# What a pooled handler thread is given: (request, client_address, handover).
+_WorkItem = tuple[socket.socket, Any, object]
+
 
 def client_ip(client_address: Any) -> str:
     """The client's IP as text, IPv4-mapped IPv6 (dual-stack listeners) unmapped."""
@@ -128,7 +131,7 @@ class BaseServer:
 
     Methods for derived classes:
 
-    - finish_request(request, client_address)
+    - finish_request(request, client_address, handover=None)
 
     Class variables that may be overridden by derived classes or instances:
 
@@ -529,9 +532,11 @@ class BaseServer:
         self._flush_overload_log(force=True)  # refusals not yet logged: now or never
         self._close_wakeup()
 
-    def finish_request(self, request: socket.socket, client_address: Any) -> None:
+    def finish_request(
+        self, request: socket.socket, client_address: Any, handover: object = None
+    ) -> None:
         """Finish one request by instantiating RequestHandlerClass."""
-        self.RequestHandlerClass(request, client_address, self)
+        self.RequestHandlerClass(request, client_address, self, handover)
 
     def shutdown_request(self, request: socket.socket) -> None:
         """Called to shut down and close an individual request."""
@@ -775,7 +780,7 @@ class TCPServer(BaseServer):
 
     Methods for derived classes:
 
-    - finish_request(request, client_address)
+    - finish_request(request, client_address, handover=None)
 
     Class variables that may be overridden by derived classes or instances:
 
@@ -1052,10 +1057,12 @@ class ThreadingMixIn(_MixInBase):
         if key is not None:
             self._release(key)
 
-    def _thread_main(self, request: socket.socket, client_address: Any) -> None:
+    def _thread_main(
+        self, request: socket.socket, client_address: Any, handover: object = None
+    ) -> None:
         """Serve the first request, then further ones handed over while idle."""
         try:
-            item: tuple[socket.socket, Any] | None = (request, client_address)
+            item: _WorkItem | None = (request, client_address, handover)
             while item is not None:
                 self.process_request_thread(*item)
                 item = self._wait_for_work()
@@ -1063,8 +1070,8 @@ class ThreadingMixIn(_MixInBase):
             with self._threads_lock:
                 self._threads.discard(threading.current_thread())
 
-    def _wait_for_work(self) -> tuple[socket.socket, Any] | None:
-        handover: queue.SimpleQueue[tuple[socket.socket, Any] | None] = queue.SimpleQueue()
+    def _wait_for_work(self) -> _WorkItem | None:
+        handover: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
         with self._threads_lock:
             if len(self._idle) >= self.max_idle_threads:
                 return None
@@ -1107,10 +1114,12 @@ class ThreadingMixIn(_MixInBase):
                 return True
             return False
 
-    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+    def process_request_thread(
+        self, request: socket.socket, client_address: Any, handover: object = None
+    ) -> None:
         """Run the request in this thread; errors go to handle_error()."""
         try:
-            self.finish_request(request, client_address)
+            self.finish_request(request, client_address, handover)
         except Exception:
             self._handle_error_safely(request, client_address)
         finally:
@@ -1147,26 +1156,31 @@ class ThreadingMixIn(_MixInBase):
         """
         return False
 
-    def resume_in_thread(self, request: socket.socket, client_address: Any) -> None:
+    def resume_in_thread(
+        self, request: socket.socket, client_address: Any, handover: object = None
+    ) -> None:
         """Serve a detached request in a handler thread after all (from any thread): the
-        thread runs the handler, then ends the request as usual."""
+        thread runs the handler, given `handover` (what the previous owner passes on),
+        then ends the request as usual."""
         self.reclaim_request(request)
         try:
-            self._start_in_thread(request, client_address)
+            self._start_in_thread(request, client_address, handover)
         except BaseException:
             self._untrack_request(request)
             self.shutdown_request(request)
             raise
 
-    def _start_in_thread(self, request: socket.socket, client_address: Any) -> None:
+    def _start_in_thread(
+        self, request: socket.socket, client_address: Any, handover: object = None
+    ) -> None:
         with self._threads_lock:
-            handover = self._idle.pop() if self._idle else None
-        if handover is not None:
-            handover.put((request, client_address))
+            idle = self._idle.pop() if self._idle else None
+        if idle is not None:
+            idle.put((request, client_address, handover))
             return
         thread = threading.Thread(
             target=self._thread_main,
-            args=(request, client_address),
+            args=(request, client_address, handover),
             name="handler",
             daemon=self.daemon_threads,
         )
@@ -1458,13 +1472,21 @@ class BaseRequestHandler:
 
     The constructor sets request, client_address and server, then calls setup(),
     handle() and, in a finally, finish(). Override handle(); setup() and finish() may be
-    overridden too.
+    overridden too. `handover` is what the request's previous owner passed along when it
+    gave the request back to a thread (resume_in_thread); None for a fresh request.
     """
 
-    def __init__(self, request: socket.socket, client_address: Any, server: BaseServer) -> None:
+    def __init__(
+        self,
+        request: socket.socket,
+        client_address: Any,
+        server: BaseServer,
+        handover: object = None,
+    ) -> None:
         self.request = request
         self.client_address = client_address
         self.server = server
+        self.handover = handover
         self.setup()
         try:
             self.handle()

@@ -46,15 +46,18 @@ ACCESS = "socks5d.access"
 
 
 class HandOverLog:
-    """Wraps a server's resume_in_thread: the stages its connections were handed at."""
+    """Wraps a server's resume_in_thread: the handshake states its connections were
+    handed at (the Negotiation the hub passes on)."""
 
     def __init__(self, server: Any) -> None:
         self.stages: list[str] = []
         original = server.resume_in_thread
 
-        def resume_in_thread(request: socket.socket, client_address: Any) -> None:
-            self.stages.append(server.resumes[request].stage)
-            original(request, client_address)
+        def resume_in_thread(
+            request: socket.socket, client_address: Any, handover: Any = None
+        ) -> None:
+            self.stages.append(handover.handshake.state.value)
+            original(request, client_address, handover)
 
         server.resume_in_thread = resume_in_thread
 
@@ -164,13 +167,15 @@ def test_a_handshake_sent_byte_by_byte_is_reassembled(
 # ---- handed to a thread at the right stage, with the handler's own answers ----
 
 
-def test_a_login_is_handed_over_at_the_greeting_and_succeeds(echo_target: TargetServer) -> None:
+def test_a_login_is_answered_in_the_hub_and_checked_in_a_thread(
+    echo_target: TargetServer,
+) -> None:
     with running_proxy(relay_threads=1, users=(User("ann", "secret"),)) as proxy:
         handed = HandOverLog(proxy.server)
         with connect_through(proxy.address, ipv4(echo_target.port), (b"ann", b"secret")) as c:
             c.sendall(b"auth")
             assert recv_exactly(c, 4) == b"auth"
-        assert handed.stages == ["greeting"]
+        assert handed.stages == ["checking"]  # the hub sent 05 02, the thread checks
 
 
 def test_a_domain_name_is_handed_over_at_the_command_and_resolved_there(
@@ -213,7 +218,7 @@ def test_a_refused_connect_gets_reply_05_once(
     with sock:
         assert reply == Reply.CONNECTION_REFUSED
         assert recv_all(sock) == b""
-    assert handed.stages == ["failed"]
+    assert handed.stages == ["closed"]  # the hub's connect failed: the thread sends 05
     session = one_access_record(caplog)
     assert session.reply is Reply.CONNECTION_REFUSED
 
@@ -225,7 +230,7 @@ def test_a_wrong_version_is_closed_cleanly_by_the_handler(
     with socket.create_connection(proxy.address, timeout=TIMEOUT) as client:
         client.sendall(b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00")  # a SOCKS4 request
         assert recv_all(client) == b""
-    assert handed.stages == ["greeting"]
+    assert handed.stages == ["closed"]  # nothing to answer: the thread closes and logs
     server: Any = proxy.server
     assert wait_until(lambda: server.active_count == 0)
 

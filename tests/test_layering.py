@@ -15,7 +15,7 @@ ALLOWED = {
     "config": set(),
     "relay": set(),
     "hub": {"relay"},
-    "fastpath": {"handler", "hub", "outbound", "protocol", "relay", "server", "session"},
+    "fastpath": {"handler", "handshake", "hub", "outbound", "protocol", "relay", "server"},
     "server": {"addresses"},
     "shmem": set(),
     "limits": {"shmem"},
@@ -34,6 +34,7 @@ ALLOWED = {
     "bind": {"protocol", "outbound"},
     "udp": {"protocol", "outbound", "lookups"},
     "handler": {
+        "handshake",
         "protocol",
         "config",
         "lookups",
