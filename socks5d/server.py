@@ -1102,6 +1102,11 @@ class ThreadingMixIn(_MixInBase):
         def finish() -> None:
             self._untrack_request(request)
             self.shutdown_request(request)
+            # A request a relay loop took straight from accept never reaches a thread's
+            # reclaim_request(): forget it here, or the set keeps every one for ever.
+            # After the close: a thread that looks now finds it closed, not still open.
+            with self._threads_lock:
+                self._detached.discard(request)
 
         return finish
 
