@@ -617,6 +617,11 @@ class Supervisor:
         for pid in list(self.workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signo)
+        if self.stopping and self.daemon.server is not None:
+            # The workers close their copies of the listening sockets as they start to
+            # drain; ours would keep them open, and the kernel would go on completing
+            # handshakes that no one accepts until the drain ends and they are reset.
+            self.daemon.server.stop_listening()
 
     def reap(self, block: bool, previous_mask: Any = None) -> None:
         server = self.daemon.server

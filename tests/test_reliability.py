@@ -6,10 +6,11 @@ a second or two, so the normal run keeps them fixed.
 
 from __future__ import annotations
 
+import signal
 import socket
 from typing import Any
 
-from clients import connect_through, recv_exactly, wait_until
+from clients import TIMEOUT, children_of, connect_through, recv_exactly, wait_until
 from conftest import running_proxy
 
 from socks5d.protocol import Address, AddressType
@@ -39,3 +40,36 @@ def test_a_request_a_relay_hub_finished_is_no_longer_held_as_detached(echo_targe
         assert wait_until(lambda: server.active_count == 0)
         assert len(detached) == 50  # each went through the hub
         assert [request for request in detached if server.reclaim_request(request)] == []
+
+
+def refused(address: tuple[str, int]) -> bool:
+    """Whether a connect to `address` is refused (one that gets through is closed)."""
+    try:
+        socket.create_connection(address, timeout=1.0).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:  # a full backlog drops the SYN: not refused either
+        pass
+    return False
+
+
+def test_with_workers_sigterm_refuses_new_clients_at_once(daemon_factory, echo_target, tmp_path):
+    """With workers, the supervisor kept its copy of the listening socket until every
+    worker had drained: for the whole grace period the kernel went on completing
+    handshakes no one accepted, and those clients hung until they were reset. Now a
+    client is refused as soon as the stop begins, as without workers."""
+    config = tmp_path / "config.toml"
+    config.write_text("[timeouts]\nshutdown_grace = 60\n")  # longer than any wait below
+    daemon = daemon_factory("--config", str(config), "--port", "0", "--workers", "2")
+    proxy = ("127.0.0.1", daemon.port)
+    target = Address(AddressType.IPV4, "127.0.0.1", echo_target.port)
+    assert wait_until(lambda: len(children_of(daemon.proc.pid)) == 2)
+    with connect_through(proxy, target) as held:  # keeps one worker draining
+        held.sendall(b"held")
+        assert recv_exactly(held, 4) == b"held"
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: "waiting up to 60.0 s for 1 open" in daemon.output())
+        assert wait_until(lambda: refused(proxy))
+        held.sendall(b"still relayed")  # the drain goes on for the tunnel already open
+        assert recv_exactly(held, 13) == b"still relayed"
+    assert daemon.proc.wait(TIMEOUT) == 0
