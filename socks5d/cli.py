@@ -7,6 +7,7 @@ permission), 2 for a bad flag or config file (click's usage-error convention).
 from __future__ import annotations
 
 import errno
+import signal
 import socket
 import sys
 from typing import Any
@@ -196,7 +197,18 @@ def main(
         raise click.ClickException(_bind_error(exc, host, port)) from None
     except (ValueError, RuntimeError) as exc:  # run_as_user unknown, unusable systemd socket
         raise click.ClickException(str(exc)) from None
-    raise SystemExit(daemon.run())
+    code = daemon.run()
+    _ignore_late_stop_signals()
+    raise SystemExit(code)
+
+
+def _ignore_late_stop_signals() -> None:
+    """The daemon has stopped; the process only has to exit. While the interpreter shuts
+    down, Python gives signals with a handler their default action back, so a SIGTERM
+    arriving then (a second `kill`, an impatient supervisor) would turn exit 0 into death
+    by signal. Ignored signals it leaves alone."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _bind_error(exc: OSError, host: str, port: int) -> str:
