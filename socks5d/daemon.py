@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 from . import systemd
+from .addresses import format_address
 from .auth import is_default_hash
 from .capacity import ConnectionLimits, process_limits, resolve_limits
 from .config import Config, ConfigError, apply_overrides, load_config
@@ -215,10 +216,6 @@ def connection_limits(
     )
 
 
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class Daemon:
     """Owns one listening server and its lifecycle."""
 
@@ -329,7 +326,7 @@ class Daemon:
         if self.config.server.workers <= 1:
             self._start_relay_hubs(server)  # before "listening": all set up by then
         for address in server.server_addresses:
-            where = format_address(*address[:2])
+            where = format_address(address)
             logger.info("listening on %s (%s)", where, self.config.server.mode)
         if self.config.server.workers > 1:
             return Supervisor(self, self.config.server.workers).run()
@@ -433,7 +430,7 @@ class Daemon:
 
     def _status_text(self, server: SocksServer) -> str:
         active = getattr(server, "active_count", 0)
-        where = ", ".join(format_address(*address[:2]) for address in server.server_addresses)
+        where = ", ".join(format_address(address) for address in server.server_addresses)
         return (
             f"{active} active connection{'' if active == 1 else 's'}, "
             f"{server.served} served, listening on {where}"

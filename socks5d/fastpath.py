@@ -24,10 +24,10 @@ import socket
 import time
 from typing import Any
 
+from .addresses import canonical_ip, client_ip
 from .handler import (
     HandlerSettings,
     Resume,
-    cached_canonical_ip,
     conclude_session,
     format_peer,
     record_relay,
@@ -51,7 +51,6 @@ from .protocol import (
     parse_request,
 )
 from .relay import RelayResult
-from .server import client_ip
 from .session import Session
 
 __all__ = ["FastHandshake"]
@@ -202,7 +201,7 @@ class FastHandshake:
             family, sockaddr = socket.AF_INET6, (address.host, address.port, 0, 0)
         policy = self.settings.policy
         if policy is not None:
-            ip = cached_canonical_ip(address.host)
+            ip = canonical_ip(address.host)
             decision = policy.check(
                 client_ip(self.client_address), None, "connect", None, ip, address.port
             )

@@ -1,4 +1,4 @@
-"""Imports point one way (DESIGN.md): pure modules stay pure, nothing imports the CLI."""
+"""Imports point one way: pure modules stay pure, nothing imports the CLI."""
 
 from __future__ import annotations
 
@@ -11,11 +11,20 @@ PACKAGE = Path(__file__).resolve().parent.parent / "socks5d"
 
 # module -> the project modules it may import
 ALLOWED = {
-    "protocol": set(),
+    "protocol": {"addresses"},
     "config": set(),
     "relay": set(),
     "hub": {"relay"},
-    "fastpath": {"handler", "hub", "outbound", "protocol", "relay", "server", "session"},
+    "fastpath": {
+        "addresses",
+        "handler",
+        "hub",
+        "outbound",
+        "protocol",
+        "relay",
+        "server",
+        "session",
+    },
     "server": {"addresses"},
     "shmem": set(),
     "limits": {"shmem"},
@@ -25,15 +34,16 @@ ALLOWED = {
     "privileges": set(),
     "session": {"protocol"},
     "handshake": {"protocol", "session", "auth"},
-    "rules": {"config", "protocol"},
+    "rules": {"addresses", "config", "protocol"},
     "capacity": {"addresses", "config", "rules"},
     "auth": {"protocol", "config", "shmem"},
     "addresses": set(),
     "lookups": set(),
     "outbound": {"protocol", "lookups"},
-    "bind": {"protocol", "outbound"},
-    "udp": {"protocol", "outbound", "lookups"},
+    "bind": {"addresses", "protocol", "outbound"},
+    "udp": {"addresses", "protocol", "outbound", "lookups"},
     "handler": {
+        "addresses",
         "protocol",
         "config",
         "lookups",
@@ -48,6 +58,7 @@ ALLOWED = {
         "throttle",
     },
     "daemon": {
+        "addresses",
         "protocol",
         "config",
         "auth",
@@ -66,7 +77,7 @@ ALLOWED = {
         "shmem",
         "throttle",
     },
-    "cli": {"config", "auth", "rules", "daemon", "logs", "__init__"},
+    "cli": {"addresses", "config", "auth", "rules", "daemon", "logs", "__init__"},
     "__main__": {"cli"},
     "__init__": set(),
 }
