@@ -48,9 +48,9 @@ class CheckGate(ProcessLocal):
 
     A scrypt check holds 16 MiB for its duration; without a bound, a few hundred
     connections sending wrong logins at the same moment exhaust memory. A check holds
-    one of `limit` RobustLocks (bytes of a nameless file). Threads of one process queue
-    in order; the first of them polls for a byte another process frees. A waiter gives
-    up at its deadline.
+    one of the first `limit` bytes of a nameless file (a RobustLock each; a reload may
+    change `limit`). Threads of one process queue in order; the first of them polls for
+    a byte another process frees. A waiter gives up at its deadline.
     """
 
     POLL_FIRST, POLL_MAX = 0.002, 0.05  # seconds between looks at other processes' bytes
@@ -58,7 +58,7 @@ class CheckGate(ProcessLocal):
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.fd = anonymous_file(owner=self)
-        self.bytes = [RobustLock(self.fd, index) for index in range(max(limit, 1))]
+        self.bytes: dict[int, RobustLock] = {}  # made as first needed
         self._register()
         _return_big_blocks_to_the_os()  # else the memory bounded here stays resident
 
@@ -98,7 +98,7 @@ class CheckGate(ProcessLocal):
         poll = self.POLL_FIRST
         while True:
             pause: float | None = None  # None: until a thread of ours wakes this one
-            if self.queue[0] is turn and len(self.held) < len(self.bytes):
+            if self.queue[0] is turn and len(self.held) < max(self.limit, 1):
                 index = self._lock_a_free_byte()
                 if index is not None:
                     self.held.add(index)
@@ -110,10 +110,16 @@ class CheckGate(ProcessLocal):
             turn.wait(remaining if pause is None else min(pause, remaining))
 
     def _lock_a_free_byte(self) -> int | None:
-        for index, byte in enumerate(self.bytes):
-            if index not in self.held and byte.try_acquire():
+        for index in range(max(self.limit, 1)):
+            if index not in self.held and self._byte(index).try_acquire():
                 return index
         return None
+
+    def _byte(self, index: int) -> RobustLock:
+        byte = self.bytes.get(index)
+        if byte is None:
+            byte = self.bytes[index] = RobustLock(self.fd, index)
+        return byte
 
     def _wake_first(self) -> None:
         if self.queue:

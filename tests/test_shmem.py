@@ -13,6 +13,7 @@ import re
 import signal
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from socks5d.shmem import (
     SharedRecords,
     anonymous_file,
 )
-from socks5d.throttle import FailedLoginBackoff
+from socks5d.throttle import CheckGate, FailedLoginBackoff
 
 
 def fork_child(body: Callable[[], int]) -> int:
@@ -354,6 +355,19 @@ def test_the_login_back_off_survives_a_process_killed_inside_its_lock():
     die_holding(backoff.lock)
     assert finishes(lambda: backoff.failed("192.0.2.7", b"alice"))
     assert backoff.failures("192.0.2.7", b"alice") == 1
+
+
+def test_the_check_gate_follows_a_reloaded_limit():
+    # Daemon._apply sets check_gate.limit on reload; the gate's bytes must follow it.
+    gate = CheckGate(1)
+    first = gate.acquire(time.monotonic() + TIMEOUT)
+    assert first is not None
+    assert gate.acquire(time.monotonic() + 0.1) is None
+    gate.limit = 2
+    second = gate.acquire(time.monotonic() + TIMEOUT)
+    assert second is not None and second != first
+    gate.release(first)
+    gate.release(second)
 
 
 def test_only_shmem_takes_record_locks_maps_memory_or_hooks_fork():
