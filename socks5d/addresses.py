@@ -96,8 +96,9 @@ def format_host_port(host: str, port: int) -> str:
 
 
 def format_address(address: Any) -> str:
-    """A socket address as host:port (see :func:`format_host_port`); anything else (a Unix
-    socket path) as str()."""
+    """A socket address as host:port for a log line, IPv4-mapped hosts unmapped (see
+    :func:`unmapped_host`, :func:`format_host_port`); anything else (a Unix socket path)
+    as str()."""
     if isinstance(address, tuple) and len(address) >= 2:
-        return format_host_port(str(address[0]), address[1])
+        return format_host_port(unmapped_host(str(address[0])), address[1])
     return str(address)

@@ -118,6 +118,10 @@ def test_format_host_port(host: str, port: int, text: str) -> None:
     assert str(Address.from_host(host, port)) == text.replace("%eth0", "")
 
 
+def test_format_address_unmaps_like_the_access_log() -> None:
+    assert format_address(("::ffff:192.0.2.7", 5, 0, 0)) == "192.0.2.7:5"
+
+
 def test_format_address_of_something_else_is_its_text() -> None:
     assert format_address("/run/socks5d.sock") == "/run/socks5d.sock"
     assert format_address(("192.0.2.7",)) == "('192.0.2.7',)"
