@@ -1430,7 +1430,7 @@ def reap_child(
 
 
 class ThreadingTCPServer(ThreadingMixIn, TCPServer):
-    """TCPServer with one daemon thread per connection."""
+    """TCPServer handling each connection in a (daemon) thread of a reused pool."""
 
 
 class ForkingTCPServer(ForkingMixIn, TCPServer):

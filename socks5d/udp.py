@@ -2,8 +2,8 @@
 
 Owns :func:`open_udp_endpoint` (the client-facing UDP socket whose address goes into the
 success reply) and :func:`serve_association` (one ``select.poll`` loop in the handler's thread
-that relays datagrams until the control connection ends), with their records
-:class:`OutgoingAddresses` and :class:`UdpStats`.
+that relays datagrams until the control connection ends), with its record
+:class:`UdpStats`. Source addresses come as :class:`socks5d.outbound.OutgoingAddresses`.
 
 Client → remote: each datagram carries the RFC 1928 §7 header ``RSV FRAG ATYP DST.ADDR
 DST.PORT`` in front of its payload; the header is checked and stripped, the destination
@@ -23,11 +23,11 @@ sockets once the client has used them (what NAT people call "full cone"), which 
 peer-to-peer and DNS-over-several-servers clients need. Access rules for destinations come in
 through the ``allow`` callback.
 
-It imports the standard library, ``socks5d.protocol`` (the wire format), the lookup pool of
-``socks5d.lookups`` and the ``OutgoingAddresses`` record and getaddrinfo wrapper of
-``socks5d.outbound``; it must not import the handler or the server, so it can be tested without
-a running proxy. The caller owns and closes the control socket; ``serve_association`` closes
-every UDP socket, the endpoint included.
+It imports the standard library, ``socks5d.protocol`` (the wire format),
+``socks5d.addresses``, the lookup pool of ``socks5d.lookups`` and the ``OutgoingAddresses``
+record and getaddrinfo wrapper of ``socks5d.outbound``; it must not import the handler or the
+server, so it can be tested without a running proxy. The caller owns and closes the control
+socket; ``serve_association`` closes every UDP socket, the endpoint included.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from .outbound import ANY_SOURCE, OutgoingAddresses, address_info
 from .protocol import Address, AddressType, ProtocolError, encode_udp_datagram, parse_udp_datagram
 
 __all__ = [
-    "OutgoingAddresses",
     "Resolver",
     "UdpStats",
     "open_udp_endpoint",
