@@ -216,6 +216,15 @@ def connection_limits(
     )
 
 
+def changed_fields(old: Any, new: Any) -> list[str]:
+    """The names of the fields in which two instances of one config dataclass differ."""
+    return [
+        field.name
+        for field in dataclasses.fields(old)
+        if getattr(old, field.name) != getattr(new, field.name)
+    ]
+
+
 class Daemon:
     """Owns one listening server and its lifecycle."""
 
@@ -477,12 +486,13 @@ class Daemon:
         try:
             fresh = load_config(self.config_path) if self.config_path else Config()
             fresh = apply_overrides(fresh, **self.overrides)
-            if fresh.server != self.config.server:
+            changed = changed_fields(self.config.server, fresh.server)
+            if changed:
                 logger.warning(
-                    "reload: [server] changes (listen address, mode, workers, relay_threads)"
-                    " need a restart"
+                    "reload: [server] changes need a restart, kept as they were: %s",
+                    ", ".join(changed),
                 )
-            # Listening addresses and mode stay as they are until a restart.
+            # The whole [server] section stays as it is until a restart.
             fresh = dataclasses.replace(fresh, server=self.config.server)
             problem = exposure_problem(fresh, server.server_addresses)
             if problem:
