@@ -9,9 +9,9 @@ unsupported message raises :class:`ProtocolError`, which carries the RFC 1928 re
 before closing (or ``None`` to close without one). No other exception escapes a parser, whatever
 the input.
 
-It imports the standard library only and must **not** import ``socket`` (or anything that does
-I/O): address text is handled with ``ipaddress``, so the module can be tested, fuzzed and reused
-on its own.
+It imports the standard library and :mod:`socks5d.addresses` (pure, stdlib only) and must
+**not** import ``socket`` (or anything that does I/O): address text is handled with
+``ipaddress``, so the module can be tested, fuzzed and reused on its own.
 """
 
 from __future__ import annotations

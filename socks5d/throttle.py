@@ -5,7 +5,8 @@ Both are made before any fork (Daemon.bind) so every process of the tree shares 
 the back-off as a table in shared memory, the bound as byte-range locks on an anonymous
 file (socks5d.shmem). Every lock here is an fcntl record lock, which the kernel drops
 when its holder dies: a worker killed by SIGKILL (or the OOM killer) cannot leave every
-later login waiting forever, as a process-shared semaphore would. Stdlib only; no sockets.
+later login waiting forever, as a process-shared semaphore would. Stdlib,
+socks5d.addresses and socks5d.shmem only; no sockets.
 """
 
 from __future__ import annotations
