@@ -7,6 +7,7 @@ os._exit(); every wait on them or on a lock has a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -14,7 +15,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from clients import TIMEOUT
@@ -74,6 +75,37 @@ def die_holding(lock: RobustLock) -> int:
     return pid
 
 
+@contextlib.contextmanager
+def held_by_a_child(lock: RobustLock) -> Iterator[Callable[[], None]]:
+    """A forked child holds `lock` inside the block; the function given lets it go and
+    reaps the child (done on the way out if the block did not)."""
+    took, release = os.pipe(), os.pipe()
+
+    def hold_until_told() -> int:
+        with lock:
+            os.write(took[1], b"x")
+            os.read(release[0], 1)
+        return 0
+
+    pid = fork_child(hold_until_told)
+    held = True
+
+    def let_go() -> None:
+        nonlocal held
+        if held:
+            held = False
+            os.write(release[1], b"x")
+            assert exit_code(pid) == 0
+
+    try:
+        assert os.read(took[0], 1) == b"x"
+        yield let_go
+    finally:
+        let_go()
+        for end in (*took, *release):
+            os.close(end)
+
+
 def take_and_release(lock: RobustLock) -> None:
     with lock:
         pass
@@ -110,20 +142,9 @@ def test_a_holder_killed_with_the_lock_does_not_block_the_others():
 def test_the_lock_excludes_another_process_until_released():
     fd = anonymous_file()
     lock = RobustLock(fd)
-    took, release = os.pipe(), os.pipe()
-
-    def hold_until_told() -> int:
-        with lock:
-            os.write(took[1], b"x")
-            os.read(release[0], 1)
-        return 0
-
-    pid = fork_child(hold_until_told)
-    assert os.read(took[0], 1) == b"x"
-    assert_waits_until_released(lock, lambda: os.write(release[1], b"x"))
-    assert exit_code(pid) == 0
-    for end in (*took, *release, fd):
-        os.close(end)
+    with held_by_a_child(lock) as let_go:
+        assert_waits_until_released(lock, let_go)
+    os.close(fd)
 
 
 def test_the_lock_excludes_other_threads_of_the_same_process():
@@ -279,23 +300,12 @@ def test_try_acquire_never_waits_for_another_thread_or_process():
     assert lock.try_acquire()
     assert not lock.try_acquire()  # this process, another thread's turn: no wait
     lock.release()
-    took, release = os.pipe(), os.pipe()
-
-    def hold_until_told() -> int:
-        with lock:
-            os.write(took[1], b"x")
-            os.read(release[0], 1)
-        return 0
-
-    pid = fork_child(hold_until_told)
-    assert os.read(took[0], 1) == b"x"
-    assert not lock.try_acquire()  # another process holds the byte
-    os.write(release[1], b"x")
-    assert exit_code(pid) == 0
-    assert lock.try_acquire()
+    with held_by_a_child(lock) as let_go:
+        assert not lock.try_acquire()  # another process holds the byte
+        let_go()
+        assert lock.try_acquire()
     lock.release()
-    for end in (*took, *release, fd):
-        os.close(end)
+    os.close(fd)
 
 
 def test_shared_records_start_zeroed_and_are_shared_with_children():
