@@ -16,6 +16,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from .addresses import canonical_ip
 from .outbound import ANY_SOURCE, OutgoingAddresses, egress_address
 from .protocol import Address, AddressType
 
@@ -111,14 +112,6 @@ def wait_for_peer(
     finally:
         if strays > 1:
             logger.info("BIND: refused %d connections from unexpected peers in all", strays)
-
-
-def canonical_ip(ip: str) -> str:
-    """Compare addresses by value: ::ffff:127.0.0.1 is 127.0.0.1."""
-    address = ipaddress.ip_address(ip)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
-    return str(address)
 
 
 def expected_peer_ips(requested: Address, resolved: list[str]) -> frozenset[str] | None:

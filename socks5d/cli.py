@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
+from .addresses import format_host_port
 from .auth import Authenticator, hash_password
 from .config import LOG_LEVELS, MODES, Config, ConfigError, apply_overrides, load_config
 from .config import parse_user_flag as parse_user
@@ -22,7 +23,6 @@ from .daemon import (
     Daemon,
     apply_logging,
     connection_limits,
-    format_address,
     raise_open_file_limit,
 )
 from .rules import describe_policy, exposure_problem
@@ -212,7 +212,7 @@ def _ignore_late_stop_signals() -> None:
 
 
 def _bind_error(exc: OSError, host: str, port: int) -> str:
-    where = format_address(host, port)
+    where = format_host_port(host, port)
     if exc.errno == errno.EADDRINUSE:
         return f"address already in use: {where}"
     if exc.errno == errno.EACCES:

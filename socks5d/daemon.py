@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 from . import systemd
+from .addresses import format_address
 from .auth import is_default_hash
 from .capacity import ConnectionLimits, process_limits, resolve_limits
 from .config import Config, ConfigError, apply_overrides, load_config
@@ -212,8 +213,13 @@ def connection_limits(
     )
 
 
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def changed_fields(old: Any, new: Any) -> list[str]:
+    """The names of the fields in which two instances of one config dataclass differ."""
+    return [
+        field.name
+        for field in dataclasses.fields(old)
+        if getattr(old, field.name) != getattr(new, field.name)
+    ]
 
 
 class Daemon:
@@ -326,7 +332,7 @@ class Daemon:
         if self.config.server.workers <= 1:
             self._start_relay_hubs(server)  # before "listening": all set up by then
         for address in server.server_addresses:
-            where = format_address(*address[:2])
+            where = format_address(address)
             logger.info("listening on %s (%s)", where, self.config.server.mode)
         if self.config.server.workers > 1:
             return Supervisor(self, self.config.server.workers).run()
@@ -430,7 +436,7 @@ class Daemon:
 
     def _status_text(self, server: SocksServer) -> str:
         active = getattr(server, "active_count", 0)
-        where = ", ".join(format_address(*address[:2]) for address in server.server_addresses)
+        where = ", ".join(format_address(address) for address in server.server_addresses)
         return (
             f"{active} active connection{'' if active == 1 else 's'}, "
             f"{server.served} served, listening on {where}"
@@ -477,12 +483,13 @@ class Daemon:
         try:
             fresh = load_config(self.config_path) if self.config_path else Config()
             fresh = apply_overrides(fresh, **self.overrides)
-            if fresh.server != self.config.server:
+            changed = changed_fields(self.config.server, fresh.server)
+            if changed:
                 logger.warning(
-                    "reload: [server] changes (listen address, mode, workers, relay_threads)"
-                    " need a restart"
+                    "reload: [server] changes need a restart, kept as they were: %s",
+                    ", ".join(changed),
                 )
-            # Listening addresses and mode stay as they are until a restart.
+            # The whole [server] section stays as it is until a restart.
             fresh = dataclasses.replace(fresh, server=self.config.server)
             problem = exposure_problem(fresh, server.server_addresses)
             if problem:

@@ -24,9 +24,9 @@ import select
 import socket
 from typing import Any
 
+from .addresses import canonical_ip, client_ip
 from .handler import (
     Negotiation,
-    cached_canonical_ip,
     conclude_session,
     format_peer,
     record_relay,
@@ -37,7 +37,6 @@ from .hub import RelayHub, Timer
 from .outbound import connect_error, connect_failed, start_connect
 from .protocol import Address, AddressType, Command, Reply, Request
 from .relay import RelayResult
-from .server import client_ip
 
 __all__ = ["FastHandshake"]
 
@@ -157,7 +156,7 @@ class FastHandshake:
             return False
         settings = self.negotiation.settings
         if settings.policy is not None:
-            ip = cached_canonical_ip(address.host)
+            ip = canonical_ip(address.host)
             decision = settings.policy.check(
                 client_ip(self.client_address), None, "connect", None, ip, address.port
             )

@@ -24,8 +24,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from .addresses import canonical_ip, client_ip, unmapped_host
 from .auth import Authenticator
-from .bind import ClientLeft, canonical_ip, expected_peer_ips, open_bind_listener, wait_for_peer
+from .bind import ClientLeft, expected_peer_ips, open_bind_listener, wait_for_peer
 from .config import Config
 from .handshake import Action, Authenticate, Dispatch, Send, ServerHandshake
 from .lookups import LookupPool
@@ -43,7 +44,7 @@ from .outbound import (
 from .protocol import Address, AddressType, Command, Reply, Request
 from .relay import RelayResult, fix_socket_buffers, relay, socket_buffer_for
 from .rules import Decision, Policy
-from .server import BaseRequestHandler, client_ip
+from .server import BaseRequestHandler
 from .session import Session
 from .throttle import NO_WAIT, CheckGate, FailedLoginBackoff
 from .udp import open_udp_endpoint, serve_association
@@ -96,10 +97,6 @@ class HandlerSettings:
 
 
 DEFAULTS = HandlerSettings()
-
-# canonical_ip on every candidate of every request: cached, as the same few addresses
-# recur and ipaddress parsing costs ~10 us per call.
-cached_canonical_ip = functools.lru_cache(maxsize=4096)(canonical_ip)
 
 
 @dataclass(slots=True)
@@ -360,7 +357,7 @@ class Socks5Handler(BaseRequestHandler):
         host = address.host if address.type is AddressType.DOMAINNAME else None
         allowed: list[SockAddr] = []
         for family, sockaddr in candidates:
-            decision = self.check(command, host, cached_canonical_ip(sockaddr[0]), address.port)
+            decision = self.check(command, host, canonical_ip(sockaddr[0]), address.port)
             if decision is None or decision.allowed:
                 allowed.append((family, sockaddr))
             elif session.rule == "-":
@@ -447,7 +444,7 @@ class Socks5Handler(BaseRequestHandler):
         routable = [ip for ip in resolved if not ipaddress.ip_address(ip).is_unspecified]
         try:
             listener = open_bind_listener(
-                routable or [canonical_ip(self.request.getsockname()[0])], settings.outgoing
+                routable or [unmapped_host(self.request.getsockname()[0])], settings.outgoing
             )
         except OSError as exc:
             self.fail(io, reply_for_error(exc), f"bind failed: {exc}")
@@ -486,7 +483,7 @@ class Socks5Handler(BaseRequestHandler):
             session.rule = decision.reason
             self.deny(io)
             return
-        local_ip = canonical_ip(self.request.getsockname()[0])
+        local_ip = unmapped_host(self.request.getsockname()[0])
         try:
             endpoint = open_udp_endpoint(local_ip, settings.udp_port_range)
         except OSError as exc:

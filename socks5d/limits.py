@@ -6,8 +6,8 @@ known after RFC 1929 login, inside the handler, which in forking mode runs in a 
 process. So the counts live in shared memory made before any fork (socks5d.shmem),
 under a lock the kernel frees if its holder dies. Beside each count, a ledger records
 which process holds how many slots of it, so that whoever reaps a dead process (the
-supervisor, the forking parent) gives back what it held: reconcile(pid). Stdlib only;
-knows nothing of SOCKS.
+supervisor, the forking parent) gives back what it held: reconcile(pid). Stdlib and
+socks5d.shmem only; knows nothing of SOCKS.
 """
 
 from __future__ import annotations

@@ -11,18 +11,19 @@ threads and each of its clients an immediate answer.
 
 Workers are daemon threads, so a lookup stuck at shutdown never holds the process; an idle
 worker exits after ``idle_seconds``. A forked child starts with an empty pool (the parent's
-threads do not exist there). Knows nothing of SOCKS; imports only the standard library.
+threads do not exist there; see shmem.ProcessLocal). Knows nothing of SOCKS; imports only
+the standard library and shmem.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
+
+from .shmem import ProcessLocal
 
 __all__ = ["LOOKUPS", "LookupBusy", "LookupPool", "LookupTimedOut"]
 
@@ -47,7 +48,7 @@ class LookupTimedOut(TimeoutError):
 Job = tuple[Future, Callable[..., Any], tuple[Any, ...]]
 
 
-class LookupPool:
+class LookupPool(ProcessLocal):
     """At most ``max_threads`` lookups at once, each on its own daemon worker thread.
 
     ``submit`` hands back a Future; ``run`` waits for it within a timeout. Invariant: there
@@ -66,17 +67,10 @@ class LookupPool:
         self.max_threads = max_threads
         self.idle_seconds = idle_seconds
         self.name = name
-        self._reset()
-        reference = weakref.ref(self)
+        self._register()
 
-        def forget_threads() -> None:
-            pool = reference()
-            if pool is not None:
-                pool._reset()
-
-        os.register_at_fork(after_in_child=forget_threads)
-
-    def _reset(self) -> None:
+    def _start_process(self) -> None:
+        """A fresh, empty pool: the parent's workers and jobs do not exist in a forked child."""
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._in_flight = 0  # admitted and not finished, abandoned ones included

@@ -9,9 +9,9 @@ unsupported message raises :class:`ProtocolError`, which carries the RFC 1928 re
 before closing (or ``None`` to close without one). No other exception escapes a parser, whatever
 the input.
 
-It imports the standard library only and must **not** import ``socket`` (or anything that does
-I/O): address text is handled with ``ipaddress``, so the module can be tested, fuzzed and reused
-on its own.
+It imports the standard library and :mod:`socks5d.addresses` (pure, stdlib only) and must
+**not** import ``socket`` (or anything that does I/O): address text is handled with
+``ipaddress``, so the module can be tested, fuzzed and reused on its own.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, TypeAlias
+
+from .addresses import canonical_ip, format_host_port, parse_ip
 
 __all__ = [
     "MAX_GREETING_SIZE",
@@ -188,23 +190,13 @@ def _is_ipv6_literal(raw: bytes) -> bool:
     return True
 
 
-def _ip_text(
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, unmap: bool
-) -> tuple[AddressType, str]:
-    if isinstance(ip, ipaddress.IPv4Address):
-        return AddressType.IPV4, str(ip)
-    if unmap and ip.ipv4_mapped is not None:
-        return AddressType.IPV4, str(ip.ipv4_mapped)
-    # The wire format has no zone index; compressed text per RFC 5952.
-    return AddressType.IPV6, ipaddress.IPv6Address(ip.packed).compressed
-
-
 @functools.lru_cache(maxsize=4096)
-def _sockaddr_host(host: str) -> tuple[AddressType, str]:
-    """A socket address's host as (ATYP, text), unmapped and without zone. Cached: each
-    connection converts several (peer, egress), the same few recur, and ipaddress parsing
-    costs ~10 us per call."""
-    return _ip_text(ipaddress.ip_address(host.partition("%")[0]), unmap=True)
+def _ip_literal(host: str) -> tuple[AddressType, str]:
+    """An IP literal as (ATYP, text): without brackets or zone (the wire format has none),
+    IPv6 compressed per RFC 5952. Cached: each connection converts several (peer, egress),
+    the same few recur, and ipaddress parsing and formatting cost microseconds."""
+    ip = parse_ip(host)
+    return (AddressType.IPV4 if ip.version == 4 else AddressType.IPV6), str(ip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +222,7 @@ class Address:
         ``(host, port, flowinfo, scope_id)``. An IPv4-mapped IPv6 address (what a dual-stack
         socket reports for an IPv4 peer) becomes IPv4; a zone index (``%eth0``) is dropped.
         """
-        atyp, text = _sockaddr_host(sockaddr[0])
+        atyp, text = _ip_literal(canonical_ip(sockaddr[0]))
         return cls(atyp, text, sockaddr[1])
 
     @classmethod
@@ -240,13 +232,11 @@ class Address:
         A non-ASCII domain name is converted to its A-label form. Raises ValueError for a
         host that is neither.
         """
-        literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         try:
-            ip = ipaddress.ip_address(literal.partition("%")[0])
+            atyp, text = _ip_literal(host)
         except ValueError:
             pass
         else:
-            atyp, text = _ip_text(ip, unmap=False)
             return cls(atyp, text, port)
         try:
             raw = host.encode("utf-8")
@@ -258,9 +248,7 @@ class Address:
         return cls(AddressType.DOMAINNAME, name, port)
 
     def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return format_host_port(self.host, self.port)
 
 
 UNSPECIFIED_IPV4 = Address(AddressType.IPV4, "0.0.0.0", 0)

@@ -14,9 +14,9 @@ Three checks, in this order:
    explicitly (a network inside the private range, the own address itself, or the exact
    host name: ``0.0.0.0/0`` merely contains them and opens nothing).
 
-Imports ``config`` and ``protocol`` only, and does no I/O except :func:`is_local_address`
-(one UDP ``bind()`` probe, not cached: an address added after start counts at once), which
-the loop guard and the own-address check need.
+Imports ``addresses``, ``config`` and ``protocol`` only, and does no I/O except
+:func:`is_local_address` (one UDP ``bind()`` probe, not cached: an address added after start
+counts at once), which the loop guard and the own-address check need.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from .addresses import IPAddress, format_host_port, parse_ip, strip_brackets, unmapped
 from .config import Config, RuleSpec
 from .protocol import Command, Reply
 
@@ -41,7 +42,6 @@ __all__ = [
     "is_private",
 ]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: The rule name of each RFC 1928 command, as `Policy.check` and `commands = [...]` spell it.
@@ -142,7 +142,7 @@ class Policy:
         Pass the bound addresses (``getsockname()``), not the configured ones: a configured
         port 0 or host name does not say which port or address a loop would hit.
         """
-        bound = [(_strip_host(item[0]), item[1]) for item in listening]
+        bound = [(strip_brackets(item[0]), item[1]) for item in listening]
         mode = config.access.private_destinations
         if mode == "auto":
             protect = any(not _is_loopback_host(host) for host, _ in bound)
@@ -181,9 +181,9 @@ class Policy:
         """
         if command not in _COMMANDS:
             raise ValueError(f"unknown command {command!r} (expected connect, bind or udp)")
-        client = _address(client_ip)
+        client = parse_ip(client_ip)
         name = host.rstrip(".").lower() if host else None
-        target = _address(ip) if ip is not None else None
+        target = parse_ip(ip) if ip is not None else None
         if command == "bind" and target is not None and target.is_unspecified:
             # RFC 1928 §4: an all-zero BIND DST means "a peer from anywhere", not a host to
             # reach; only the rules judge it (a connect() to 0.0.0.0 is another matter).
@@ -217,7 +217,7 @@ class Policy:
         that decided names it explicitly (see :func:`_names_explicitly`)."""
         if is_private(target):
             narrow, reason = _inside_private, "private destination"
-        elif self.own_address(str(_unmapped(target))):
+        elif self.own_address(str(unmapped(target))):
             # Services bound to 0.0.0.0 answer on every address of the host, and host
             # firewalls guard the external interface, not traffic that stays on it.
             narrow, reason = _single_address, "own address"
@@ -288,7 +288,7 @@ class Policy:
         """The loop guard: would connecting to (target, port) reach one of our listeners?"""
         if port not in self._ports:
             return False
-        target = _unmapped(target)
+        target = unmapped(target)
         if (target, port) in self._exact:
             return True
         if target.is_unspecified:
@@ -322,7 +322,7 @@ def _names_explicitly(
     or the exact host name. Networks that merely contain it (0.0.0.0/0, ::/0, 8.0.0.0/6)
     do not count, nor does a wildcard ("*.example.com"): whoever controls a matching
     name's DNS could point it at 169.254.169.254."""
-    forms = {target, _unmapped(target)}
+    forms = {target, unmapped(target)}
     if any(form in network and narrow(network) for network in rule.destinations for form in forms):
         return True
     return name is not None and any(
@@ -372,31 +372,15 @@ def _in_any(
 ) -> bool:
     # An IPv4-mapped IPv6 address (::ffff:10.0.0.1) is the IPv4 address on a dual-stack
     # socket: match it against IPv4 networks too, so a rule cannot be dodged by spelling.
-    forms = {address, _unmapped(address)}
+    forms = {address, unmapped(address)}
     return any(form in network for network in networks for form in forms)
-
-
-@functools.lru_cache(maxsize=4096)
-def _address(text: str) -> IPAddress:
-    """Parse an IP address, without brackets or an IPv6 zone ("fe80::1%eth0").
-
-    Cached: every request parses its client's address and each candidate target, and the
-    same few addresses recur (ipaddress parsing is ~10 us; the results are immutable).
-    """
-    return ipaddress.ip_address(_strip_host(text).partition("%")[0])
-
-
-def _unmapped(address: IPAddress) -> IPAddress:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def is_private(address: IPAddress | str) -> bool:
     """Whether `address` is a private destination (see the module docstring), in any form."""
     if isinstance(address, str):
-        address = _address(address)
-    address = _unmapped(address)
+        address = parse_ip(address)
+    address = unmapped(address)
     if isinstance(address, ipaddress.IPv6Address) and address in _NAT64:
         address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return any(address in network for network in _PRIVATE_NETWORKS)
@@ -410,13 +394,13 @@ def is_local_address(ip: str) -> bool:
     lets any address be bound (net.ipv4.ip_nonlocal_bind, net.ipv6.ip_nonlocal_bind), the
     route is asked instead: a local destination is reached from itself.
     """
-    address = _unmapped(_address(ip))
+    address = unmapped(parse_ip(ip))
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
             if _nonlocal_bind(address.version):
                 probe.connect((str(address), 9))  # UDP: a route lookup, nothing is sent
-                return _address(probe.getsockname()[0]) == address
+                return parse_ip(probe.getsockname()[0]) == address
             probe.bind((str(address), 0))
     except OSError:
         return False
@@ -446,7 +430,7 @@ def exposure_problem(config: Config, listening: Iterable[tuple[str, int]]) -> st
     exposed = exposed_listeners(listening)
     if not exposed or config.users or config.server.allow_open or clients_restricted(config):
         return None
-    where = ", ".join(_format_address(host, port) for host, port in exposed)
+    where = ", ".join(format_host_port(host, port) for host, port in exposed)
     return (
         f"refusing to run an open proxy on {where}: add [[users]], or restrict clients with "
         f'[[rules]] (from = [...]) and access.default_action = "deny", '
@@ -488,12 +472,12 @@ def describe_rule(rule: RuleSpec) -> str:
 
 def describe_policy(config: Config, listening: Iterable[tuple[str, int]]) -> list[str]:
     """Human-readable lines saying what `config` lets whom do, for `socks5d check-config`."""
-    bound = [(_strip_host(item[0]), item[1]) for item in listening]
+    bound = [(strip_brackets(item[0]), item[1]) for item in listening]
     policy = Policy.from_config(config, bound)
     lines = []
     for host, port in bound:
         scope = "loopback only" if _is_loopback_host(host) else "reachable from other hosts"
-        lines.append(f"listening on {_format_address(host, port)} ({scope})")
+        lines.append(f"listening on {format_host_port(host, port)} ({scope})")
     if config.users:
         names = ", ".join(user.name for user in config.users)
         lines.append(f"authentication: required (RFC 1929), {len(config.users)} user(s): {names}")
@@ -546,7 +530,7 @@ def _exposure_line(config: Config, bound: list[tuple[str, int]]) -> str:
     exposed = exposed_listeners(bound)
     if not exposed:
         return "exposure: loopback only; only this host can use the proxy"
-    where = ", ".join(_format_address(host, port) for host, port in exposed)
+    where = ", ".join(format_host_port(host, port) for host, port in exposed)
     problem = exposure_problem(config, bound)
     if problem:
         return f"exposure: OPEN PROXY, {problem}"
@@ -587,7 +571,7 @@ def _warnings(config: Config) -> list[str]:
 
 def exposed_listeners(listening: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
     """The (host, port) pairs of `listening` that other hosts can reach (not loopback-only)."""
-    bound = [(_strip_host(item[0]), item[1]) for item in listening]
+    bound = [(strip_brackets(item[0]), item[1]) for item in listening]
     return [(host, port) for host, port in bound if not _is_loopback_host(host)]
 
 
@@ -595,23 +579,12 @@ def _listener_addresses(host: str) -> list[IPAddress]:
     if host.lower() == "localhost":
         return [ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")]
     try:
-        return [_unmapped(_address(host))]
+        return [unmapped(parse_ip(host))]
     except ValueError:
         return []  # a host name: the caller should pass bound addresses
 
 
 def _is_loopback_host(host: str) -> bool:
     """A listener only this host can reach. Host names other than localhost count as not."""
-    addresses = _listener_addresses(_strip_host(host))
+    addresses = _listener_addresses(strip_brackets(host))
     return bool(addresses) and all(address.is_loopback for address in addresses)
-
-
-def _strip_host(host: str) -> str:
-    host = host.strip()
-    if host.startswith("[") and host.endswith("]"):
-        return host[1:-1]
-    return host
-
-
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

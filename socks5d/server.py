@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Self, cast
 
-from .addresses import DEFAULT_IPV6_CLIENT_PREFIX, client_key
+from .addresses import DEFAULT_IPV6_CLIENT_PREFIX, client_ip, client_key, format_address
 
 __all__ = [
     "BaseRequestHandler",
@@ -82,22 +82,6 @@ _LISTENER = "listener"
 
 # What a pooled handler thread is given: (request, client_address, handover).
 _WorkItem = tuple[socket.socket, Any, object]
-
-
-def client_ip(client_address: Any) -> str:
-    """The client's IP as text, IPv4-mapped IPv6 (dual-stack listeners) unmapped."""
-    host = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
-    if host.startswith("::ffff:") and "." in host:
-        return host[7:]
-    return host
-
-
-def _format_address(address: Any) -> str:
-    """host:port, with brackets around IPv6 hosts; anything else as str()."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
 
 
 class BaseServer:
@@ -699,7 +683,7 @@ class BaseServer:
         traceback. Never prints.
         """
         exc = sys.exc_info()[1]
-        peer = _format_address(client_address)
+        peer = format_address(client_address)
         if isinstance(exc, _CONNECTION_ERRORS):
             logger.debug("connection error from %s: %s", peer, exc, exc_info=True)
         else:
@@ -1465,7 +1449,7 @@ def reap_child(
 
 
 class ThreadingTCPServer(ThreadingMixIn, TCPServer):
-    """TCPServer with one daemon thread per connection."""
+    """TCPServer handling each connection in a (daemon) thread of a reused pool."""
 
 
 class ForkingTCPServer(ForkingMixIn, TCPServer):

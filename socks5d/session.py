@@ -1,7 +1,8 @@
 """The access-log record of one client connection, as a text line or a JSON-ready dict.
 
-Filled in by the handler as the connection goes through its phases and logged once at
-the end. Stdlib and the protocol's Reply enum only.
+Filled in as the connection goes through its phases, by whatever serves it (the
+handshake, the relay hub's fast path, a handler thread), and logged once at the end.
+Stdlib and the protocol's Reply enum only.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ locks belong to a process, not to a thread, and a child does not inherit its par
 so a threading.Lock orders the threads of one process first and is made anew in a
 forked child.
 
+The package's one implementation of each: RobustLock (per-user slots, the login back-off,
+the bound on password checks), SharedMemory with its typed views SharedInts (limits.py)
+and SharedRecords (throttle.py), SharedBytes (what the supervisor publishes to workers),
+and ProcessLocal, for per-process state a forked child must start afresh.
+
 Everything here must be made before the fork that shares it (the descriptor and the
 mapping are inherited). Linux/POSIX, stdlib only; knows nothing of SOCKS.
 """
@@ -23,16 +28,30 @@ import tempfile
 import threading
 import weakref
 from types import TracebackType
+from typing import Any
 
-__all__ = ["RobustLock", "SharedBytes", "SharedInts", "anonymous_file"]
+__all__ = [
+    "ProcessLocal",
+    "RobustLock",
+    "SharedBytes",
+    "SharedInts",
+    "SharedMemory",
+    "SharedRecords",
+    "anonymous_file",
+]
 
 
-def anonymous_file(size: int = 0) -> int:
+def anonymous_file(size: int = 0, owner: object = None) -> int:
     """A descriptor of a file with no name (memfd; else an unlinked temporary file),
-    `size` bytes long (sparse: pages cost memory only once written)."""
+    `size` bytes long (sparse: pages cost memory only once written). With `owner`, the
+    descriptor is closed when `owner` is collected.
+
+    Nothing else may open this file: closing any descriptor of a file drops every POSIX
+    record lock the process holds on it (fcntl(2)).
+    """
     try:
         fd = os.memfd_create("socks5d", os.MFD_CLOEXEC)
-    except (AttributeError, OSError):  # no memfd here: an unlinked file in the temp dir
+    except (AttributeError, OSError):  # no memfd here (old kernel, seccomp): a temp file
         with tempfile.TemporaryFile() as file:
             fd = os.dup(file.fileno())
         os.set_inheritable(fd, False)
@@ -41,23 +60,41 @@ def anonymous_file(size: int = 0) -> int:
     except BaseException:
         os.close(fd)
         raise
+    if owner is not None:
+        weakref.finalize(owner, os.close, fd)
     return fd
 
 
-# Every RobustLock alive, so a forked child can replace their thread locks: one that
-# another thread of the parent held at fork() would otherwise stay locked forever.
-_LOCKS: weakref.WeakSet[RobustLock] = weakref.WeakSet()
+# Every ProcessLocal alive, so a forked child can start their per-process state afresh.
+_REBUILT_IN_CHILD: weakref.WeakSet[ProcessLocal] = weakref.WeakSet()
 
 
-def _renew_thread_locks() -> None:
-    for lock in list(_LOCKS):
-        lock._thread_lock = threading.Lock()
+class ProcessLocal:
+    """Has per-process state (`_start_process`) that a forked child starts afresh.
+
+    A threading.Lock that another thread of the parent held at fork() would stay locked
+    forever in the child, which has only the forking thread; so would a record of which
+    fcntl locks "this process" holds, as a child does not inherit its parent's. Subclasses
+    call `_register()` once their shared state is made.
+    """
+
+    def _start_process(self) -> None:
+        raise NotImplementedError
+
+    def _register(self) -> None:
+        self._start_process()
+        _REBUILT_IN_CHILD.add(self)
 
 
-os.register_at_fork(after_in_child=_renew_thread_locks)
+def _rebuild_in_child() -> None:
+    for item in list(_REBUILT_IN_CHILD):
+        item._start_process()
 
 
-class RobustLock:
+os.register_at_fork(after_in_child=_rebuild_in_child)
+
+
+class RobustLock(ProcessLocal):
     """A lock shared across forked processes that a dying holder cannot keep.
 
     An exclusive fcntl record lock on byte `offset` of `fd` (a file opened for writing,
@@ -71,8 +108,10 @@ class RobustLock:
     def __init__(self, fd: int, offset: int = 0) -> None:
         self.fd = fd
         self.offset = offset
+        self._register()
+
+    def _start_process(self) -> None:
         self._thread_lock = threading.Lock()
-        _LOCKS.add(self)
 
     def acquire(self) -> None:
         self._thread_lock.acquire()
@@ -81,6 +120,20 @@ class RobustLock:
         except BaseException:
             self._thread_lock.release()
             raise
+
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody (no thread here, no other process) holds it; never waits."""
+        if not self._thread_lock.acquire(blocking=False):
+            return False
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self.offset)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process has it
+            self._thread_lock.release()
+            return False
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        return True
 
     def release(self) -> None:
         try:
@@ -101,25 +154,56 @@ class RobustLock:
         self.release()
 
 
-class SharedInts:
-    """`count` signed 64-bit integers (all 0 at first) in memory shared with the
-    processes forked after this was made, and a RobustLock to guard them.
+class SharedMemory:
+    """`size` bytes (all 0 at first) of memory shared with the processes forked after
+    this was made, and a RobustLock to guard them.
+
+    `map` is the shared mapping (MAP_SHARED: the same pages after fork). What needs the
+    lock (a read-modify-write, a consistent view of several values) is up to the caller.
+    The file is closed when this object is collected: keep it, not only its lock.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fd = anonymous_file(size, owner=self)
+        self.map = mmap.mmap(self.fd, size)
+        self.lock = RobustLock(self.fd)
+
+
+class SharedInts(SharedMemory):
+    """`count` signed 64-bit integers in SharedMemory.
 
     `values` is a memoryview of the integers: index it, or slice and .tolist() it.
-    What needs the lock (a read-modify-write, a consistent view of several values) is
-    up to the caller.
     """
 
     def __init__(self, count: int) -> None:
+        super().__init__(count * 8)
         self.count = count
-        self.fd = anonymous_file(count * 8)
-        try:
-            self.map = mmap.mmap(self.fd, count * 8)  # MAP_SHARED: the same pages after fork
-        except BaseException:
-            os.close(self.fd)
-            raise
         self.values = memoryview(self.map).cast("q")
-        self.lock = RobustLock(self.fd)
+
+
+class SharedRecords(SharedMemory):
+    """`count` fixed-size records, laid out as `record` says, in SharedMemory.
+
+    For tables whose entries mix types (an integer tag, a count, a float time) that one
+    memoryview cannot hold. A record of all zero bytes is what every one is at first.
+    """
+
+    def __init__(self, record: struct.Struct, count: int) -> None:
+        super().__init__(record.size * count)
+        self.record = record
+        self.count = count
+
+    def read(self, index: int) -> tuple[Any, ...]:
+        return self.record.unpack_from(self.map, index * self.record.size)
+
+    def write(self, index: int, *values: Any) -> None:
+        self.record.pack_into(self.map, index * self.record.size, *values)
+
+    def clear(self, index: int) -> None:
+        self.map[index * self.record.size : (index + 1) * self.record.size] = bytes(
+            self.record.size
+        )
 
 
 _HEADER = struct.Struct("=qq")  # generation, length of the data that follows
@@ -135,7 +219,7 @@ class SharedBytes:
     """
 
     def __init__(self) -> None:
-        self.fd = anonymous_file(_HEADER.size)
+        self.fd = anonymous_file(_HEADER.size, owner=self)
         self.lock = RobustLock(self.fd)
 
     def publish(self, data: bytes) -> int:

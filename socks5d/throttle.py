@@ -2,109 +2,29 @@
 the back-off after failed logins, and the bound on password checks running at once.
 
 Both are made before any fork (Daemon.bind) so every process of the tree shares them:
-the back-off as an anonymous shared memory table, the bound as byte-range locks on an
-anonymous file. Every lock here is an fcntl record lock, which the kernel drops when its
-holder dies: a worker killed by SIGKILL (or the OOM killer) cannot leave every later
-login waiting forever, as a process-shared semaphore would. Stdlib only; no sockets.
+the back-off as a table in shared memory, the bound as byte-range locks on an anonymous
+file (socks5d.shmem). Every lock here is an fcntl record lock, which the kernel drops
+when its holder dies: a worker killed by SIGKILL (or the OOM killer) cannot leave every
+later login waiting forever, as a process-shared semaphore would. Stdlib,
+socks5d.addresses and socks5d.shmem only; no sockets.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import hashlib
 import math
-import mmap
 import os
 import struct
-import tempfile
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .addresses import DEFAULT_IPV6_CLIENT_PREFIX, client_key
-
-# ---- locks that span the process tree ----
-
-# Objects whose thread-level state a forked child must rebuild: a threading.Lock copied
-# while another thread held it would stay held in the child for ever.
-_REBUILT_IN_CHILD: weakref.WeakSet[_ProcessLocal] = weakref.WeakSet()
-
-
-class _ProcessLocal:
-    """Has per-process state (`_start_process`) that a forked child starts afresh."""
-
-    def _start_process(self) -> None:
-        raise NotImplementedError
-
-    def _register(self) -> None:
-        self._start_process()
-        _REBUILT_IN_CHILD.add(self)
-
-
-def _rebuild_in_child() -> None:
-    for item in list(_REBUILT_IN_CHILD):
-        item._start_process()
-
-
-os.register_at_fork(after_in_child=_rebuild_in_child)
-
-
-def _lock_file(owner: object) -> int:
-    """A descriptor of a nameless file, closed with `owner`, to hold byte-range locks.
-
-    Nothing else may open this file: closing any descriptor of a file drops every
-    POSIX lock the process holds on it (fcntl(2)).
-    """
-    try:
-        fd = os.memfd_create("socks5d-locks", os.MFD_CLOEXEC)
-    except OSError:  # no memfd here (an old kernel, a seccomp filter): an unlinked file
-        fd, path = tempfile.mkstemp(prefix="socks5d-locks-")
-        os.unlink(path)
-    weakref.finalize(owner, os.close, fd)
-    return fd
-
-
-def _try_lock(fd: int, index: int) -> bool:
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, index)
-    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process has it
-        return False
-    return True
-
-
-class TreeLock(_ProcessLocal):
-    """A mutex for the threads of every process of the tree, held for microseconds.
-
-    fcntl locks belong to a process, not a thread, so a thread lock orders the threads
-    of one process first.
-    """
-
-    def __init__(self) -> None:
-        self.fd = _lock_file(self)
-        self._register()
-
-    def _start_process(self) -> None:
-        self.threads = threading.Lock()
-
-    def __enter__(self) -> None:
-        self.threads.acquire()
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
-        except BaseException:
-            self.threads.release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
-        finally:
-            self.threads.release()
-
+from .shmem import ProcessLocal, RobustLock, SharedRecords, anonymous_file
 
 # ---- the bound on password checks running at once ----
 
@@ -124,21 +44,22 @@ def _return_big_blocks_to_the_os() -> None:
         ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _OWN_MAPPING_FROM)
 
 
-class CheckGate(_ProcessLocal):
+class CheckGate(ProcessLocal):
     """At most `limit` password checks at once across the process tree.
 
     A scrypt check holds 16 MiB for its duration; without a bound, a few hundred
     connections sending wrong logins at the same moment exhaust memory. A check holds
-    one of `limit` bytes of a nameless file locked (fcntl). Threads of one process queue
-    in order (and never hold one byte twice, as fcntl locks are per process); the first
-    of them polls for a byte another process frees. A waiter gives up at its deadline.
+    one of the first `limit` bytes of a nameless file (a RobustLock each; a reload may
+    change `limit`). Threads of one process queue in order; the first of them polls for
+    a byte another process frees. A waiter gives up at its deadline.
     """
 
     POLL_FIRST, POLL_MAX = 0.002, 0.05  # seconds between looks at other processes' bytes
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.fd = _lock_file(self)
+        self.fd = anonymous_file(owner=self)
+        self.bytes: dict[int, RobustLock] = {}  # made as first needed
         self._register()
         _return_big_blocks_to_the_os()  # else the memory bounded here stays resident
 
@@ -170,7 +91,7 @@ class CheckGate(_ProcessLocal):
 
     def release(self, index: int) -> None:
         with self.lock:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, index)
+            self.bytes[index].release()
             self.held.discard(index)
             self._wake_first()
 
@@ -191,9 +112,15 @@ class CheckGate(_ProcessLocal):
 
     def _lock_a_free_byte(self) -> int | None:
         for index in range(max(self.limit, 1)):
-            if index not in self.held and _try_lock(self.fd, index):
+            if index not in self.held and self._byte(index).try_acquire():
                 return index
         return None
+
+    def _byte(self, index: int) -> RobustLock:
+        byte = self.bytes.get(index)
+        if byte is None:
+            byte = self.bytes[index] = RobustLock(self.fd, index)
+        return byte
 
     def _wake_first(self) -> None:
         if self.queue:
@@ -227,7 +154,7 @@ NO_WAIT = Turn(0.0)
 
 @dataclass(slots=True)
 class _Entry:
-    offset: int
+    index: int
     tag: int
     count: int = 0
     last: float = 0.0
@@ -247,8 +174,8 @@ class FailedLoginBackoff:
     Entries are found by a keyed hash (BLAKE2b with a secret made with the table, before
     any fork) and carry a tag, so a client can neither pick whose bucket it lands in nor
     ever read another client's counts; a full bucket reuses its least recently failed
-    entry. The table is anonymous shared memory, so forked children and worker processes
-    share one table.
+    entry. The table is in shared memory (SharedRecords), so forked children and worker
+    processes share one table.
     """
 
     def __init__(
@@ -267,8 +194,8 @@ class FailedLoginBackoff:
         self.clock = clock
         self.buckets = max(capacity // _BUCKET, 1)
         self.secret = os.urandom(32)
-        self.table = mmap.mmap(-1, self.buckets * _BUCKET * _ENTRY.size)  # MAP_SHARED
-        self.lock = TreeLock()
+        self.table = SharedRecords(_ENTRY, self.buckets * _BUCKET)
+        self.lock = self.table.lock
 
     # ---- what the handler asks ----
 
@@ -322,17 +249,17 @@ class FailedLoginBackoff:
         """Forget this user's failures from this client; the client's own count stays."""
         now = self.clock()
         with self.lock:
-            offset = self._find(self._user_key(client_ip, user), now)
-            if offset is not None:
-                _ENTRY.pack_into(self.table, offset, 0, 0, 0.0, 0.0)
+            index = self._find(self._user_key(client_ip, user), now)
+            if index is not None:
+                self.table.clear(index)
 
     def failures(self, client_ip: str, user: bytes | None = None) -> int:
         """The live failure count of (client, user), or of the client when user is None."""
         key = self._client_key(client_ip) if user is None else self._user_key(client_ip, user)
         now = self.clock()
         with self.lock:
-            offset = self._find(key, now)
-            return 0 if offset is None else _ENTRY.unpack_from(self.table, offset)[1]
+            index = self._find(key, now)
+            return 0 if index is None else self.table.read(index)[1]
 
     # ---- delays ----
 
@@ -365,41 +292,37 @@ class FailedLoginBackoff:
         return bucket * _BUCKET, int.from_bytes(digest[8:], "little") or 1
 
     def _find(self, key: bytes, now: float) -> int | None:
-        """The offset of `key`'s live entry; an expired one is freed on the way."""
+        """The index of `key`'s live entry; an expired one is freed on the way."""
         first, tag = self._slot(key)
         for index in range(first, first + _BUCKET):
-            offset = index * _ENTRY.size
-            entry_tag, _, last, _ = _ENTRY.unpack_from(self.table, offset)
+            entry_tag, _, last, _ = self.table.read(index)
             if entry_tag == tag:
                 if now - last > self.window:
-                    _ENTRY.pack_into(self.table, offset, 0, 0, 0.0, 0.0)
+                    self.table.clear(index)
                     return None
-                return offset
+                return index
         return None
 
     def _entry(self, key: bytes, now: float, create: bool = False) -> _Entry:
-        """`key`'s live entry; if absent, a blank one (offset -1), or with `create` one
+        """`key`'s live entry; if absent, a blank one (index -1), or with `create` one
         placed in its bucket (stored only by _store)."""
         first, tag = self._slot(key)
-        offset = self._find(key, now)
-        if offset is not None:
-            _, count, last, next_turn = _ENTRY.unpack_from(self.table, offset)
-            return _Entry(offset, tag, count, last, next_turn)
+        index = self._find(key, now)
+        if index is not None:
+            _, count, last, next_turn = self.table.read(index)
+            return _Entry(index, tag, count, last, next_turn)
         return _Entry(self._reusable(first, now) if create else -1, tag, last=now)
 
     def _reusable(self, first: int, now: float) -> int:
         """A free or expired entry of the bucket, else the least recently failed one."""
-        best, best_rank = first * _ENTRY.size, math.inf
+        best, best_rank = first, math.inf
         for index in range(first, first + _BUCKET):
-            offset = index * _ENTRY.size
-            tag, _, last, _ = _ENTRY.unpack_from(self.table, offset)
+            tag, _, last, _ = self.table.read(index)
             rank = -math.inf if tag == 0 or now - last > self.window else last
             if rank < best_rank:
-                best, best_rank = offset, rank
+                best, best_rank = index, rank
         return best
 
     def _store(self, entry: _Entry) -> None:
-        if entry.offset >= 0:
-            _ENTRY.pack_into(
-                self.table, entry.offset, entry.tag, entry.count, entry.last, entry.next_turn
-            )
+        if entry.index >= 0:
+            self.table.write(entry.index, entry.tag, entry.count, entry.last, entry.next_turn)

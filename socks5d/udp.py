@@ -2,8 +2,8 @@
 
 Owns :func:`open_udp_endpoint` (the client-facing UDP socket whose address goes into the
 success reply) and :func:`serve_association` (one ``select.poll`` loop in the handler's thread
-that relays datagrams until the control connection ends), with their records
-:class:`OutgoingAddresses` and :class:`UdpStats`.
+that relays datagrams until the control connection ends), with its record
+:class:`UdpStats`. Source addresses come as :class:`socks5d.outbound.OutgoingAddresses`.
 
 Client → remote: each datagram carries the RFC 1928 §7 header ``RSV FRAG ATYP DST.ADDR
 DST.PORT`` in front of its payload; the header is checked and stripped, the destination
@@ -23,18 +23,17 @@ sockets once the client has used them (what NAT people call "full cone"), which 
 peer-to-peer and DNS-over-several-servers clients need. Access rules for destinations come in
 through the ``allow`` callback.
 
-It imports the standard library, ``socks5d.protocol`` (the wire format), the lookup pool of
-``socks5d.lookups`` and the ``OutgoingAddresses`` record and getaddrinfo wrapper of
-``socks5d.outbound``; it must not import the handler or the server, so it can be tested without
-a running proxy. The caller owns and closes the control socket; ``serve_association`` closes
-every UDP socket, the endpoint included.
+It imports the standard library, ``socks5d.protocol`` (the wire format),
+``socks5d.addresses``, the lookup pool of ``socks5d.lookups`` and the ``OutgoingAddresses``
+record and getaddrinfo wrapper of ``socks5d.outbound``; it must not import the handler or the
+server, so it can be tested without a running proxy. The caller owns and closes the control
+socket; ``serve_association`` closes every UDP socket, the endpoint included.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import logging
 import math
 import os
@@ -47,12 +46,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from .addresses import canonical_ip, unmapped_host
 from .lookups import LOOKUPS, LookupBusy, LookupPool
 from .outbound import ANY_SOURCE, OutgoingAddresses, address_info
 from .protocol import Address, AddressType, ProtocolError, encode_udp_datagram, parse_udp_datagram
 
 __all__ = [
-    "OutgoingAddresses",
     "Resolver",
     "UdpStats",
     "open_udp_endpoint",
@@ -124,17 +123,6 @@ class _Lookup:
     queued: list[tuple[Address, bytes]] = field(default_factory=list)
 
 
-def _canonical_ip(text: str) -> str:
-    """One spelling per IP, for comparisons: no zone index, IPv4-mapped IPv6 unmapped."""
-    try:
-        ip = ipaddress.ip_address(text.partition("%")[0])
-    except ValueError:
-        return text
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
 def open_udp_endpoint(local_ip: str, port_range: tuple[int, int] | None = None) -> socket.socket:
     """The client-facing UDP socket, bound on ``local_ip``.
 
@@ -144,10 +132,7 @@ def open_udp_endpoint(local_ip: str, port_range: tuple[int, int] | None = None) 
     is chosen by the OS, or is the first free one in ``port_range`` (inclusive). Raises OSError
     when no port is free, ValueError for a range outside 1..65535.
     """
-    host = local_ip
-    mapped = _canonical_ip(local_ip)
-    if ":" not in mapped:  # IPv4, possibly written as IPv4-mapped IPv6
-        host = mapped
+    host = unmapped_host(local_ip)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if port_range is None:
         ports: range = range(0, 1)
@@ -275,7 +260,7 @@ class _Association:
 
         # RFC 1928 §7: "It MUST drop any datagrams arriving from any source IP address other
         # than the one recorded for the particular association."
-        self.client_ip = _canonical_ip(client_ip)
+        self.client_ip = canonical_ip(client_ip)
         # RFC 1928 §7: DST.ADDR/DST.PORT of the request are where the client expects to send
         # from; "The server MAY use this information to limit access to the association."
         # All zeros means the client did not know yet. The host is only checked together with a
@@ -283,7 +268,7 @@ class _Association:
         self.expected_port = expected.port
         self.expected_ip: str | None = None
         if expected.port and expected.type is not AddressType.DOMAINNAME:
-            host = _canonical_ip(expected.host)
+            host = canonical_ip(expected.host)
             if host not in ("0.0.0.0", "::"):
                 self.expected_ip = host
         # The client's UDP address, fixed by its first accepted datagram: where replies go, and
@@ -473,11 +458,11 @@ class _Association:
             # Fixed by the first datagram: another process on the client's host cannot join.
             return (source[0], source[1]) == self.client_key
         ip = source[0]
-        if ip != self.client_ip and _canonical_ip(ip) != self.client_ip:
+        if ip != self.client_ip and canonical_ip(ip) != self.client_ip:
             return False
         if self.expected_port and source[1] != self.expected_port:
             return False
-        return self.expected_ip is None or _canonical_ip(ip) == self.expected_ip
+        return self.expected_ip is None or canonical_ip(ip) == self.expected_ip
 
     def forward(self, address: Address, data: bytes) -> None:
         if address.type is not AddressType.DOMAINNAME:
@@ -528,7 +513,7 @@ class _Association:
         if address.type is AddressType.IPV6:
             if address.host.startswith("::ffff:"):
                 # An IPv4-mapped destination goes out of the IPv4 socket (and outgoing.ipv4).
-                host = _canonical_ip(address.host)
+                host = canonical_ip(address.host)
                 if ":" not in host:
                     return ((socket.AF_INET, (host, address.port)),)
             return ((socket.AF_INET6, (address.host, address.port, 0, 0)),)

@@ -1,4 +1,4 @@
-"""Imports point one way (DESIGN.md): pure modules stay pure, nothing imports the CLI."""
+"""Imports point one way: pure modules stay pure, nothing imports the CLI."""
 
 from __future__ import annotations
 
@@ -11,29 +11,39 @@ PACKAGE = Path(__file__).resolve().parent.parent / "socks5d"
 
 # module -> the project modules it may import
 ALLOWED = {
-    "protocol": set(),
+    "protocol": {"addresses"},
     "config": set(),
     "relay": set(),
     "hub": {"relay"},
-    "fastpath": {"handler", "handshake", "hub", "outbound", "protocol", "relay", "server"},
+    "fastpath": {
+        "addresses",
+        "handler",
+        "handshake",
+        "hub",
+        "outbound",
+        "protocol",
+        "relay",
+        "server",
+    },
     "server": {"addresses"},
     "shmem": set(),
     "limits": {"shmem"},
-    "throttle": {"addresses"},
+    "throttle": {"addresses", "shmem"},
     "logs": set(),
     "systemd": set(),
     "privileges": set(),
     "session": {"protocol"},
     "handshake": {"protocol", "session", "auth"},
-    "rules": {"config", "protocol"},
+    "rules": {"addresses", "config", "protocol"},
     "capacity": {"addresses", "config", "rules"},
     "auth": {"protocol", "config", "shmem"},
     "addresses": set(),
-    "lookups": set(),
+    "lookups": {"shmem"},
     "outbound": {"protocol", "lookups"},
-    "bind": {"protocol", "outbound"},
-    "udp": {"protocol", "outbound", "lookups"},
+    "bind": {"addresses", "protocol", "outbound"},
+    "udp": {"addresses", "protocol", "outbound", "lookups"},
     "handler": {
+        "addresses",
         "handshake",
         "protocol",
         "config",
@@ -49,6 +59,7 @@ ALLOWED = {
         "throttle",
     },
     "daemon": {
+        "addresses",
         "protocol",
         "config",
         "auth",
@@ -67,7 +78,7 @@ ALLOWED = {
         "shmem",
         "throttle",
     },
-    "cli": {"config", "auth", "rules", "daemon", "logs", "__init__"},
+    "cli": {"addresses", "config", "auth", "rules", "daemon", "logs", "__init__"},
     "__main__": {"cli"},
     "__init__": set(),
 }

@@ -36,7 +36,6 @@ from socks5d.server import (
     StreamRequestHandler,
     TCPServer,
     ThreadingTCPServer,
-    client_ip,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1126,12 +1125,6 @@ def test_per_ip_cap_refuses_only_the_busy_address(server_class, caplog):
         # Forked children hold copies of this process's client sockets: end them now.
         srv.abort_active_requests()
     assert "max_connections_per_ip=1" in caplog.text
-
-
-def test_client_ip_unmaps_ipv4_mapped_addresses():
-    assert client_ip(("::ffff:192.0.2.1", 5, 0, 0)) == "192.0.2.1"
-    assert client_ip(("2001:db8::1", 5, 0, 0)) == "2001:db8::1"
-    assert client_ip(("192.0.2.1", 5)) == "192.0.2.1"
 
 
 # ---- handler threads are reused ----

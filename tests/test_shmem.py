@@ -7,15 +7,30 @@ os._exit(); every wait on them or on a lock has a deadline.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import re
 import signal
+import struct
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from clients import TIMEOUT
 
 from socks5d.limits import UserSlots
-from socks5d.shmem import RobustLock, SharedBytes, SharedInts, anonymous_file
+from socks5d.shmem import (
+    ProcessLocal,
+    RobustLock,
+    SharedBytes,
+    SharedInts,
+    SharedMemory,
+    SharedRecords,
+    anonymous_file,
+)
+from socks5d.throttle import CheckGate, FailedLoginBackoff
 
 
 def fork_child(body: Callable[[], int]) -> int:
@@ -60,6 +75,37 @@ def die_holding(lock: RobustLock) -> int:
     return pid
 
 
+@contextlib.contextmanager
+def held_by_a_child(lock: RobustLock) -> Iterator[Callable[[], None]]:
+    """A forked child holds `lock` inside the block; the function given lets it go and
+    reaps the child (done on the way out if the block did not)."""
+    took, release = os.pipe(), os.pipe()
+
+    def hold_until_told() -> int:
+        with lock:
+            os.write(took[1], b"x")
+            os.read(release[0], 1)
+        return 0
+
+    pid = fork_child(hold_until_told)
+    held = True
+
+    def let_go() -> None:
+        nonlocal held
+        if held:
+            held = False
+            os.write(release[1], b"x")
+            assert exit_code(pid) == 0
+
+    try:
+        assert os.read(took[0], 1) == b"x"
+        yield let_go
+    finally:
+        let_go()
+        for end in (*took, *release):
+            os.close(end)
+
+
 def take_and_release(lock: RobustLock) -> None:
     with lock:
         pass
@@ -96,20 +142,9 @@ def test_a_holder_killed_with_the_lock_does_not_block_the_others():
 def test_the_lock_excludes_another_process_until_released():
     fd = anonymous_file()
     lock = RobustLock(fd)
-    took, release = os.pipe(), os.pipe()
-
-    def hold_until_told() -> int:
-        with lock:
-            os.write(took[1], b"x")
-            os.read(release[0], 1)
-        return 0
-
-    pid = fork_child(hold_until_told)
-    assert os.read(took[0], 1) == b"x"
-    assert_waits_until_released(lock, lambda: os.write(release[1], b"x"))
-    assert exit_code(pid) == 0
-    for end in (*took, *release, fd):
-        os.close(end)
+    with held_by_a_child(lock) as let_go:
+        assert_waits_until_released(lock, let_go)
+    os.close(fd)
 
 
 def test_the_lock_excludes_other_threads_of_the_same_process():
@@ -254,3 +289,106 @@ def test_entries_are_reused_after_release_and_reconcile():
         assert exit_code(pid) == 0
         assert slots.reconcile(pid) == 4
     assert slots.acquire("last") and slots.count("last") == 1
+
+
+# ---- one lock, one table, one fork rule for the whole package ----
+
+
+def test_try_acquire_never_waits_for_another_thread_or_process():
+    fd = anonymous_file()
+    lock = RobustLock(fd)
+    assert lock.try_acquire()
+    assert not lock.try_acquire()  # this process, another thread's turn: no wait
+    lock.release()
+    with held_by_a_child(lock) as let_go:
+        assert not lock.try_acquire()  # another process holds the byte
+        let_go()
+        assert lock.try_acquire()
+    lock.release()
+    os.close(fd)
+
+
+def test_shared_records_start_zeroed_and_are_shared_with_children():
+    record = struct.Struct("=Qidd")
+    table = SharedRecords(record, 16)
+    assert [table.read(index) for index in range(16)] == [(0, 0, 0.0, 0.0)] * 16
+
+    def write_last() -> int:
+        with table.lock:
+            table.write(15, 2**64 - 1, -5, 1.5, float("inf"))
+        return 0
+
+    assert exit_code(fork_child(write_last)) == 0
+    assert table.read(15) == (2**64 - 1, -5, 1.5, float("inf"))
+    table.clear(15)
+    assert table.read(15) == (0, 0, 0.0, 0.0)
+    assert table.read(14) == (0, 0, 0.0, 0.0)
+
+
+def test_the_file_of_shared_memory_is_closed_with_it():
+    # Each back-off table and check gate made (one per daemon, many in tests) used to hold
+    # its descriptor open for good (SharedInts, SharedBytes) or close it (throttle's copy).
+    shared = SharedMemory(4096)
+    fd = shared.fd
+    before = os.fstat(fd)
+    assert before.st_size == 4096
+    del shared
+    gc.collect()
+    try:
+        after = os.fstat(fd)
+    except OSError:
+        return  # closed
+    # The number may already serve another file opened meanwhile, not this one.
+    assert (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino)
+
+
+def test_process_local_state_starts_afresh_in_a_forked_child():
+    class Counter(ProcessLocal):
+        def __init__(self) -> None:
+            self._register()
+
+        def _start_process(self) -> None:
+            self.pid = os.getpid()
+
+    counter = Counter()
+
+    def fresh() -> int:
+        return 0 if counter.pid == os.getpid() else 1
+
+    assert exit_code(fork_child(fresh)) == 0
+    assert counter.pid == os.getpid()
+
+
+def test_the_login_back_off_survives_a_process_killed_inside_its_lock():
+    backoff = FailedLoginBackoff(delay=1.0)
+    assert isinstance(backoff.lock, RobustLock)
+    die_holding(backoff.lock)
+    assert finishes(lambda: backoff.failed("192.0.2.7", b"alice"))
+    assert backoff.failures("192.0.2.7", b"alice") == 1
+
+
+def test_the_check_gate_follows_a_reloaded_limit():
+    # Daemon._apply sets check_gate.limit on reload; the gate's bytes must follow it.
+    gate = CheckGate(1)
+    first = gate.acquire(time.monotonic() + TIMEOUT)
+    assert first is not None
+    assert gate.acquire(time.monotonic() + 0.1) is None
+    gate.limit = 2
+    second = gate.acquire(time.monotonic() + TIMEOUT)
+    assert second is not None and second != first
+    gate.release(first)
+    gate.release(second)
+
+
+def test_only_shmem_takes_record_locks_maps_memory_or_hooks_fork():
+    # throttle.py had its own fcntl lock, mmap table and at-fork registry beside these;
+    # lookups.py its own at-fork hook. One implementation each, here.
+    package = Path(__file__).resolve().parent.parent / "socks5d"
+    pattern = re.compile(r"\b(fcntl\.lockf|mmap\.mmap|memfd_create|register_at_fork)\b")
+    found = [
+        f"{path.name}: {match.group(1)}"
+        for path in sorted(package.glob("*.py"))
+        if path.name != "shmem.py"
+        for match in pattern.finditer(path.read_text())
+    ]
+    assert found == []

@@ -653,7 +653,7 @@ def test_socket_unit_listens_on_loopback_for_one_daemon():
 
 @pytest.mark.parametrize("unit", ["socks5d.service", "socks5d.socket"])
 def test_every_block_of_directives_says_why(unit):
-    """DESIGN.md: every block of the unit carries a comment saying why."""
+    """Every block of the unit carries a comment saying why it is there."""
     block: list[str] = []
     for line in [*(UNITS / unit).read_text().splitlines(), ""]:
         if line.strip():
