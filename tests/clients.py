@@ -41,19 +41,23 @@ def recv_all(sock: socket.socket) -> bytes:
     return bytes(data)
 
 
-def read_reply(sock: socket.socket) -> tuple[int, Address]:
-    """Read one RFC 1928 §6 reply, however it is split."""
+def read_reply_bytes(sock: socket.socket) -> bytes:
+    """Read one RFC 1928 §6 reply, however it is split: its bytes as they came, no more."""
     buffer = bytearray()
-    while True:
-        parsed = parse_reply(buffer)
-        if parsed is not None:
-            (reply, bound), consumed = parsed
-            assert consumed == len(buffer), "the proxy sent bytes after its reply"
-            return int(reply), bound
+    while parse_reply(buffer) is None:
         chunk = sock.recv(1)
         if not chunk:
             raise EOFError(f"EOF inside a reply after {bytes(buffer)!r}")
         buffer += chunk
+    return bytes(buffer)
+
+
+def read_reply(sock: socket.socket) -> tuple[int, Address]:
+    """Read one RFC 1928 §6 reply, however it is split."""
+    parsed = parse_reply(read_reply_bytes(sock))
+    assert parsed is not None
+    (reply, bound), _ = parsed
+    return int(reply), bound
 
 
 def open_tunnel(
