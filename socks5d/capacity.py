@@ -22,7 +22,7 @@ DESCRIPTORS_PER_CONNECTION = 6
 # Held whatever the load: stdio, the log file, the wake-up socketpair, the shared
 # memory's and the odd file (/etc/hosts, /etc/resolv.conf, /proc) opened while serving.
 FIXED_DESCRIPTORS = 32
-# Each relay hub: its epoll descriptor and its wake-up pipe.
+# Each event loop: its epoll descriptor and its wake-up pipe.
 DESCRIPTORS_PER_RELAY_THREAD = 3
 # Forking mode: the parent closes each client socket right after fork(), so descriptors
 # do not bound it; processes do. A child costs about 3 MiB of its own memory (measured:

@@ -31,9 +31,9 @@ from .addresses import format_address
 from .auth import is_default_hash
 from .capacity import ConnectionLimits, process_limits, resolve_limits
 from .config import Config, ConfigError, apply_overrides, load_config
+from .eventloop import EventLoopPool
 from .fastpath import FastHandshake
 from .handler import HandlerSettings, Socks5Handler
-from .hub import HubPool
 from .limits import UserSlots
 from .logs import configure_logging, hand_log_files_to, reconfigure_logging
 from .privileges import drop_privileges, resolve_ids
@@ -54,25 +54,26 @@ class SocksServerMixIn:
     login_backoff: FailedLoginBackoff | None = None
     check_gate: CheckGate | None = None  # the bound on password checks at once
     user_slots: UserSlots | None = None
-    # Threading mode: the loops that relay established tunnels (None: each handler
-    # thread relays its own). Made in the serving process, after any fork.
-    relay_hub: HubPool | None = None
+    # Threading mode: the event loops that accept, run the common handshake and relay
+    # established tunnels (None: each handler thread does it all). Made in the serving
+    # process, after any fork.
+    loops: EventLoopPool | None = None
 
     def hand_off_request(self, request: Any, client_address: Any) -> bool:
-        """Threading mode with relay hubs: the handshake starts in a hub (fastpath)."""
-        pool = self.relay_hub
-        if pool is None:  # no hubs: a thread serves it all
+        """Threading mode with event loops: the handshake starts in a loop (fastpath)."""
+        pool = self.loops
+        if pool is None:  # no loops: a thread serves it all
             return False
         finish = self.detach_request(request)  # type: ignore[attr-defined]
         try:
             here = pool.current()
-            if here is not None:  # accepted by a hub (accept_elsewhere): begin right here
+            if here is not None:  # accepted by a loop (accept_elsewhere): begin right here
                 FastHandshake(self, here, request, client_address, finish).begin()
                 return True
-            hub = pool.pick()
-            hub.call_soon(FastHandshake(self, hub, request, client_address, finish).begin)
-        except Exception as exc:  # the hub is closed (the daemon is stopping), or worse
-            logger.debug("relay hub refused a handshake (%s): a thread serves it", exc)
+            loop = pool.pick()
+            loop.call_soon(FastHandshake(self, loop, request, client_address, finish).begin)
+        except Exception as exc:  # the loop is closed (the daemon is stopping), or worse
+            logger.debug("an event loop refused a handshake (%s): a thread serves it", exc)
             self.reclaim_request(request)  # type: ignore[attr-defined]
             return False
         return True
@@ -87,7 +88,7 @@ class SocksServerMixIn:
     @property
     def served(self) -> int:
         """Connections admitted since start. The core counts them as it takes their slot,
-        under its accounting lock: several relay hubs may accept at once."""
+        under its accounting lock: several event loops may accept at once."""
         return int(self.admitted_total)  # type: ignore[attr-defined]
 
     # ---- end systemd STATUS= counter ----
@@ -112,15 +113,15 @@ SERVER_CLASSES: dict[str, type[SocksServer]] = {
 }
 
 
-def attach_relay_hubs(server: ThreadingSocksServer, count: int) -> HubPool:
-    """Give a threading server `count` relay hubs that accept, run the common handshake
+def attach_event_loops(server: ThreadingSocksServer, count: int) -> EventLoopPool:
+    """Give a threading server `count` event loops that accept, run the common handshake
     (fastpath) and relay; the serving loop then only waits for shutdown()."""
-    pool = HubPool(count)
+    pool = EventLoopPool(count, name="relay-loop")
     pool.start()
-    server.relay_hub = pool
+    server.loops = pool
     server.accept_elsewhere = True
     pool.serve_listeners(server.listeners(), server.accept_ready)
-    # A closed request ends an EMFILE back-off at once, in the hubs too.
+    # A closed request ends an EMFILE back-off at once, in the loops too.
     server.add_accept_waker(pool.resume_listeners)
     return pool
 
@@ -143,13 +144,13 @@ def give_back_slots(slots: UserSlots | None, pid: int, code: int) -> int:
 
 def nothing_in_flight(server: SocksServer, quiet: float) -> Callable[[], bool]:
     """For the graceful stop: true once every open connection is an established tunnel
-    in a relay hub and none has moved a byte for `quiet` seconds. Idle keep-alive
+    in an event loop and none has moved a byte for `quiet` seconds. Idle keep-alive
     tunnels (a browser holds them for minutes) would only be cut at the end of the grace
     period; a transfer in flight keeps the stop waiting. Handshakes, and tunnels relayed
     elsewhere (forking mode, handler threads), always get the whole grace period."""
 
     def check() -> bool:
-        pool = server.relay_hub
+        pool = server.loops
         if pool is None or server.active_count > pool.tunnel_count:
             return False
         return time.monotonic() - pool.last_activity() >= quiet
@@ -330,7 +331,7 @@ class Daemon:
         # must not turn a clean exit into death by signal.
         self._install_signal_handlers()
         if self.config.server.workers <= 1:
-            self._start_relay_hubs(server)  # before "listening": all set up by then
+            self._start_event_loops(server)  # before "listening": all set up by then
         for address in server.server_addresses:
             where = format_address(address)
             logger.info("listening on %s (%s)", where, self.config.server.mode)
@@ -342,7 +343,7 @@ class Daemon:
         """The accept loop of this process, then the graceful stop."""
         server = self.server or self.bind()
         previous = self._install_signal_handlers()
-        self._start_relay_hubs(server)
+        self._start_event_loops(server)
         if notify:
             systemd.ready(self._status_text(server))  # systemd: READY=1 + STATUS=
         try:
@@ -356,16 +357,16 @@ class Daemon:
                 self._restore_signal_handlers(previous)
         return 0
 
-    def _start_relay_hubs(self, server: SocksServer) -> None:
+    def _start_event_loops(self, server: SocksServer) -> None:
         """Threading mode: the relay threads, in the process that serves (after a fork)."""
         relay_threads = self.config.server.relay_threads
-        if isinstance(server, ThreadingSocksServer) and relay_threads and not server.relay_hub:
-            attach_relay_hubs(server, relay_threads)
+        if isinstance(server, ThreadingSocksServer) and relay_threads and not server.loops:
+            attach_event_loops(server, relay_threads)
 
     def _close(self, server: SocksServer) -> None:
         """Graceful stop: refuse new clients now, let open ones finish, cut the rest."""
-        if server.relay_hub is not None:
-            server.relay_hub.forget_listeners()  # before the sockets close
+        if server.loops is not None:
+            server.loops.forget_listeners()  # before the sockets close
         server.stop_listening()
         grace = self.config.timeouts.shutdown_grace
         active = server.active_count
@@ -384,9 +385,9 @@ class Daemon:
             server.abort_active_requests()
             logger.warning("stopping: cut %d connection(s) still open", active)
         server.server_close()
-        if server.relay_hub is not None:
+        if server.loops is not None:
             # Tunnels still there were cut above (or the wait was cancelled): end them.
-            server.relay_hub.close()
+            server.loops.close()
         logger.info("stopped")
 
     # ---- signals ----

@@ -1,14 +1,14 @@
-"""The common handshake, driven by a relay hub's events instead of a thread of its own.
+"""The common handshake, driven by an event loop instead of a thread of its own.
 
 Most connections are the same few steps: a greeting that needs no login, a CONNECT to an
 IP address the rules allow, one non-blocking connect, the reply, a tunnel. Run in a
 handler thread, each step that waits hands the GIL and the CPU to another thread (the
 benchmark counted ~100 futex calls per short connection with 32 clients at once). The
-hub already waits on epoll for its tunnels; here it waits for handshakes too, so a
-short connection lives in one thread from accept to close.
+event loop already waits on epoll for its tunnels; here it waits for handshakes too, so
+a short connection lives in one thread from accept to close.
 
 The negotiation is the same :class:`~socks5d.handshake.ServerHandshake` the handler
-thread drives; this module only feeds it the hub's bytes and does the actions that
+thread drives; this module only feeds it the loop's bytes and does the actions that
 cannot block: sending an answer, and the connect of a CONNECT to an allowed address.
 At the first action it does not take (checking a login, a name to resolve, BIND, UDP, a
 refusal to send before closing, EOF, the handshake timeout) it hands the connection to
@@ -25,6 +25,7 @@ import socket
 from typing import Any
 
 from .addresses import canonical_ip, client_ip
+from .eventloop import EventLoop, Timer
 from .handler import (
     Negotiation,
     conclude_session,
@@ -33,7 +34,6 @@ from .handler import (
     size_tunnel_buffers,
 )
 from .handshake import Action, Close, Dispatch, Send
-from .hub import RelayHub, Timer
 from .outbound import connect_error, connect_failed, start_connect
 from .protocol import Address, AddressType, Command, Reply, Request
 from .relay import RelayResult
@@ -47,7 +47,7 @@ _POLLOUT = select.POLLOUT
 
 
 class FastHandshake:
-    """One client's handshake, driven by its hub's events (see the module docstring).
+    """One client's handshake, driven by its event loop (see the module docstring).
 
     ``server`` is the threading server that accepted the request and detached it
     (``finish`` ends it); it provides ``settings`` and ``resume_in_thread``.
@@ -58,7 +58,7 @@ class FastHandshake:
         "client_address",
         "connecting",
         "finish",
-        "hub",
+        "loop",
         "negotiation",
         "server",
         "timer",
@@ -68,13 +68,13 @@ class FastHandshake:
     def __init__(
         self,
         server: Any,
-        hub: RelayHub,
+        loop: EventLoop,
         client: socket.socket,
         client_address: Any,
         finish: Any,
     ) -> None:
         self.server = server
-        self.hub = hub
+        self.loop = loop
         self.client = client
         self.client_address = client_address
         self.finish = finish
@@ -84,18 +84,18 @@ class FastHandshake:
         self.timer: Timer | None = None
 
     def begin(self) -> None:
-        """In the hub's thread: start waiting for the greeting."""
+        """In the loop's thread: start waiting for the greeting."""
         client = self.client
         try:
             client.setblocking(False)
-            self.hub.watch(client.fileno(), _POLLIN, self)
+            self.loop.watch(client.fileno(), _POLLIN, self)
         except (OSError, ValueError):  # already closed (the daemon is stopping)
             self.to_thread([])
             return
         timeout = self.negotiation.settings.handshake_timeout
-        self.timer = self.hub.call_later(timeout, self.timed_out)
+        self.timer = self.loop.call_later(timeout, self.timed_out)
 
-    # ---- hub callbacks ----
+    # ---- the loop's callbacks (a Watcher) ----
 
     def on_events(self, revents: dict[int, int]) -> None:
         if self.connecting:
@@ -120,7 +120,7 @@ class FastHandshake:
         else:
             self.to_thread([])  # past the deadline: the handler logs the timeout
 
-    def on_hub_close(self) -> None:
+    def on_loop_close(self) -> None:
         self.drop_upstream()
         if self.timer is not None:
             self.timer.cancel()
@@ -150,7 +150,7 @@ class FastHandshake:
 
     def connect(self, request: Request) -> bool:
         """CONNECT to an allowed IP address: start the one non-blocking connect. False
-        when the request is not one the hub serves (names, BIND, UDP, refusals)."""
+        when the request is not one the loop serves (names, BIND, UDP, refusals)."""
         address = request.address
         if request.command is not Command.CONNECT or address.type is AddressType.DOMAINNAME:
             return False
@@ -179,11 +179,11 @@ class FastHandshake:
         self.connecting = True
         # Nothing more is read from the client until the reply; bytes it pipelines wait
         # in the kernel, and its EOF or reset reaches the tunnel.
-        self.hub.unwatch(self.client.fileno())
-        self.hub.watch(upstream.fileno(), _POLLOUT, self)
+        self.loop.unwatch(self.client.fileno())
+        self.loop.watch(upstream.fileno(), _POLLOUT, self)
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.hub.call_later(settings.connect_timeout, self.timed_out)
+        self.timer = self.loop.call_later(settings.connect_timeout, self.timed_out)
         return True
 
     def connect_done(self, revents: dict[int, int]) -> None:
@@ -194,7 +194,7 @@ class FastHandshake:
             return
         error = connect_error(upstream, events)
         if error is None:
-            self.hub.unwatch(upstream.fileno())
+            self.loop.unwatch(upstream.fileno())
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
@@ -209,7 +209,7 @@ class FastHandshake:
         self.to_thread(handshake.reply(failure.reply, reason=failure.reason))
 
     def succeed(self, upstream: socket.socket) -> None:
-        """Reply 00 with the outbound address; the tunnel starts in this hub."""
+        """Reply 00 with the outbound address; the tunnel starts in this loop."""
         negotiation = self.negotiation
         session = negotiation.session
         try:
@@ -220,7 +220,7 @@ class FastHandshake:
             return
         session.egress = str(bound)
         if not self.connecting:
-            self.hub.unwatch(self.client.fileno())
+            self.loop.unwatch(self.client.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -248,7 +248,7 @@ class FastHandshake:
             request.address.host,
             self.server.active_count,
         )
-        self.hub.add_here(
+        self.loop.add_here(
             self.client,
             upstream,
             functools.partial(self.tunnel_ended, upstream),
@@ -291,7 +291,7 @@ class FastHandshake:
 
     def drop_upstream(self) -> None:
         if self.upstream is not None:
-            self.hub.unwatch(self.upstream.fileno())
+            self.loop.unwatch(self.upstream.fileno())
             self.upstream.close()
             self.upstream = None
 
@@ -302,7 +302,7 @@ class FastHandshake:
             self.timer = None
         with_fd = self.client.fileno()
         if with_fd >= 0:
-            self.hub.unwatch(with_fd)
+            self.loop.unwatch(with_fd)
         self.negotiation.pending = actions
         try:
             self.server.resume_in_thread(self.client, self.client_address, self.negotiation)

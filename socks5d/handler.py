@@ -212,7 +212,7 @@ class Socks5Handler(BaseRequestHandler):
         self.session = negotiation.session
         self.client_ip = client_ip(self.client_address)
         self.user_slot = False
-        # True once the tunnel went to the server's relay hub: the hub ends it (and logs).
+        # True once the tunnel went to an event loop: the loop ends it (and logs).
         self.detached = False
 
     @property
@@ -527,8 +527,8 @@ class Socks5Handler(BaseRequestHandler):
     def tunnel(self, upstream: socket.socket) -> None:
         """Relay between the client and `upstream`; pipelined client bytes go first.
 
-        With a relay hub on the server (threading mode), the tunnel goes there and this
-        thread returns to the pool; the hub calls tunnel_ended. Else it is relayed here.
+        With event loops on the server (threading mode), the tunnel goes to one and this
+        thread returns to the pool; the loop calls tunnel_ended. Else it is relayed here.
         """
         pending = self.handshake.early_data()
         size_tunnel_buffers(
@@ -540,13 +540,13 @@ class Socks5Handler(BaseRequestHandler):
             getattr(self.server, "active_count", 1),
         )
         idle_timeout = self.settings.idle_timeout
-        hub = getattr(self.server, "relay_hub", None)
+        loops = getattr(self.server, "loops", None)
         detach = getattr(self.server, "detach_request", None)
-        if hub is not None and detach is not None:
+        if loops is not None and detach is not None:
             finish = detach(self.request)
             self.detached = True
             try:
-                hub.add(
+                loops.add(
                     self.request,
                     upstream,
                     functools.partial(self.tunnel_ended, upstream, finish),
@@ -555,7 +555,7 @@ class Socks5Handler(BaseRequestHandler):
                 )
                 return
             except Exception as exc:  # closed as the daemon stops, or out of descriptors
-                logger.debug("relay hub refused a tunnel (%s): relaying in the thread", exc)
+                logger.debug("an event loop refused a tunnel (%s): relaying in the thread", exc)
                 self.detached = False
                 self.server.reclaim_request(self.request)  # type: ignore[attr-defined]
         result = relay(self.request, upstream, idle_timeout=idle_timeout, pending_a_to_b=pending)
@@ -567,7 +567,7 @@ class Socks5Handler(BaseRequestHandler):
     def tunnel_ended(
         self, upstream: socket.socket, finish: Callable[[], None], result: RelayResult
     ) -> None:
-        """The hub's on_done (in its thread): what handle() and the core do inline."""
+        """The loop's on_done (in its thread): what handle() and the core do inline."""
         try:
             upstream.close()
             self.record(result)

@@ -1,7 +1,7 @@
 """The access-log record of one client connection, as a text line or a JSON-ready dict.
 
 Filled in as the connection goes through its phases, by whatever serves it (the
-handshake, the relay hub's fast path, a handler thread), and logged once at the end.
+handshake, an event loop's fast path, a handler thread), and logged once at the end.
 Stdlib and the protocol's Reply enum only.
 """
 

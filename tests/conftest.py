@@ -25,7 +25,7 @@ from streams import needs_splice
 
 from socks5d.auth import Authenticator
 from socks5d.config import User
-from socks5d.daemon import SERVER_CLASSES, ThreadingSocksServer, attach_relay_hubs
+from socks5d.daemon import SERVER_CLASSES, ThreadingSocksServer, attach_event_loops
 from socks5d.handler import HandlerSettings, Socks5Handler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def running_proxy(
 ) -> Iterator[RunningProxy]:
     """A SOCKS server on port 0, closed afterwards.
 
-    Threading mode serves in-process from a thread, with `relay_threads` relay hubs as
+    Threading mode serves in-process from a thread, with `relay_threads` event loops as
     the daemon has (0: each handler thread relays its own tunnel). Forking mode (which
     always relays in the child) runs the real `socks5d`
     command instead: a child forked from the test process would inherit the test's own
@@ -172,7 +172,7 @@ def running_proxy(
         **settings,
     )
     if relay_threads and isinstance(server, ThreadingSocksServer):
-        attach_relay_hubs(server, relay_threads)  # as the daemon does
+        attach_event_loops(server, relay_threads)  # as the daemon does
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
     thread.start()
     try:
@@ -180,12 +180,12 @@ def running_proxy(
     finally:
         server.shutdown()
         thread.join(TIMEOUT)
-        if server.relay_hub is not None:
-            server.relay_hub.forget_listeners()
+        if server.loops is not None:
+            server.loops.forget_listeners()
         server.abort_active_requests()
         server.server_close()
-        if server.relay_hub is not None:
-            server.relay_hub.close()
+        if server.loops is not None:
+            server.loops.close()
 
 
 @pytest.fixture(params=[pytest.param("splice", marks=needs_splice), "copy"])

@@ -1,4 +1,4 @@
-"""Helpers shared by the relay and hub tests: byte streams, descriptors, worker threads."""
+"""Helpers shared by the relay and loop tests: byte streams, descriptors, worker threads."""
 
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ def test_sigterm_cuts_idle_tunnels_after_the_grace_and_leaves_no_child(
         assert "waiting up to 0.5 s for 3 open connection(s)" in daemon.output()
         if mode == "forking":
             assert "cut 3 connection(s) still open" in daemon.output()
-        else:  # idle hub tunnels: closed once nothing moved for half the grace
+        else:  # idle loop tunnels: closed once nothing moved for half the grace
             assert "no tunnel moved a byte for 0.2 s; closed 3 idle one(s)" in daemon.output()
     finally:
         for sock in tunnels:

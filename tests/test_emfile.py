@@ -122,7 +122,7 @@ def starve(daemon: DaemonProcess, limit: int) -> tuple[list[socket.socket], sock
     raise AssertionError(f"{limit} clients and still no EMFILE: {daemon.output()}")
 
 
-@pytest.mark.parametrize("relay_threads", [1, 2, 0], ids=["hub", "two-hubs", "threads"])
+@pytest.mark.parametrize("relay_threads", [1, 2, 0], ids=["loop", "two-loops", "threads"])
 def test_a_closed_connection_ends_the_emfile_back_off_at_once(tmp_path, relay_threads):
     config = f"[server]\nrelay_threads = {relay_threads}\n"
     with limited_daemon(tmp_path, 48, LONG_BACKOFF, config) as daemon:
@@ -189,7 +189,7 @@ def test_forking_parent_never_runs_out_of_descriptors(tmp_path):
                 client.close()
 
 
-# ---- the pieces: the core's back-off state and the hubs' listeners ----
+# ---- the pieces: the core's back-off state and the loops' listeners ----
 
 
 class _Refusing(ThreadingTCPServer):

@@ -1,4 +1,4 @@
-"""Tests for socks5d.fastpath: the handshake run inside a relay hub.
+"""Tests for socks5d.fastpath: the handshake run inside a event loop.
 
 The common case (no login, CONNECT to an IP literal the rules allow, a connect that
 succeeds) must never reach a handler thread; everything else must reach one at the right
@@ -47,7 +47,7 @@ ACCESS = "socks5d.access"
 
 class HandOverLog:
     """Wraps a server's resume_in_thread: the handshake states its connections were
-    handed at (the Negotiation the hub passes on)."""
+    handed at (the Negotiation the loop passes on)."""
 
     def __init__(self, server: Any) -> None:
         self.stages: list[str] = []
@@ -88,7 +88,7 @@ def one_access_record(caplog: pytest.LogCaptureFixture) -> Any:
 # ---- the fast path itself ----
 
 
-def test_ipv4_connect_is_served_in_the_hub_without_a_thread(
+def test_ipv4_connect_is_served_in_the_loop_without_a_thread(
     fast_proxy: tuple[RunningProxy, HandOverLog],
     echo_target: TargetServer,
     caplog: pytest.LogCaptureFixture,
@@ -111,7 +111,7 @@ def test_ipv4_connect_is_served_in_the_hub_without_a_thread(
 
 
 @pytest.mark.skipif(not ipv6_available(), reason="needs IPv6 on loopback (::1)")
-def test_ipv6_literal_connect_is_served_in_the_hub(
+def test_ipv6_literal_connect_is_served_in_the_loop(
     target_factory: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     target = target_factory(host="::1")
@@ -167,7 +167,7 @@ def test_a_handshake_sent_byte_by_byte_is_reassembled(
 # ---- handed to a thread at the right stage, with the handler's own answers ----
 
 
-def test_a_login_is_answered_in_the_hub_and_checked_in_a_thread(
+def test_a_login_is_answered_in_the_loop_and_checked_in_a_thread(
     echo_target: TargetServer,
 ) -> None:
     with running_proxy(relay_threads=1, users=(User("ann", "secret"),)) as proxy:
@@ -175,7 +175,7 @@ def test_a_login_is_answered_in_the_hub_and_checked_in_a_thread(
         with connect_through(proxy.address, ipv4(echo_target.port), (b"ann", b"secret")) as c:
             c.sendall(b"auth")
             assert recv_exactly(c, 4) == b"auth"
-        assert handed.stages == ["checking"]  # the hub sent 05 02, the thread checks
+        assert handed.stages == ["checking"]  # the loop sent 05 02, the thread checks
 
 
 def test_a_domain_name_is_handed_over_at_the_command_and_resolved_there(
@@ -218,7 +218,7 @@ def test_a_refused_connect_gets_reply_05_once(
     with sock:
         assert reply == Reply.CONNECTION_REFUSED
         assert recv_all(sock) == b""
-    assert handed.stages == ["closed"]  # the hub's connect failed: the thread sends 05
+    assert handed.stages == ["closed"]  # the loop's connect failed: the thread sends 05
     session = one_access_record(caplog)
     assert session.reply is Reply.CONNECTION_REFUSED
 
@@ -261,15 +261,15 @@ def test_a_silent_client_times_out_through_the_handler(
     assert one_access_record(caplog).end == "handshake timeout"
 
 
-def test_closing_the_hub_ends_a_handshake_in_progress(caplog: pytest.LogCaptureFixture) -> None:
+def test_closing_the_loop_ends_a_handshake_in_progress(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=ACCESS)
     with running_proxy(relay_threads=1) as proxy:
         server: Any = proxy.server
         with socket.create_connection(proxy.address, timeout=TIMEOUT) as client:
             client.sendall(encode_greeting([Method.NO_AUTHENTICATION_REQUIRED]))
             assert recv_exactly(client, 2) == b"\x05\x00"  # now waiting for the request
-            server.relay_hub.forget_listeners()
-            server.relay_hub.close(TIMEOUT)
+            server.loops.forget_listeners()
+            server.loops.close(TIMEOUT)
             assert recv_all(client) == b""
         session = one_access_record(caplog)
         assert session.end == "stopped during the handshake"
@@ -280,7 +280,7 @@ def test_closing_the_hub_ends_a_handshake_in_progress(caplog: pytest.LogCaptureF
 # ---- socket buffers of the tunnel (server.socket_buffer) ----
 
 
-@pytest.mark.parametrize("via", ["hub", "thread"])
+@pytest.mark.parametrize("via", ["loop", "thread"])
 def test_loopback_tunnels_get_fixed_buffers_on_both_sockets(
     via: str, echo_target: TargetServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -302,14 +302,14 @@ def test_loopback_tunnels_get_fixed_buffers_on_both_sockets(
 
     monkeypatch.setattr(handler_module, "fix_socket_buffers", recording)
     host, kind = (
-        ("127.0.0.1", AddressType.IPV4) if via == "hub" else ("localhost", AddressType.DOMAINNAME)
+        ("127.0.0.1", AddressType.IPV4) if via == "loop" else ("localhost", AddressType.DOMAINNAME)
     )
     with running_proxy(relay_threads=1) as proxy:
         handed = HandOverLog(proxy.server)
         with connect_through(proxy.address, Address(kind, host, echo_target.port)) as client:
             client.sendall(b"sized")
             assert recv_exactly(client, 5) == b"sized"
-        assert handed.stages == ([] if via == "hub" else ["command"])
+        assert handed.stages == ([] if via == "loop" else ["command"])
     expected = 2 * relay_module.LOCAL_SOCKET_BUFFER  # Linux reports the doubled size
     assert len(seen) == 2  # the client's socket, then the upstream one
     assert seen[0] == ("127.0.0.1", expected, expected)
@@ -329,9 +329,9 @@ def test_socket_buffer_zero_leaves_the_sockets_alone(
     assert calls == []
 
 
-def test_closing_the_hub_does_not_wait_on_silent_clients() -> None:
-    # Three clients mid-handshake that neither read nor close: the hub lets them go at
-    # once. (A lingering close would hold the hub's thread about a second for each.)
+def test_closing_the_loop_does_not_wait_on_silent_clients() -> None:
+    # Three clients mid-handshake that neither read nor close: the loop lets them go at
+    # once. (A lingering close would hold the loop's thread about a second for each.)
     with running_proxy(relay_threads=1) as proxy:
         server: Any = proxy.server
         clients = [socket.create_connection(proxy.address, timeout=TIMEOUT) for _ in range(3)]
@@ -339,9 +339,9 @@ def test_closing_the_hub_does_not_wait_on_silent_clients() -> None:
             for client in clients:
                 client.sendall(encode_greeting([Method.NO_AUTHENTICATION_REQUIRED]))
                 assert recv_exactly(client, 2) == b"\x05\x00"
-            server.relay_hub.forget_listeners()
+            server.loops.forget_listeners()
             began = time.monotonic()
-            server.relay_hub.close(TIMEOUT)
+            server.loops.close(TIMEOUT)
             assert time.monotonic() - began < 1.5
             for client in clients:
                 assert recv_all(client) == b""

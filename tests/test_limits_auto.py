@@ -5,7 +5,7 @@
   (every client is 127.0.0.1 or ::1 there), 256 when a listener is exposed; judged by the
   bound (or adopted) addresses, again on every reload.
 - A refusal before the greeting is a bare close, logged at most once a second with counts.
-- The slot check and the slot taking are one step, however many hub threads accept.
+- The slot check and the slot taking are one step, however many loop threads accept.
 - IPv6 clients count per /64 (limits.ipv6_client_prefix).
 
 Real `socks5d` processes on loopback (or in a private network namespace for exposed
@@ -270,7 +270,7 @@ def test_auto_max_connections_is_what_the_descriptors_can_back():
     small = resolve([("127.0.0.1", 1)], ProcessLimits(1024, None)).max_connections
     assert small == (1024 - 32 - 3 - 1) // DESCRIPTORS_PER_CONNECTION
     assert resolve([("127.0.0.1", 1)], ProcessLimits(16, None)).max_connections == 1
-    # More hubs keep more descriptors for themselves.
+    # More loops keep more descriptors for themselves.
     assert resolve([("127.0.0.1", 1)], relay_threads=8).max_connections < expected
 
 

@@ -19,8 +19,8 @@ from conftest import running_proxy
 from socks5d.protocol import Address, AddressType
 
 
-def test_a_request_a_relay_hub_finished_is_no_longer_held_as_detached(echo_target):
-    """The fast path (a hub runs the handshake and the tunnel, no thread) detached each
+def test_a_request_a_relay_loop_finished_is_no_longer_held_as_detached(echo_target):
+    """The fast path (a loop runs the handshake and the tunnel, no thread) detached each
     request and never let go of it: the server kept every closed socket object for ever,
     ~100 bytes per connection (the daemon's RSS grew 25.6 → 39.1 MiB over 100,000 short
     connections; flat at 25.6 MiB with the fix)."""
@@ -41,7 +41,7 @@ def test_a_request_a_relay_hub_finished_is_no_longer_held_as_detached(echo_targe
                 sock.sendall(payload)
                 assert recv_exactly(sock, len(payload)) == payload
         assert wait_until(lambda: server.active_count == 0)
-        assert len(detached) == 50  # each went through the hub
+        assert len(detached) == 50  # each went through the loop
         assert [request for request in detached if server.reclaim_request(request)] == []
 
 

@@ -1,11 +1,11 @@
-"""Tests for socks5d.hub (RelayHub, HubPool), the server's detach_request/reclaim_request,
-and the SOCKS handler relaying its tunnels through a hub.
+"""Tests for socks5d.eventloop (EventLoop, EventLoopPool), the server's detach_request and
+reclaim_request, and the SOCKS handler relaying its tunnels through a loop.
 
-Topology of the hub tests (real TCP sockets on 127.0.0.1)::
+Topology of the loop tests (real TCP sockets on 127.0.0.1)::
 
-    client <──TCP──> a ══ hub ══ b <──TCP──> target
+    client <──TCP──> a ══ loop ══ b <──TCP──> target
 
-The test owns client and target; the hub owns a and b until it calls ``on_done``, which
+The test owns client and target; the loop owns a and b until it calls ``on_done``, which
 closes them as the handler does. Every wait is bounded (socket timeouts, join timeouts,
 ``wait_until`` deadlines); nothing sleeps to synchronise.
 """
@@ -38,8 +38,8 @@ from streams import (
     sha256_of_stream,
 )
 
-from socks5d import hub as hub_module
-from socks5d.hub import HubPool, RelayHub
+from socks5d import eventloop as eventloop_module
+from socks5d.eventloop import EventLoop, EventLoopPool
 from socks5d.protocol import Address, AddressType
 from socks5d.relay import RelayResult
 from socks5d.server import BaseRequestHandler, ThreadingTCPServer
@@ -91,7 +91,7 @@ class Done:
 
 
 class Link:
-    """client <-> a == (hub) == b <-> target."""
+    """client <-> a == (loop) == b <-> target."""
 
     def __init__(self, listener: socket.socket) -> None:
         self.client, self.a = tcp_pair(listener)
@@ -104,8 +104,8 @@ class Link:
         self.done = Done(self.a, self.b)
         self.added = False
 
-    def add_to(self, hub: RelayHub | HubPool, **options: Any) -> Link:
-        hub.add(self.a, self.b, self.done, **options)
+    def add_to(self, loop: EventLoop | EventLoopPool, **options: Any) -> Link:
+        loop.add(self.a, self.b, self.done, **options)
         self.added = True
         return self
 
@@ -130,7 +130,7 @@ def listener() -> Iterator[socket.socket]:
 
 @pytest.fixture
 def links(listener: socket.socket) -> Iterator[Callable[[], Link]]:
-    """Makes Links; at the end (after the hub closed) every added one was ended once."""
+    """Makes Links; at the end (after the loop closed) every added one was ended once."""
     made: list[Link] = []
 
     def make() -> Link:
@@ -148,27 +148,27 @@ def links(listener: socket.socket) -> Iterator[Callable[[], Link]]:
 
 
 @pytest.fixture
-def hub(links: Callable[[], Link]) -> Iterator[RelayHub]:
-    """A hub, closed before the links' sockets are (it depends on ``links``)."""
-    relay_hub = RelayHub("test-hub")
-    yield relay_hub
-    relay_hub.close(TIMEOUT)
+def loop(links: Callable[[], Link]) -> Iterator[EventLoop]:
+    """A loop, closed before the links' sockets are (it depends on ``links``)."""
+    event_loop = EventLoop("test-loop")
+    yield event_loop
+    event_loop.close(TIMEOUT)
 
 
 def ipv4(port: int) -> Address:
     return Address(AddressType.IPV4, "127.0.0.1", port)
 
 
-# ---- one hub, one tunnel ----
+# ---- one loop, one tunnel ----
 
 
 def test_megabytes_both_ways_at_once_arrive_intact_with_exact_counts(
-    hub: RelayHub, links: Callable[[], Link], mode: str
+    loop: EventLoop, links: Callable[[], Link], mode: str
 ) -> None:
     rng = random.Random(1928)
     up, down = rng.randbytes(4 * MiB), rng.randbytes(4 * MiB)
-    link = links().add_to(hub, mode=mode)
-    assert hub.tunnel_count == 1
+    link = links().add_to(loop, mode=mode)
+    assert loop.tunnel_count == 1
 
     senders = [Worker(send_and_shut, link.client, up), Worker(send_and_shut, link.target, down)]
     readers = [Worker(sha256_of_stream, link.target), Worker(sha256_of_stream, link.client)]
@@ -182,16 +182,16 @@ def test_megabytes_both_ways_at_once_arrive_intact_with_exact_counts(
     res = link.done.wait()
     assert (res.a_to_b, res.b_to_a, res.reason, res.mode) == (len(up), len(down), "eof", mode)
     assert res.closed_first in ("a", "b")
-    assert link.done.thread == hub.name, "on_done runs in the hub's thread"
-    assert hub.tunnel_count == 0
+    assert link.done.thread == loop.name, "on_done runs in the loop's thread"
+    assert loop.tunnel_count == 0
     assert link.a.fileno() == link.b.fileno() == -1
 
 
 @pytest.mark.parametrize("first", ["client", "target"])
 def test_half_close_passes_eof_and_keeps_the_other_direction_flowing(
-    hub: RelayHub, links: Callable[[], Link], first: str, mode: str
+    loop: EventLoop, links: Callable[[], Link], first: str, mode: str
 ) -> None:
-    link = links().add_to(hub, mode=mode)
+    link = links().add_to(loop, mode=mode)
     closer, other = (link.client, link.target) if first == "client" else (link.target, link.client)
     request = b"request body, then my FIN"
     reply = random.Random(1929).randbytes(1 * MiB)
@@ -215,14 +215,14 @@ def test_half_close_passes_eof_and_keeps_the_other_direction_flowing(
 
 
 def test_pending_bytes_reach_target_before_later_client_data(
-    hub: RelayHub, links: Callable[[], Link], mode: str
+    loop: EventLoop, links: Callable[[], Link], mode: str
 ) -> None:
     # Larger than the buffer, so delivering it takes several sends between polls.
     pending = b"P" * 5000 + b"<end of pipelined bytes>"
     later = b"L" * 3000
     link = links()
-    link.client.sendall(later)  # already waiting in a when the hub takes over
-    link.add_to(hub, pending_a_to_b=pending, buffer_size=1024, mode=mode)
+    link.client.sendall(later)  # already waiting in a when the loop takes over
+    link.add_to(loop, pending_a_to_b=pending, buffer_size=1024, mode=mode)
     link.client.shutdown(socket.SHUT_WR)
 
     assert recv_all(link.target) == pending + later
@@ -233,9 +233,9 @@ def test_pending_bytes_reach_target_before_later_client_data(
 
 @pytest.mark.parametrize("side", ["a", "b"])
 def test_a_reset_ends_the_tunnel_with_reason_reset(
-    hub: RelayHub, links: Callable[[], Link], side: str
+    loop: EventLoop, links: Callable[[], Link], side: str
 ) -> None:
-    link = links().add_to(hub)
+    link = links().add_to(loop)
     link.round_trip(b"hello", b"world!")
     resetter, survivor = (link.client, link.target) if side == "a" else (link.target, link.client)
     resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -248,8 +248,8 @@ def test_a_reset_ends_the_tunnel_with_reason_reset(
         assert survivor.recv(1) == b""
 
 
-def test_idle_timeout_ends_a_quiet_tunnel(hub: RelayHub, links: Callable[[], Link]) -> None:
-    link = links().add_to(hub, idle_timeout=0.3)
+def test_idle_timeout_ends_a_quiet_tunnel(loop: EventLoop, links: Callable[[], Link]) -> None:
+    link = links().add_to(loop, idle_timeout=0.3)
     link.round_trip(b"up", b"down")
     quiet_since = time.monotonic()
 
@@ -260,8 +260,8 @@ def test_idle_timeout_ends_a_quiet_tunnel(hub: RelayHub, links: Callable[[], Lin
     assert recv_all(link.client) == b"" and recv_all(link.target) == b""
 
 
-def test_traffic_postpones_the_idle_timeout(hub: RelayHub, links: Callable[[], Link]) -> None:
-    link = links().add_to(hub, idle_timeout=0.6)
+def test_traffic_postpones_the_idle_timeout(loop: EventLoop, links: Callable[[], Link]) -> None:
+    link = links().add_to(loop, idle_timeout=0.6)
     started = time.monotonic()
     rounds = 0
     # Round trips every 50 ms for 1.5 s: 2.5 idle timeouts, never 0.6 s of quiet.
@@ -280,11 +280,11 @@ def test_traffic_postpones_the_idle_timeout(hub: RelayHub, links: Callable[[], L
 @needs_splice
 @needs_proc_fd
 def test_a_quiet_tunnel_gives_its_pipes_back_and_keeps_working(
-    hub: RelayHub, links: Callable[[], Link]
+    loop: EventLoop, links: Callable[[], Link]
 ) -> None:
-    hub.start()  # its wake-up pipe is part of the baseline
+    loop.start()  # its wake-up pipe is part of the baseline
     baseline = pipe_count()
-    link = links().add_to(hub, mode="splice")
+    link = links().add_to(loop, mode="splice")
     data = random.Random(7).randbytes(1 * MiB)
     reader = Worker(recv_exactly, link.target, len(data))
     reader.start()
@@ -292,7 +292,7 @@ def test_a_quiet_tunnel_gives_its_pipes_back_and_keeps_working(
     assert reader.result() == data
     assert pipe_count() > baseline, "splice mode relays through a pipe"
 
-    # RELEASE_AFTER (1 s) of quiet: the hub's timer gives the empty pipe back.
+    # RELEASE_AFTER (1 s) of quiet: the loop's timer gives the empty pipe back.
     assert wait_until(lambda: pipe_count() == baseline), "the quiet tunnel kept its pipe"
     assert not link.done.called.is_set()
     link.round_trip(b"still there?", b"yes")
@@ -303,19 +303,19 @@ def test_a_quiet_tunnel_gives_its_pipes_back_and_keeps_working(
     assert pipe_count() == baseline
 
 
-# ---- one hub, many tunnels ----
+# ---- one loop, many tunnels ----
 
 
 @needs_proc_fd
-def test_three_hundred_tunnels_in_one_hub_leak_nothing(
-    hub: RelayHub, links: Callable[[], Link], mode: str
+def test_three_hundred_tunnels_in_one_loop_leak_nothing(
+    loop: EventLoop, links: Callable[[], Link], mode: str
 ) -> None:
-    hub.start()  # its own descriptors (wake-up pipe, epoll) are part of the baseline
+    loop.start()  # its own descriptors (wake-up pipe, epoll) are part of the baseline
     baseline = open_fds()
     made = [links() for _ in range(300)]
     for link in made:
-        link.add_to(hub, mode=mode)
-    assert hub.tunnel_count == 300
+        link.add_to(loop, mode=mode)
+    assert loop.tunnel_count == 300
     ups = [f"tunnel {i} up ".encode() * (1 + i % 5) for i in range(len(made))]
     downs = [f"tunnel {i} down ".encode() * (1 + i % 3) for i in range(len(made))]
 
@@ -334,8 +334,8 @@ def test_three_hundred_tunnels_in_one_hub_leak_nothing(
         res = link.done.wait()
         assert (res.a_to_b, res.b_to_a, res.reason, res.mode) == (len(up), len(down), "eof", mode)
         assert recv_all(link.client) == b"" and recv_all(link.target) == b""
-    assert hub.tunnel_count == 0
-    assert {link.done.thread for link in made} == {hub.name}
+    assert loop.tunnel_count == 0
+    assert {link.done.thread for link in made} == {loop.name}
     for link in made:
         link.close()
     leftover = {fd: target for fd, target in open_fds().items() if baseline.get(fd) != target}
@@ -350,23 +350,23 @@ def test_close_ends_open_tunnels_calls_on_done_and_stops_the_thread(
     links: Callable[[], Link], mode: str
 ) -> None:
     baseline = open_fds()
-    relay_hub = RelayHub("closing-hub")
-    made = [links().add_to(relay_hub, mode=mode) for _ in range(3)]
+    event_loop = EventLoop("closing-loop")
+    made = [links().add_to(event_loop, mode=mode) for _ in range(3)]
     for i, link in enumerate(made):
         link.round_trip(b"x" * (i + 1), b"y" * 10 * (i + 1))
-    assert relay_hub.tunnel_count == 3
-    assert any(t.name == "closing-hub" for t in threading.enumerate())
+    assert event_loop.tunnel_count == 3
+    assert any(t.name == "closing-loop" for t in threading.enumerate())
 
-    assert relay_hub.close(TIMEOUT) == 3
+    assert event_loop.close(TIMEOUT) == 3
     for i, link in enumerate(made):
         assert link.done.called.is_set(), "close() returns after every on_done"
         assert link.done.calls == [
-            (RelayResult(i + 1, 10 * (i + 1), "abort", "hub closed"), "closing-hub")
+            (RelayResult(i + 1, 10 * (i + 1), "abort", "loop closed"), "closing-loop")
         ]
         assert recv_all(link.client) == b"" and recv_all(link.target) == b""
-    assert relay_hub.tunnel_count == 0
-    assert not any(t.name == "closing-hub" for t in threading.enumerate())
-    # Nothing of the hub or its tunnels is left: no pipe (splice held one per direction),
+    assert event_loop.tunnel_count == 0
+    assert not any(t.name == "closing-loop" for t in threading.enumerate())
+    # Nothing of the loop or its tunnels is left: no pipe (splice held one per direction),
     # no epoll, no wake-up pipe.
     for link in made:
         link.close()
@@ -376,38 +376,38 @@ def test_close_ends_open_tunnels_calls_on_done_and_stops_the_thread(
     a, b = socket.socketpair()
     with a, b:
         with pytest.raises(RuntimeError):
-            relay_hub.add(a, b, Done())
+            event_loop.add(a, b, Done())
         with pytest.raises(RuntimeError):
-            relay_hub.start()
-    assert relay_hub.tunnel_count == 0
+            event_loop.start()
+    assert event_loop.tunnel_count == 0
 
 
 def test_close_before_any_tunnel_starts_no_thread() -> None:
     before = set(threading.enumerate())
-    relay_hub = RelayHub("never-started")
-    assert relay_hub.close(TIMEOUT) == 0
+    event_loop = EventLoop("never-started")
+    assert event_loop.close(TIMEOUT) == 0
     assert set(threading.enumerate()) <= before
     a, b = socket.socketpair()
     with a, b, pytest.raises(RuntimeError):
-        relay_hub.add(a, b, Done())
+        event_loop.add(a, b, Done())
 
 
-def test_add_checks_its_arguments(hub: RelayHub) -> None:
+def test_add_checks_its_arguments(loop: EventLoop) -> None:
     a, b = socket.socketpair()
     with a, b:
         with pytest.raises(ValueError, match="relay mode"):
-            hub.add(a, b, Done(), mode="teleport")
+            loop.add(a, b, Done(), mode="teleport")
         with pytest.raises(ValueError, match="idle_timeout"):
-            hub.add(a, b, Done(), idle_timeout=0)
+            loop.add(a, b, Done(), idle_timeout=0)
         with pytest.raises(ValueError, match="distinct"):
-            hub.add(a, a, Done())
-    assert hub.tunnel_count == 0
+            loop.add(a, a, Done())
+    assert loop.tunnel_count == 0
 
 
-def test_an_on_done_that_raises_is_logged_and_the_hub_goes_on(
-    hub: RelayHub, links: Callable[[], Link], caplog: pytest.LogCaptureFixture
+def test_an_on_done_that_raises_is_logged_and_the_loop_goes_on(
+    loop: EventLoop, links: Callable[[], Link], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="socks5d.hub")
+    caplog.set_level(logging.ERROR, logger="socks5d.eventloop")
     broken_link = links()
     results: list[RelayResult] = []
 
@@ -415,12 +415,12 @@ def test_an_on_done_that_raises_is_logged_and_the_hub_goes_on(
         results.append(result)
         raise ZeroDivisionError("a bug in on_done")
 
-    hub.add(broken_link.a, broken_link.b, broken, idle_timeout=0.2)
+    loop.add(broken_link.a, broken_link.b, broken, idle_timeout=0.2)
     broken_link.round_trip(b"abc", b"defg")
 
     def logged() -> bool:
         return any(
-            r.name == "socks5d.hub"
+            r.name == "socks5d.eventloop"
             and "on_done failed" in r.getMessage()
             and r.exc_info is not None
             and r.exc_info[0] is ZeroDivisionError
@@ -429,35 +429,35 @@ def test_an_on_done_that_raises_is_logged_and_the_hub_goes_on(
 
     assert wait_until(logged), "the failing on_done was not logged with its traceback"
     assert results == [RelayResult(3, 4, "idle", "idle timeout")]
-    # on_done closed nothing; the hub did, so the peers see the end.
+    # on_done closed nothing; the loop did, so the peers see the end.
     assert recv_all(broken_link.client) == b"" and recv_all(broken_link.target) == b""
 
-    # The hub's thread is alive and serves the next tunnel.
-    link = links().add_to(hub)
+    # The loop's thread is alive and serves the next tunnel.
+    link = links().add_to(loop)
     link.round_trip(b"after", b"the bug")
     link.client.shutdown(socket.SHUT_WR)
     link.target.shutdown(socket.SHUT_WR)
     res = link.done.wait()
     assert (res.a_to_b, res.b_to_a, res.reason) == (5, 7, "eof")
-    assert hub.tunnel_count == 0
+    assert loop.tunnel_count == 0
 
 
-# ---- HubPool ----
+# ---- EventLoopPool ----
 
 
-def test_hub_pool_spreads_tunnels_over_its_hubs(listener: socket.socket) -> None:
+def test_a_pool_spreads_tunnels_over_its_loops(listener: socket.socket) -> None:
     with pytest.raises(ValueError):
-        HubPool(0)
-    pool = HubPool(2, name="test-pool")
+        EventLoopPool(0)
+    pool = EventLoopPool(2, name="test-pool")
     made = [Link(listener) for _ in range(4)]
     closed = False
     try:
         for link in made:
             link.add_to(pool)
-        assert [h.tunnel_count for h in pool.hubs] == [2, 2], "least loaded first"
+        assert [h.tunnel_count for h in pool.loops] == [2, 2], "least loaded first"
         assert pool.tunnel_count == 4
 
-        # Bulk through all four at once, two per hub.
+        # Bulk through all four at once, two per loop.
         payloads = [random.Random(i).randbytes(2 * MiB) for i in range(4)]
         workers = []
         for link, data in zip(made, payloads, strict=True):
@@ -472,7 +472,7 @@ def test_hub_pool_spreads_tunnels_over_its_hubs(listener: socket.socket) -> None
         for worker in workers[0::2]:
             worker.result()
 
-        # End the two on the first hub: the next tunnel goes there.
+        # End the two on the first loop: the next tunnel goes there.
         for link in made[0::2]:
             link.client.shutdown(socket.SHUT_WR)
             link.target.shutdown(socket.SHUT_WR)
@@ -480,17 +480,17 @@ def test_hub_pool_spreads_tunnels_over_its_hubs(listener: socket.socket) -> None
             res = link.done.wait()
             assert (res.a_to_b, res.b_to_a, res.reason) == (len(data), 0, "eof")
             assert link.done.thread == "test-pool-0"
-        assert [h.tunnel_count for h in pool.hubs] == [0, 2]
+        assert [h.tunnel_count for h in pool.loops] == [0, 2]
         late = Link(listener)
         made.append(late)
         late.add_to(pool)
-        assert [h.tunnel_count for h in pool.hubs] == [1, 2]
+        assert [h.tunnel_count for h in pool.loops] == [1, 2]
         late.round_trip(b"late", b"comer")
 
         closed = True
         assert pool.close(TIMEOUT) == 3
         for link in [*made[1::2], late]:
-            assert link.done.calls[0][0].reason == "hub closed"
+            assert link.done.calls[0][0].reason == "loop closed"
         assert {link.done.thread for link in made} == {"test-pool-0", "test-pool-1"}
         assert pool.tunnel_count == 0
         assert not any(t.name.startswith("test-pool-") for t in threading.enumerate())
@@ -673,10 +673,10 @@ def test_a_reclaimed_request_is_ended_by_its_thread() -> None:
             assert handover.request.fileno() == -1
 
 
-# ---- the SOCKS handler with a hub ----
+# ---- the SOCKS handler with a loop ----
 
 
-@pytest.mark.parametrize("relay_threads", [2, 0], ids=["hub", "inline"])
+@pytest.mark.parametrize("relay_threads", [2, 0], ids=["loop", "inline"])
 def test_connect_relays_four_mib_each_way(
     target_factory: Callable[..., TargetServer],
     caplog: pytest.LogCaptureFixture,
@@ -712,14 +712,14 @@ def test_connect_relays_four_mib_each_way(
         session = record.access  # type: ignore[attr-defined]
         assert (session.up, session.down) == (len(up), len(down))
         assert session.end in ("client eof", "target eof")
-        # Where the tunnel ended (and its line was written): a hub, or the handler thread.
-        assert record.threadName.startswith("relay-hub-" if relay_threads else "handler")
+        # Where the tunnel ended (and its line was written): a loop, or the handler thread.
+        assert record.threadName.startswith("relay-loop-" if relay_threads else "handler")
         if relay_threads:
-            assert proxy.server.relay_hub.tunnel_count == 0  # type: ignore[attr-defined]
+            assert proxy.server.loops.tunnel_count == 0  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("relay_threads", [2, 0], ids=["hub", "inline"])
-def test_idle_tunnels_hold_no_handler_threads_with_a_hub(
+@pytest.mark.parametrize("relay_threads", [2, 0], ids=["loop", "inline"])
+def test_idle_tunnels_hold_no_handler_threads_with_a_loop(
     listener: socket.socket, relay_threads: int
 ) -> None:
     count = 50
@@ -737,7 +737,7 @@ def test_idle_tunnels_hold_no_handler_threads_with_a_hub(
             assert server.active_count == count
             new_threads = [t for t in threading.enumerate() if t not in before]
             if relay_threads:
-                assert wait_until(lambda: server.relay_hub.tunnel_count == count)
+                assert wait_until(lambda: server.loops.tunnel_count == count)
                 assert len(new_threads) < 10, f"{len(new_threads)} threads for {count} tunnels"
             else:
                 assert len(new_threads) >= count, "inline: a handler thread per tunnel"
@@ -752,10 +752,10 @@ def test_idle_tunnels_hold_no_handler_threads_with_a_hub(
                 sock.close()
         assert wait_until(lambda: server.active_count == 0)
         if relay_threads:
-            assert server.relay_hub.tunnel_count == 0
+            assert server.loops.tunnel_count == 0
 
 
-def test_abort_active_requests_ends_hub_tunnels(
+def test_abort_active_requests_ends_loop_tunnels(
     listener: socket.socket, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="socks5d.access")
@@ -767,26 +767,26 @@ def test_abort_active_requests_ends_hub_tunnels(
                 upstream.settimeout(TIMEOUT)
                 client.sendall(b"hi")
                 assert recv_exactly(upstream, 2) == b"hi"
-                assert wait_until(lambda: server.relay_hub.tunnel_count == 1)
+                assert wait_until(lambda: server.loops.tunnel_count == 1)
 
                 assert server.abort_active_requests() == 1
                 assert recv_all(client) == b""
-                assert recv_all(upstream) == b"", "the hub's on_done closed the upstream"
+                assert recv_all(upstream) == b"", "the loop's on_done closed the upstream"
                 assert wait_until(lambda: server.active_count == 0)
-                assert server.relay_hub.tunnel_count == 0
+                assert server.loops.tunnel_count == 0
         records = [r for r in caplog.records if r.name == "socks5d.access"]
         assert [r.access.end for r in records] == ["abort hangup"]  # type: ignore[attr-defined]
 
 
-def test_a_closed_hub_makes_the_handler_relay_inline(
+def test_a_closed_loop_makes_the_handler_relay_inline(
     echo_target: TargetServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="socks5d.access")
     with running_proxy(relay_threads=1) as proxy:
         server: Any = proxy.server
-        closed = HubPool(1, name="closed-hub")
+        closed = EventLoopPool(1, name="closed-loop")
         closed.close(TIMEOUT)
-        working, server.relay_hub = server.relay_hub, closed
+        working, server.loops = server.loops, closed
         try:
             with connect_through(proxy.address, ipv4(echo_target.port)) as client:
                 data = random.Random(3).randbytes(256 * 1024)
@@ -796,7 +796,7 @@ def test_a_closed_hub_makes_the_handler_relay_inline(
                 sender.result()
             assert wait_until(lambda: server.active_count == 0)
         finally:
-            server.relay_hub = working  # the fixture closes this one
+            server.loops = working  # the fixture closes this one
         records = [r for r in caplog.records if r.name == "socks5d.access"]
         assert len(records) == 1
         assert records[0].threadName == "handler"
@@ -809,15 +809,15 @@ def test_a_closed_hub_makes_the_handler_relay_inline(
 
 @needs_proc_fd
 def test_a_second_close_leaves_other_descriptors_alone() -> None:
-    relay_hub = RelayHub("closed-twice")
+    event_loop = EventLoop("closed-twice")
     before = open_fds()
-    relay_hub.start()
+    event_loop.start()
     own = sorted(fd for fd, target in open_fds().items() if before.get(fd) != target)
     wake = [fd for fd in own if open_fds().get(fd, "").startswith("pipe:")]
-    assert len(wake) == 2, f"the hub's descriptors: {own}"
-    r, w = os.pipe()  # ours, opened while the hub's numbers are still taken
+    assert len(wake) == 2, f"the loop's descriptors: {own}"
+    r, w = os.pipe()  # ours, opened while the loop's numbers are still taken
     os.set_blocking(r, False)
-    assert relay_hub.close(TIMEOUT) == 0
+    assert event_loop.close(TIMEOUT) == 0
 
     # The process reuses the freed numbers (dup2 makes it deterministic): our pipe's.
     mine = []
@@ -825,7 +825,7 @@ def test_a_second_close_leaves_other_descriptors_alone() -> None:
         for fd in wake:
             os.dup2(w, fd)
             mine.append(fd)
-        assert relay_hub.close(TIMEOUT) == 0
+        assert event_loop.close(TIMEOUT) == 0
         gone = []
         for fd in mine:
             try:
@@ -834,7 +834,7 @@ def test_a_second_close_leaves_other_descriptors_alone() -> None:
                 gone.append(fd)
         with contextlib.suppress(BlockingIOError):
             stray = os.read(r, 16)
-            assert stray == b"", f"close() wrote {stray!r} into a pipe that is not the hub's"
+            assert stray == b"", f"close() wrote {stray!r} into a pipe that is not the loop's"
         assert not gone, f"the second close() closed descriptors {gone} it did not own"
     finally:
         for fd in (r, w, *mine):
@@ -845,38 +845,38 @@ def test_a_second_close_leaves_other_descriptors_alone() -> None:
 def test_an_add_racing_close_is_refused_or_ended(
     listener: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    relay_hub = RelayHub("racing")
-    relay_hub.start()
+    event_loop = EventLoop("racing")
+    event_loop.start()
     link = Link(listener)
     inside, go_on = threading.Event(), threading.Event()
-    prepare = hub_module.prepare_sockets
+    prepare = eventloop_module.prepare_sockets
 
     def held_prepare(*socks: socket.socket) -> Any:
-        inside.set()  # add() is past start(), its "is the hub closed?" check
+        inside.set()  # add() is past start(), its "is the loop closed?" check
         assert go_on.wait(TIMEOUT)
         return prepare(*socks)
 
-    monkeypatch.setattr(hub_module, "prepare_sockets", held_prepare)
+    monkeypatch.setattr(eventloop_module, "prepare_sockets", held_prepare)
     try:
-        adder = Worker(relay_hub.add, link.a, link.b, link.done)
+        adder = Worker(event_loop.add, link.a, link.b, link.done)
         adder.start()
         assert inside.wait(TIMEOUT)
-        assert relay_hub.close(TIMEOUT) == 0  # the thread is gone
+        assert event_loop.close(TIMEOUT) == 0  # the thread is gone
         go_on.set()
         adder.join(TIMEOUT)
         assert not adder.is_alive()
         refused = isinstance(adder.error, RuntimeError)
-        # Either add() says the hub is closed, or the hub still ends the tunnel it took.
+        # Either add() says the loop is closed, or the loop still ends the tunnel it took.
         assert refused or link.done.called.wait(2.0), "add() returned, on_done never came"
-        assert relay_hub.tunnel_count == 0
+        assert event_loop.tunnel_count == 0
     finally:
         go_on.set()
         link.close()
 
 
-class FailingHub:
-    """A relay hub whose every call fails as a hub's first add() does when its pipe2 or
-    epoll cannot be created (EMFILE): anything but the RuntimeError of a closed hub."""
+class FailingLoops:
+    """An event loop pool whose every call fails as a loop's first add() does when its pipe2 or
+    epoll cannot be created (EMFILE): anything but the RuntimeError of a closed loop."""
 
     tunnel_count = 0
 
@@ -890,12 +890,12 @@ class FailingHub:
         return 0
 
 
-def test_a_failing_hub_leaves_the_connection_to_its_thread(listener: socket.socket) -> None:
-    # Neither the handshake nor the tunnel can go to the hub: the handler thread serves
+def test_a_failing_loop_leaves_the_connection_to_its_thread(listener: socket.socket) -> None:
+    # Neither the handshake nor the tunnel can go to the loop: the handler thread serves
     # both, the bytes flow, and the request is ended and uncounted afterwards.
     with running_proxy(relay_threads=1) as proxy:
         server: Any = proxy.server
-        working, server.relay_hub = server.relay_hub, FailingHub()
+        working, server.loops = server.loops, FailingLoops()
         try:
             with connect_through(proxy.address, ipv4(listener.getsockname()[1])) as client:
                 upstream, _ = listener.accept()
@@ -909,57 +909,57 @@ def test_a_failing_hub_leaves_the_connection_to_its_thread(listener: socket.sock
                     assert recv_all(client) == b""
             assert wait_until(lambda: server.active_count == 0, timeout=TIMEOUT)
         finally:
-            server.relay_hub = working
+            server.loops = working
 
 
-# ---- the hub's loop for others: call_soon, timers, watchers, listeners ----
+# ---- the loop for others: call_soon, timers, watchers, listeners ----
 
 
-def run_in_hub(relay_hub: RelayHub, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` in the hub's thread and return its result (bounded wait)."""
+def run_in_loop(event_loop: EventLoop, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in the loop's thread and return its result (bounded wait)."""
     answer: queue.Queue[Any] = queue.Queue()
-    relay_hub.call_soon(lambda: answer.put(fn()))
+    event_loop.call_soon(lambda: answer.put(fn()))
     return answer.get(timeout=TIMEOUT)
 
 
-def test_call_soon_runs_in_the_hub_thread_in_order(hub: RelayHub) -> None:
+def test_call_soon_runs_in_the_loop_thread_in_order(loop: EventLoop) -> None:
     seen: queue.Queue[tuple[int, int]] = queue.Queue()
     for i in range(3):
-        hub.call_soon(lambda i=i: seen.put((i, threading.get_ident())))
+        loop.call_soon(lambda i=i: seen.put((i, threading.get_ident())))
     got = [seen.get(timeout=TIMEOUT) for _ in range(3)]
     assert [i for i, _ in got] == [0, 1, 2]
-    assert {ident for _, ident in got} == {hub.thread_ident}
-    assert hub.thread_ident != threading.get_ident()
+    assert {ident for _, ident in got} == {loop.thread_ident}
+    assert loop.thread_ident != threading.get_ident()
 
 
-def test_timers_fire_in_deadline_order_and_cancelled_ones_never(hub: RelayHub) -> None:
+def test_timers_fire_in_deadline_order_and_cancelled_ones_never(loop: EventLoop) -> None:
     fired: queue.Queue[str] = queue.Queue()
 
     def arm() -> None:
-        hub.call_later(0.2, lambda: fired.put("late"))
-        hub.call_later(0.05, lambda: fired.put("early"))
-        hub.call_later(0.1, lambda: fired.put("cancelled")).cancel()
-        hub.call_later(0.3, lambda: fired.put("last"))
+        loop.call_later(0.2, lambda: fired.put("late"))
+        loop.call_later(0.05, lambda: fired.put("early"))
+        loop.call_later(0.1, lambda: fired.put("cancelled")).cancel()
+        loop.call_later(0.3, lambda: fired.put("last"))
 
-    hub.call_soon(arm)
+    loop.call_soon(arm)
     assert [fired.get(timeout=TIMEOUT) for _ in range(3)] == ["early", "late", "last"]
     assert fired.empty()
 
 
-def test_cancelled_timers_do_not_pile_up_in_the_heap(hub: RelayHub) -> None:
+def test_cancelled_timers_do_not_pile_up_in_the_heap(loop: EventLoop) -> None:
     # A handshake timer is set and cancelled per connection; at thousands of connections
     # a second their heap entries must be compacted, not kept until they would fire.
     def churn() -> None:
         for _ in range(5000):
-            hub.call_later(3600.0, lambda: None).cancel()
+            loop.call_later(3600.0, lambda: None).cancel()
 
-    hub.call_soon(churn)
-    size = run_in_hub(hub, lambda: len(hub._timers))  # the loop ran its timers in between
-    assert size <= 2 * hub_module._STALE_SLACK + 2
+    loop.call_soon(churn)
+    size = run_in_loop(loop, lambda: len(loop._timers))  # the loop ran its timers in between
+    assert size <= 2 * eventloop_module._STALE_SLACK + 2
 
 
 class RecordingWatcher:
-    """A Watcher that keeps what the hub told it."""
+    """A Watcher that keeps what the loop told it."""
 
     def __init__(self) -> None:
         self.events: queue.Queue[dict[int, int]] = queue.Queue()
@@ -968,28 +968,32 @@ class RecordingWatcher:
     def on_events(self, revents: dict[int, int]) -> None:
         self.events.put(dict(revents))
 
-    def on_hub_close(self) -> None:
+    def on_loop_close(self) -> None:
         self.closed.set()
 
 
-def test_a_watcher_sees_readiness_and_hears_the_hub_close() -> None:
+def test_a_watcher_sees_readiness_and_hears_the_loop_close() -> None:
     import select as select_module
 
-    relay_hub = RelayHub("watch-hub")
+    event_loop = EventLoop("watch-loop")
     left, right = socket.socketpair()
     with left, right:
         watcher = RecordingWatcher()
-        run_in_hub(relay_hub, lambda: relay_hub.watch(left.fileno(), select_module.POLLIN, watcher))
+        run_in_loop(
+            event_loop, lambda: event_loop.watch(left.fileno(), select_module.POLLIN, watcher)
+        )
         right.sendall(b"!")
         revents = watcher.events.get(timeout=TIMEOUT)
         assert revents.keys() == {left.fileno()} and revents[left.fileno()] & select_module.POLLIN
-        run_in_hub(relay_hub, lambda: relay_hub.unwatch(left.fileno()))
-        run_in_hub(relay_hub, lambda: relay_hub.watch(left.fileno(), select_module.POLLIN, watcher))
-        assert relay_hub.close(TIMEOUT) == 0  # no tunnels; the watcher is let go
+        run_in_loop(event_loop, lambda: event_loop.unwatch(left.fileno()))
+        run_in_loop(
+            event_loop, lambda: event_loop.watch(left.fileno(), select_module.POLLIN, watcher)
+        )
+        assert event_loop.close(TIMEOUT) == 0  # no tunnels; the watcher is let go
         assert watcher.closed.is_set()
 
 
-def test_a_hub_accepts_from_a_listener_until_it_forgets_it(listener: socket.socket) -> None:
+def test_a_loop_accepts_from_a_listener_until_it_forgets_it(listener: socket.socket) -> None:
     listener.setblocking(False)
     accepted: queue.Queue[tuple[socket.socket, int]] = queue.Queue()
 
@@ -998,17 +1002,17 @@ def test_a_hub_accepts_from_a_listener_until_it_forgets_it(listener: socket.sock
         accepted.put((conn, threading.get_ident()))
         return 0.0
 
-    pool = HubPool(2)
+    pool = EventLoopPool(2)
     try:
         pool.serve_listeners([listener], accept)
         with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as first:
             conn, ident = accepted.get(timeout=TIMEOUT)
             with conn:
-                assert ident in {hub.thread_ident for hub in pool.hubs}
+                assert ident in {loop.thread_ident for loop in pool.loops}
                 conn.sendall(b"hi")
                 assert recv_exactly(first, 2) == b"hi"
         pool.forget_listeners(TIMEOUT)
-        # No hub watches it now: the next connection waits in the backlog for us.
+        # No loop watches it now: the next connection waits in the backlog for us.
         with socket.create_connection(listener.getsockname(), timeout=TIMEOUT):
             listener.settimeout(TIMEOUT)
             conn, _ = listener.accept()
@@ -1022,7 +1026,7 @@ def test_a_hub_accepts_from_a_listener_until_it_forgets_it(listener: socket.sock
 def test_an_accept_back_off_stops_watching_until_it_ends(
     listener: socket.socket, woken: bool
 ) -> None:
-    # accept() failing with EMFILE leaves the listener readable; the hub must not spin on
+    # accept() failing with EMFILE leaves the listener readable; the loop must not spin on
     # it but come back when the back-off ends, or at once when told that it is over (a
     # request closed and gave its descriptor back).
     listener.setblocking(False)
@@ -1038,13 +1042,13 @@ def test_an_accept_back_off_stops_watching_until_it_ends(
         accepted.put(conn)
         return 0.0
 
-    relay_hub = RelayHub("backoff-hub")
+    event_loop = EventLoop("backoff-loop")
     try:
-        relay_hub.serve_listeners([listener], accept)
+        event_loop.serve_listeners([listener], accept)
         with socket.create_connection(listener.getsockname(), timeout=TIMEOUT):
             if woken:
                 assert wait_until(lambda: len(calls) == 1)
-                relay_hub.resume_listeners()
+                event_loop.resume_listeners()
             conn = accepted.get(timeout=TIMEOUT)
             conn.close()
         assert len(calls) == 2  # one refusal, then one accept: no busy loop
@@ -1053,4 +1057,4 @@ def test_an_accept_back_off_stops_watching_until_it_ends(
         else:
             assert calls[1] - calls[0] >= pause - 0.01
     finally:
-        relay_hub.close(TIMEOUT)
+        event_loop.close(TIMEOUT)
