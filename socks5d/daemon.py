@@ -32,69 +32,34 @@ from .auth import is_default_hash
 from .capacity import ConnectionLimits, process_limits, resolve_limits
 from .config import Config, ConfigError, apply_overrides, load_config
 from .eventloop import EventLoopPool
-from .fastpath import FastHandshake
-from .handler import HandlerSettings, Socks5Handler
+from .fastpath import begin_fast_handshake
+from .handler import HandlerContext, HandlerSettings, Socks5Handler
 from .limits import UserSlots
 from .logs import configure_logging, hand_log_files_to, reconfigure_logging
+from .loopserver import EventLoopTCPServer
 from .privileges import drop_privileges, resolve_ids
 from .rules import exposure_problem
-from .server import ForkingTCPServer, ThreadingTCPServer, reap_child
+from .server import BaseServer, ForkingTCPServer, reap_child
 from .shmem import SharedBytes
 from .throttle import CheckGate, FailedLoginBackoff
 
 logger = logging.getLogger("socks5d")
 
 
-class SocksServerMixIn:
-    """What the daemon adds to a core server: the handler settings and a periodic hook."""
+class SocksServerMixIn(BaseServer):
+    """What the daemon adds to a core server: its handlers' context, and a periodic hook
+    (reload, systemd status) run by the serving loop."""
 
-    settings: HandlerSettings = HandlerSettings()
+    context: HandlerContext = HandlerContext()
     periodic: Callable[[], None] | None = None
-    # State that outlives a reload; the handler reads it from here.
-    login_backoff: FailedLoginBackoff | None = None
-    check_gate: CheckGate | None = None  # the bound on password checks at once
-    user_slots: UserSlots | None = None
-    # Threading mode: the event loops that accept, run the common handshake and relay
-    # established tunnels (None: each handler thread does it all). Made in the serving
-    # process, after any fork.
-    loops: EventLoopPool | None = None
-
-    def hand_off_request(self, request: Any, client_address: Any) -> bool:
-        """Threading mode with event loops: the handshake starts in a loop (fastpath)."""
-        pool = self.loops
-        if pool is None:  # no loops: a thread serves it all
-            return False
-        finish = self.detach_request(request)  # type: ignore[attr-defined]
-        try:
-            here = pool.current()
-            if here is not None:  # accepted by a loop (accept_elsewhere): begin right here
-                FastHandshake(self, here, request, client_address, finish).begin()
-                return True
-            loop = pool.pick()
-            loop.call_soon(FastHandshake(self, loop, request, client_address, finish).begin)
-        except Exception as exc:  # the loop is closed (the daemon is stopping), or worse
-            logger.debug("an event loop refused a handshake (%s): a thread serves it", exc)
-            self.reclaim_request(request)  # type: ignore[attr-defined]
-            return False
-        return True
 
     def service_actions(self) -> None:
-        super().service_actions()  # type: ignore[misc]
+        super().service_actions()
         if self.periodic is not None:
             self.periodic()
 
-    # ---- systemd STATUS= counter ----
 
-    @property
-    def served(self) -> int:
-        """Connections admitted since start. The core counts them as it takes their slot,
-        under its accounting lock: several event loops may accept at once."""
-        return int(self.admitted_total)  # type: ignore[attr-defined]
-
-    # ---- end systemd STATUS= counter ----
-
-
-class ThreadingSocksServer(SocksServerMixIn, ThreadingTCPServer):
+class ThreadingSocksServer(SocksServerMixIn, EventLoopTCPServer):
     """Event loops (relay_threads) and a pool of handler threads."""
 
 
@@ -102,7 +67,7 @@ class ForkingSocksServer(SocksServerMixIn, ForkingTCPServer):
     """One process per client; children see the settings current when they forked."""
 
     def child_exited(self, pid: int, code: int) -> None:
-        give_back_slots(self.user_slots, pid, code)
+        give_back_slots(self.context.user_slots, pid, code)
 
 
 SocksServer = ThreadingSocksServer | ForkingSocksServer
@@ -117,13 +82,23 @@ def attach_event_loops(server: ThreadingSocksServer, count: int) -> EventLoopPoo
     """Give a threading server `count` event loops that accept, run the common handshake
     (fastpath) and relay; the serving loop then only waits for shutdown()."""
     pool = EventLoopPool(count, name="relay-loop")
-    pool.start()
-    server.loops = pool
-    server.accept_elsewhere = True
-    pool.serve_listeners(server.listeners(), server.accept_ready)
-    # A closed request ends an EMFILE back-off at once, in the loops too.
-    server.add_accept_waker(pool.resume_listeners)
+    server.serve_in_loops(pool, begin_fast_handshake)
     return pool
+
+
+def make_context(
+    server: SocksServer, settings: Callable[[], HandlerSettings], parallel_checks: int
+) -> HandlerContext:
+    """The context of `server`'s handlers: fresh state that outlives reloads (made before
+    any fork, so every process shares it), the server's count and its event loops."""
+    return HandlerContext(
+        settings=settings,
+        login_backoff=FailedLoginBackoff(),
+        check_gate=CheckGate(parallel_checks),
+        user_slots=UserSlots(),
+        active_count=lambda: server.active_count,
+        relay_in_loop=server.relay_in_loop if isinstance(server, ThreadingSocksServer) else None,
+    )
 
 
 def give_back_slots(slots: UserSlots | None, pid: int, code: int) -> int:
@@ -150,7 +125,7 @@ def nothing_in_flight(server: SocksServer, quiet: float) -> Callable[[], bool]:
     elsewhere (forking mode, handler threads), always get the whole grace period."""
 
     def check() -> bool:
-        pool = server.loops
+        pool = server.loops if isinstance(server, ThreadingSocksServer) else None
         if pool is None or server.active_count > pool.tunnel_count:
             return False
         return time.monotonic() - pool.last_activity() >= quiet
@@ -236,6 +211,8 @@ class Daemon:
         self.config_path = config_path
         self.overrides = overrides or {}
         self.server: SocksServer | None = None
+        # What new connections begin under (the handlers' context.settings()).
+        self.handler_settings = HandlerSettings()
         self.reload_requested = False
         self.stopping = False
         self.stop_requested = False
@@ -275,10 +252,10 @@ class Daemon:
             problem = exposure_problem(config, server.server_addresses)
             if problem:
                 raise ConfigError(problem)
-            # Before any fork (forking mode, workers): every process shares these.
-            server.login_backoff = FailedLoginBackoff()
-            server.check_gate = CheckGate(config.auth.parallel_checks)
-            server.user_slots = UserSlots()
+            # Before any fork (forking mode, workers): every process shares its state.
+            server.context = make_context(
+                server, lambda: self.handler_settings, config.auth.parallel_checks
+            )
             self._apply(server, config)
             warn_about_passwords(config)
             # Last: with root gone, nothing more may need to open a privileged resource.
@@ -295,7 +272,7 @@ class Daemon:
     def _apply(self, server: SocksServer, config: Config) -> None:
         """Put a validated config into effect for new connections."""
         limits = config.limits
-        server.settings = HandlerSettings.from_config(config, server.server_addresses)
+        self.handler_settings = HandlerSettings.from_config(config, server.server_addresses)
         caps = connection_limits(config, server.server_addresses)
         server.max_connections = caps.max_connections
         server.max_connections_per_ip = caps.max_connections_per_ip
@@ -303,15 +280,16 @@ class Daemon:
         logger.info("%s", caps.describe())
         if caps.warning:
             logger.warning("%s", caps.warning)
-        if server.user_slots is not None:
-            server.user_slots.limit = limits.max_connections_per_user or None
-        if server.login_backoff is not None:
-            server.login_backoff.delay = config.auth.failure_delay
-            server.login_backoff.max_delay = config.auth.failure_delay_max
-            server.login_backoff.window = config.auth.failure_window
-            server.login_backoff.ipv6_prefix = limits.ipv6_client_prefix
-        if server.check_gate is not None:
-            server.check_gate.limit = config.auth.parallel_checks
+        context = server.context
+        if context.user_slots is not None:
+            context.user_slots.limit = limits.max_connections_per_user or None
+        if context.login_backoff is not None:
+            context.login_backoff.delay = config.auth.failure_delay
+            context.login_backoff.max_delay = config.auth.failure_delay_max
+            context.login_backoff.window = config.auth.failure_window
+            context.login_backoff.ipv6_prefix = limits.ipv6_client_prefix
+        if context.check_gate is not None:
+            context.check_gate.limit = config.auth.parallel_checks
 
     @staticmethod
     def _hand_log_files_over(config: Config) -> None:
@@ -360,13 +338,11 @@ class Daemon:
     def _start_event_loops(self, server: SocksServer) -> None:
         """Threading mode: the relay threads, in the process that serves (after a fork)."""
         relay_threads = self.config.server.relay_threads
-        if isinstance(server, ThreadingSocksServer) and relay_threads and not server.loops:
+        if isinstance(server, ThreadingSocksServer) and relay_threads and server.loops is None:
             attach_event_loops(server, relay_threads)
 
     def _close(self, server: SocksServer) -> None:
         """Graceful stop: refuse new clients now, let open ones finish, cut the rest."""
-        if server.loops is not None:
-            server.loops.forget_listeners()  # before the sockets close
         server.stop_listening()
         grace = self.config.timeouts.shutdown_grace
         active = server.active_count
@@ -384,10 +360,9 @@ class Daemon:
         elif active:
             server.abort_active_requests()
             logger.warning("stopping: cut %d connection(s) still open", active)
+        # Threading mode: the event loops close with it and end the tunnels still there
+        # (cut above, or the wait was cancelled).
         server.server_close()
-        if server.loops is not None:
-            # Tunnels still there were cut above (or the wait was cancelled): end them.
-            server.loops.close()
         logger.info("stopped")
 
     # ---- signals ----
@@ -436,11 +411,12 @@ class Daemon:
     _status_sent = ""
 
     def _status_text(self, server: SocksServer) -> str:
-        active = getattr(server, "active_count", 0)
+        active = server.active_count
+        served = server.accounting.admitted_total
         where = ", ".join(format_address(address) for address in server.server_addresses)
         return (
             f"{active} active connection{'' if active == 1 else 's'}, "
-            f"{server.served} served, listening on {where}"
+            f"{served} served, listening on {where}"
         )
 
     def _notify_status(self) -> None:
@@ -633,7 +609,7 @@ class Supervisor:
 
     def reap(self, block: bool, previous_mask: Any = None) -> None:
         server = self.daemon.server
-        slots = server.user_slots if server else None
+        slots = server.context.user_slots if server else None
         while self.workers:
             try:
                 # Slots are given back before another process can be given the PID.

@@ -22,23 +22,27 @@ import functools
 import logging
 import select
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from .addresses import canonical_ip, client_ip
 from .eventloop import EventLoop, Timer
 from .handler import (
+    HandlerContext,
     Negotiation,
     conclude_session,
     format_peer,
+    handler_context,
     record_relay,
     size_tunnel_buffers,
 )
 from .handshake import Action, Close, Dispatch, Send
+from .loopserver import EventLoopMixIn
 from .outbound import connect_error, connect_failed, start_connect
 from .protocol import Address, AddressType, Command, Reply, Request
 from .relay import RelayResult
 
-__all__ = ["FastHandshake"]
+__all__ = ["FastHandshake", "begin_fast_handshake"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +53,15 @@ _POLLOUT = select.POLLOUT
 class FastHandshake:
     """One client's handshake, driven by its event loop (see the module docstring).
 
-    ``server`` is the threading server that accepted the request and detached it
-    (``finish`` ends it); it provides ``settings`` and ``resume_in_thread``.
+    ``server`` accepted the request and detached it (``finish`` ends it); its context
+    (a HandlerContext) gives the settings, its ``resume_in_thread`` the way to a thread.
     """
 
     __slots__ = (
         "client",
         "client_address",
         "connecting",
+        "context",
         "finish",
         "loop",
         "negotiation",
@@ -67,18 +72,19 @@ class FastHandshake:
 
     def __init__(
         self,
-        server: Any,
+        server: EventLoopMixIn,
         loop: EventLoop,
         client: socket.socket,
         client_address: Any,
-        finish: Any,
+        finish: Callable[[], None],
     ) -> None:
         self.server = server
+        self.context: HandlerContext = handler_context(server.context)
         self.loop = loop
         self.client = client
         self.client_address = client_address
         self.finish = finish
-        self.negotiation = Negotiation.begin(server.settings, client_address)
+        self.negotiation = Negotiation.begin(self.context.settings(), client_address)
         self.connecting = False
         self.upstream: socket.socket | None = None
         self.timer: Timer | None = None
@@ -246,7 +252,7 @@ class FastHandshake:
             self.client_address,
             upstream,
             request.address.host,
-            self.server.active_count,
+            self.context.active_count(),
         )
         self.loop.add_here(
             self.client,
@@ -308,6 +314,18 @@ class FastHandshake:
             self.server.resume_in_thread(self.client, self.client_address, self.negotiation)
         except Exception:
             logger.exception("could not hand a handshake to a thread")
+
+
+def begin_fast_handshake(
+    server: EventLoopMixIn,
+    loop: EventLoop,
+    client: socket.socket,
+    client_address: Any,
+    finish: Callable[[], None],
+) -> None:
+    """The daemon's loop handler (EventLoopMixIn.loop_handler): every request begins
+    with the common handshake in the loop that accepted it."""
+    FastHandshake(server, loop, client, client_address, finish).begin()
 
 
 def _followed_by_close(actions: list[Action], index: int) -> bool:

@@ -22,13 +22,14 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .addresses import canonical_ip, client_ip, unmapped_host
 from .auth import Authenticator
 from .bind import ClientLeft, expected_peer_ips, open_bind_listener, wait_for_peer
 from .config import Config
 from .handshake import Action, Authenticate, Dispatch, Send, ServerHandshake
+from .limits import UserSlots
 from .lookups import LookupPool
 from .outbound import (
     ANY_SOURCE,
@@ -97,6 +98,63 @@ class HandlerSettings:
 
 
 DEFAULTS = HandlerSettings()
+
+
+class RelayInLoop(Protocol):
+    """Hands an established tunnel to an event loop (see EventLoopMixIn.relay_in_loop):
+    True when the loop took it (it calls `on_done` when the tunnel ends, then ends the
+    request), False when the caller must relay it itself."""
+
+    def __call__(
+        self,
+        request: socket.socket,
+        other: socket.socket,
+        on_done: Callable[[RelayResult], None],
+        *,
+        idle_timeout: float | None,
+        pending_a_to_b: bytes,
+    ) -> bool: ...
+
+
+def _default_settings() -> HandlerSettings:
+    return DEFAULTS
+
+
+def _one_connection() -> int:
+    return 1
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerContext:
+    """All a handler may use of the process that serves it, declared in one place.
+
+    The daemon assembles it; the core hands it, unread, to every handler (a thread's
+    Socks5Handler, a loop's FastHandshake) as its `context`.
+
+    - settings(): the HandlerSettings a new connection begins under. A reload changes
+      what it returns, never the settings of a connection already begun.
+    - login_backoff, check_gate, user_slots: state that outlives a reload (and with
+      workers, the process): None when there is none.
+    - active_count(): the connections open now (tunnel socket buffers shrink as they
+      grow in number).
+    - relay_in_loop: hands an established tunnel to an event loop; None: every tunnel is
+      relayed by its handler thread.
+    """
+
+    settings: Callable[[], HandlerSettings] = _default_settings
+    login_backoff: FailedLoginBackoff | None = None
+    check_gate: CheckGate | None = None
+    user_slots: UserSlots | None = None
+    active_count: Callable[[], int] = _one_connection
+    relay_in_loop: RelayInLoop | None = None
+
+
+DEFAULT_CONTEXT = HandlerContext()
+
+
+def handler_context(context: object) -> HandlerContext:
+    """The context a server passed on, or the defaults when it passed none."""
+    return context if isinstance(context, HandlerContext) else DEFAULT_CONTEXT
 
 
 @dataclass(slots=True)
@@ -194,18 +252,19 @@ class HandshakeIO:
 class Socks5Handler(BaseRequestHandler):
     """Serves one SOCKS5 client (RFC 1928, RFC 1929) in a thread.
 
-    A fresh connection begins under `server.settings` (a HandlerSettings), so a reload
-    swaps one attribute and new connections see the new policy while old ones keep
-    theirs; one an event loop began arrives as the Negotiation it handed over (the
-    core's `handover`). State that outlives a reload (login back-off, per-user slots)
-    lives on the server.
+    Everything it uses of the process comes from its `context` (a HandlerContext). A
+    fresh connection begins under `context.settings()`, so after a reload new
+    connections see the new policy while old ones keep theirs; one an event loop began
+    arrives as the Negotiation it handed over (the core's `handover`), with its settings.
     """
 
+    context: HandlerContext
+
     def setup(self) -> None:
+        self.context = handler_context(self.context)
         negotiation = self.handover if isinstance(self.handover, Negotiation) else None
         if negotiation is None:
-            settings = getattr(self.server, "settings", None) or DEFAULTS
-            negotiation = Negotiation.begin(settings, self.client_address)
+            negotiation = Negotiation.begin(self.context.settings(), self.client_address)
         self.negotiation = negotiation
         self.settings: HandlerSettings = negotiation.settings
         self.handshake = negotiation.handshake
@@ -239,7 +298,7 @@ class Socks5Handler(BaseRequestHandler):
     def conclude(self) -> None:
         """The end of every connection: free its user slot, write its access line."""
         if self.user_slot and self.user is not None:
-            slots = getattr(self.server, "user_slots", None)
+            slots = self.context.user_slots
             if slots is not None:
                 slots.release(self.user)
         conclude_session(self.request, self.session)
@@ -288,7 +347,7 @@ class Socks5Handler(BaseRequestHandler):
         auth = self.settings.authenticator
         username, password = credentials.username, credentials.password
         if auth.remembers(username, password):
-            backoff = getattr(self.server, "login_backoff", None)
+            backoff = self.context.login_backoff
             if backoff is not None:
                 backoff.succeeded(self.client_ip, username)
             return None
@@ -304,8 +363,7 @@ class Socks5Handler(BaseRequestHandler):
         """Run the password check when this client's back-off turn has come and a check
         slot is free, without a check when either is past `deadline`. None: logged in;
         else why not, for the access log."""
-        backoff: FailedLoginBackoff | None = getattr(self.server, "login_backoff", None)
-        gate: CheckGate | None = getattr(self.server, "check_gate", None)
+        backoff, gate = self.context.login_backoff, self.context.check_gate
         while True:
             turn = NO_WAIT if backoff is None else backoff.book(self.client_ip, username, deadline)
             if turn is None:
@@ -323,7 +381,7 @@ class Socks5Handler(BaseRequestHandler):
             return None if ok else "authentication failed"
 
     def take_user_slot(self, user: str) -> bool:
-        slots = getattr(self.server, "user_slots", None)
+        slots = self.context.user_slots
         if slots is None:
             return True
         self.user_slot = slots.acquire(user)
@@ -527,8 +585,8 @@ class Socks5Handler(BaseRequestHandler):
     def tunnel(self, upstream: socket.socket) -> None:
         """Relay between the client and `upstream`; pipelined client bytes go first.
 
-        With event loops on the server (threading mode), the tunnel goes to one and this
-        thread returns to the pool; the loop calls tunnel_ended. Else it is relayed here.
+        With event loops (threading mode), the tunnel goes to one and this thread returns
+        to the pool; the loop calls tunnel_ended. Else it is relayed here.
         """
         pending = self.handshake.early_data()
         size_tunnel_buffers(
@@ -537,43 +595,31 @@ class Socks5Handler(BaseRequestHandler):
             self.client_address,
             upstream,
             None,
-            getattr(self.server, "active_count", 1),
+            self.context.active_count(),
         )
         idle_timeout = self.settings.idle_timeout
-        loops = getattr(self.server, "loops", None)
-        detach = getattr(self.server, "detach_request", None)
-        if loops is not None and detach is not None:
-            finish = detach(self.request)
+        relay_in_loop = self.context.relay_in_loop
+        if relay_in_loop is not None:
+            # Before the hand-over: the loop may end the tunnel before the call returns.
             self.detached = True
-            try:
-                loops.add(
-                    self.request,
-                    upstream,
-                    functools.partial(self.tunnel_ended, upstream, finish),
-                    idle_timeout=idle_timeout,
-                    pending_a_to_b=pending,
-                )
+            on_done = functools.partial(self.tunnel_ended, upstream)
+            if relay_in_loop(
+                self.request, upstream, on_done, idle_timeout=idle_timeout, pending_a_to_b=pending
+            ):
                 return
-            except Exception as exc:  # closed as the daemon stops, or out of descriptors
-                logger.debug("an event loop refused a tunnel (%s): relaying in the thread", exc)
-                self.detached = False
-                self.server.reclaim_request(self.request)  # type: ignore[attr-defined]
+            self.detached = False  # refused (the daemon is stopping): relayed here
         result = relay(self.request, upstream, idle_timeout=idle_timeout, pending_a_to_b=pending)
         self.record(result)
 
     def record(self, result: RelayResult) -> None:
         record_relay(self.session, result)
 
-    def tunnel_ended(
-        self, upstream: socket.socket, finish: Callable[[], None], result: RelayResult
-    ) -> None:
-        """The loop's on_done (in its thread): what handle() and the core do inline."""
-        try:
-            upstream.close()
-            self.record(result)
-            self.conclude()
-        finally:
-            finish()
+    def tunnel_ended(self, upstream: socket.socket, result: RelayResult) -> None:
+        """The loop's on_done (in its thread): what handle() does inline; the server
+        ends the request right after."""
+        upstream.close()
+        self.record(result)
+        self.conclude()
 
     def deny(self, io: HandshakeIO) -> None:
         """RFC 1928 §6 reply 02: a rule said no (named in the access log)."""

@@ -2,11 +2,14 @@
 the request handler base classes, in the spirit of CPython's ``socketserver``.
 
 Owns: the listening socket (address family from the host, SO_REUSEADDR, backlog), the
-accept loop (selector with a wake-up socketpair, accept-error back-off), concurrency
-(threads or forked children, capped by ``max_connections``), graceful and forced close,
-and error logging. Hook and class names follow ``socketserver`` so its documentation
-applies; where we differ (prompt shutdown, accept back-off, reaped threads, capped
-concurrency, logging instead of printing) the class docstrings say so.
+accept loop (selector with a wake-up socketpair), the accept-side accounting
+(:class:`AcceptAccounting`: slots per client and in all, refusals, the back-off after
+EMFILE), concurrency (a pool of threads or forked children, capped by
+``max_connections``), graceful and forced close, and error logging. Hook and class names
+follow ``socketserver`` so its documentation applies; where we differ (prompt shutdown,
+accept back-off, reaped threads, capped concurrency, logging instead of printing) the
+class docstrings say so. Serving from event loops as well as threads is
+:mod:`socks5d.loopserver`'s.
 
 Must not import SOCKS code (protocol, auth, handler, ...) nor ``socketserver``: it is the
 bottom layer and knows nothing of what the handler speaks. Stdlib and the pure
@@ -29,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Self, cast
+from typing import Any, Self, cast
 
 from .addresses import DEFAULT_IPV6_CLIENT_PREFIX, client_ip, client_key, format_address
 
@@ -84,6 +87,220 @@ _LISTENER = "listener"
 _WorkItem = tuple[socket.socket, Any, object]
 
 
+class AcceptAccounting:
+    """What accepting changes, kept in one place for any number of accepting threads.
+
+    - Slots: the requests admitted and not yet ended, in all and per client key
+      (take_slot, give_back, held), and how many were admitted since start.
+    - Refusals at a cap not yet logged (refused, log_refusals): at most one WARNING per
+      interval, however many threads refuse.
+    - The accept back-off after EMFILE and the like (accept_failed, accept_succeeded):
+      it doubles from the minimum to the maximum, and a request that closes ends it at
+      once (descriptor_freed), calling the wakers of loops that stopped watching their
+      listeners (add_waker).
+
+    One lock guards all of it. A slot is checked and taken in one step under it, so no
+    cap is ever exceeded however many loops accept at once. An RLock: the check (the
+    server's over_limit hook) runs under it and may read the counts. The knobs (caps,
+    intervals, back-off bounds) are the server's, passed with each call, so they may be
+    changed on the server at any time.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.admitted = 0
+        self.per_client: collections.Counter[str] = collections.Counter()
+        self.admitted_total = 0  # since start: systemd's "served"
+        # Requests closed so far (approximate: only "has it changed?" matters).
+        self.releases = 0
+        # Refusals not yet logged: by cap, and per-client ones by client key.
+        self._refused: collections.Counter[str] = collections.Counter()
+        self._refused_clients: collections.Counter[str] = collections.Counter()
+        self._refusals_logged_at = float("-inf")
+        # The accept back-off; resume_at 0.0: not paused.
+        self.resume_at = 0.0
+        self._backoff = 0.0
+        self._failures = 0
+        self._burst_started = 0.0
+        self._burst_warned = False
+        self._unlogged = 0  # failures in bursts that logged nothing
+        self._warned_at = float("-inf")
+        self._wakers: list[Callable[[], None]] = []
+
+    # ---- slots ----
+
+    def take_slot(self, key: str, refuse: Callable[[], bool]) -> bool:
+        """Count a new request under `key`, unless `refuse()` (called under the lock)."""
+        with self.lock:
+            if refuse():
+                return False
+            self.admitted += 1
+            self.per_client[key] += 1
+            self.admitted_total += 1
+        return True
+
+    def give_back(self, key: str) -> None:
+        """A request counted under `key` has ended."""
+        with self.lock:
+            self.admitted -= 1
+            left = self.per_client[key] - 1
+            if left > 0:
+                self.per_client[key] = left
+            else:
+                del self.per_client[key]
+
+    def held(self, key: str | None = None) -> int:
+        """Slots held now: in all, or under one client key."""
+        with self.lock:
+            return self.admitted if key is None else self.per_client[key]
+
+    def cap_reached(self, key: str, max_total: int | None, max_per_client: int | None) -> str:
+        """The name of the cap a new request under `key` would exceed, or ""."""
+        with self.lock:
+            if max_total is not None and self.admitted >= max_total:
+                return "max_connections"
+            if max_per_client is not None and self.per_client[key] >= max_per_client:
+                return "max_connections_per_ip"
+            return ""
+
+    # ---- refusals ----
+
+    def refused(self, key: str, max_total: int | None, max_per_client: int | None) -> None:
+        """Count a refusal for the next log_refusals() line, by the cap that was full."""
+        with self.lock:
+            reason = self.cap_reached(key, max_total, max_per_client) or "a cap of the server"
+            self._refused[reason] += 1
+            if reason == "max_connections_per_ip":
+                self._refused_clients[key] += 1
+
+    def log_refusals(
+        self,
+        max_total: int | None,
+        max_per_client: int | None,
+        interval: float,
+        force: bool = False,
+    ) -> None:
+        """Log the refusals counted since the last line, unless that was too recent."""
+        if not self._refused:  # the common case, without the lock
+            return
+        with self.lock:
+            now = time.monotonic()
+            if not self._refused or (not force and now - self._refusals_logged_at < interval):
+                return
+            refused, self._refused = self._refused, collections.Counter()
+            clients, self._refused_clients = self._refused_clients, collections.Counter()
+            self._refusals_logged_at = now
+        parts = [f"{count} at {reason}" for reason, count in sorted(refused.items())]
+        if clients:
+            busiest, count = clients.most_common(1)[0]
+            parts.append(f"most from {busiest} ({count})")
+        logger.warning(
+            "connection limit reached (max_connections=%s, max_connections_per_ip=%s): "
+            "refused %d connection(s): %s",
+            max_total,
+            max_per_client,
+            sum(refused.values()),
+            ", ".join(parts),
+        )
+
+    # ---- the accept back-off ----
+
+    def add_waker(self, waker: Callable[[], None]) -> None:
+        """Have `waker()` called (from any thread) when a back-off ends early."""
+        with self.lock:
+            self._wakers.append(waker)
+
+    def accept_failed(
+        self,
+        exc: OSError,
+        releases: int,
+        backoff: tuple[float, float],
+        log_interval: float,
+    ) -> None:
+        """Ignore per-connection failures; pause accepting on exhaustion.
+
+        `releases`: self.releases before the failed accept(). A request that closed since
+        then found no pause to end: retry at once instead of waiting for the back-off.
+        `backoff`: its (minimum, maximum) in seconds. Warns at most once per
+        `log_interval`, counting the failures of bursts that logged nothing.
+        """
+        if exc.errno in _TRANSIENT_ERRNOS or (exc.errno is None and isinstance(exc, TimeoutError)):
+            logger.debug("accept() failed, ignored: %s", exc)
+            return
+        now = time.monotonic()
+        warn, earlier = False, 0
+        with self.lock:
+            if self._failures == 0:
+                self._burst_started = now
+                self._backoff = backoff[0]
+                # A closing request ends each burst at once, so under lasting starvation
+                # bursts come and go: warn for at most one per log_interval, and count
+                # the failures of the others for the next warning.
+                warn = now - self._warned_at >= log_interval
+                self._burst_warned = warn
+                if warn:
+                    self._warned_at = now
+                    earlier, self._unlogged = self._unlogged, 0
+            else:
+                self._backoff = min(self._backoff * 2, backoff[1])
+            if not self._burst_warned:
+                self._unlogged += 1
+            self._failures += 1
+            released = self.releases != releases
+            self.resume_at = now if released else now + self._backoff
+        if not warn:
+            return
+        since = f" ({earlier} more failure(s) since the last warning)" if earlier else ""
+        if exc.errno in _RESOURCE_ERRNOS:
+            logger.warning(
+                "accept() failed: %s; pausing accepts until a connection closes "
+                "(or for up to %.1f s)%s",
+                exc,
+                backoff[1],
+                since,
+            )
+        else:
+            # Unknown: still back off, so a persistent failure cannot spin either.
+            logger.error("accept() failed: %s; pausing accepts%s", exc, since)
+
+    def accept_succeeded(self) -> None:
+        """accept() worked (or found nothing pending): a back-off in force is over."""
+        if not self._failures:  # the common case, without the lock
+            return
+        with self.lock:
+            failures, self._failures = self._failures, 0
+            if not failures:
+                return
+            warned = self._burst_warned
+            self._backoff = 0.0
+            self.resume_at = 0.0
+            started = self._burst_started
+        if warned:
+            logger.info(
+                "accept() recovered after %d failed attempt(s) over %.2f s",
+                failures,
+                time.monotonic() - started,
+            )
+
+    def descriptor_freed(self) -> None:
+        """A request closed and gave back its descriptor: if accepting is paused after
+        EMFILE, retry now instead of when the back-off ends (which stays, as a fallback,
+        for descriptors freed by anything else)."""
+        self.releases += 1  # for an accept() failing right now (see accept_failed)
+        if not self.resume_at:  # not paused: the common case, without the lock
+            return
+        with self.lock:
+            if not self.resume_at:
+                return
+            self.resume_at = 0.0
+            wakers = list(self._wakers)
+        for waker in wakers:
+            try:
+                waker()
+            except Exception:
+                logger.exception("an accept waker failed")
+
+
 class BaseServer:
     """Base class for servers: the accept loop, shutdown and error policy.
 
@@ -95,6 +312,7 @@ class BaseServer:
     - handle_request()  # if you do not use serve_forever()
     - fileno() -> int   # for the selector
     - accept_ready(listener)  # accept from a loop of your own (with accept_elsewhere)
+    - active_count, active_for(client), wait_for_idle(timeout)
 
     Methods that may be overridden:
 
@@ -104,13 +322,14 @@ class BaseServer:
     - listeners(), get_request_from(listener)  # for servers with several sockets
     - handle_timeout()
     - verify_request(request, client_address)
+    - stop_listening()  # close the listening sockets, requests go on
     - server_close()
     - process_request(request, client_address)
     - shutdown_request(request)
     - close_request(request)
     - service_actions()
     - handle_error(request, client_address)
-    - over_limit(client_address)  # runs under the accounting lock (see below)
+    - over_limit(client_address)  # runs under the accounting lock
     - handle_overload(request, client_address)
 
     Methods for derived classes:
@@ -133,14 +352,12 @@ class BaseServer:
 
     - server_address
     - RequestHandlerClass
+    - context (None: whatever the application gives every handler, as its `context`;
+      the core never looks inside)
     - max_connections (None: unlimited; may be changed while serving)
     - max_connections_per_ip (None: unlimited; may be changed while serving)
-    - admitted_total (requests admitted since start)
-
-    Accounting: several threads may accept at once (relay hubs calling accept_ready()).
-    One lock guards what accepting changes: the slots held per client and in all, the
-    accept back-off and the refusals not yet logged. A slot is checked (over_limit) and
-    taken in one step under it, so no cap is ever exceeded.
+    - accounting (the AcceptAccounting: slots held, refusals, the accept back-off; safe
+      with several threads accepting at once, as loops calling accept_ready() do)
     """
 
     timeout: float | None = None
@@ -152,6 +369,7 @@ class BaseServer:
     accept_backoff_min: float = 0.05
     accept_backoff_max: float = 1.0
     accept_elsewhere: bool = False
+    context: object = None
 
     def __init__(self, server_address: Any, RequestHandlerClass: type[BaseRequestHandler]) -> None:
         """Constructor. May be extended, do not override."""
@@ -168,33 +386,9 @@ class BaseServer:
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
-        self._reset_accounting()
-
-    def _reset_accounting(self) -> None:
-        """The accept-side state, fresh (at start, and in a forked child)."""
-        # RLock: over_limit() runs under it and may call active_count/active_for.
-        self._accounting_lock = threading.RLock()
-        # Slots held: in all, and per client key (see client_key()).
-        self._admitted = 0
-        self._per_client: collections.Counter[str] = collections.Counter()
-        self.admitted_total = 0
-        # Accept back-off (see _accept_failed); resume_at 0.0: not paused.
-        self._accept_backoff = 0.0
-        self._accept_resume_at = 0.0
-        self._accept_failures = 0
-        self._accept_burst_started = 0.0
-        self._accept_burst_warned = False
-        self._accept_unlogged = 0  # failures in bursts that logged nothing
-        self._accept_warned_at = float("-inf")
-        # Loops of others that stop watching the listeners during a back-off.
-        self._accept_wakers: list[Callable[[], None]] = []
-        # Requests closed so far (approximate: only "has it changed?" matters).
-        self._releases = 0
-        # Refusals not yet logged (see handle_overload): by limit, and per-address ones
-        # by client.
-        self._refused: collections.Counter[str] = collections.Counter()
-        self._refused_clients: collections.Counter[str] = collections.Counter()
-        self._overload_logged_at = float("-inf")
+        self.accounting = AcceptAccounting()
+        # A back-off that ends early: serve_forever() watches the listeners again.
+        self.accounting.add_waker(self._wake)
 
     # ---- the loop ----
 
@@ -225,7 +419,7 @@ class BaseServer:
                 while not self._shutdown_request:
                     now = time.monotonic()
                     timeout = poll_interval
-                    paused = self._accept_resume_at > now
+                    paused = self.accounting.resume_at > now
                     if self.accept_elsewhere:  # another loop accepts (accept_ready)
                         if listening:
                             for listener in self.listeners():
@@ -239,7 +433,7 @@ class BaseServer:
                             for listener in self.listeners():
                                 selector.unregister(listener)
                             listening = False
-                        timeout = min(timeout, self._accept_resume_at - now)
+                        timeout = min(timeout, self.accounting.resume_at - now)
                     elif not listening:
                         for listener in self.listeners():
                             selector.register(listener, selectors.EVENT_READ, _LISTENER)
@@ -252,9 +446,9 @@ class BaseServer:
                         if key.data == _WAKEUP:
                             self._drain_wakeup()
                         else:
-                            self._handle_request_noblock(key.fileobj)
+                            self.accept_ready(key.fileobj, limit=1)
                     self.service_actions()
-                    self._flush_overload_log()
+                    self._log_refusals()
         finally:
             if owns_signal_wakeup:
                 signal.set_wakeup_fd(-1)
@@ -343,66 +537,45 @@ class BaseServer:
                 if remaining is not None and remaining <= 0:
                     self.handle_timeout()
                     return
-                pause = self._accept_resume_at - now
+                pause = self.accounting.resume_at - now
                 if pause > 0:
                     time.sleep(pause if remaining is None else min(pause, remaining))
                     continue
                 ready = selector.select(remaining)
                 if ready:
-                    self._handle_request_noblock(ready[0][0].fileobj)
+                    self.accept_ready(ready[0][0].fileobj, limit=1)
                     return
-
-    def _handle_request_noblock(self, listener: Any) -> None:
-        """Accept and dispatch one request; the selector said `listener` is readable."""
-        releases = self._releases
-        try:
-            request, client_address = self.get_request_from(listener)
-        except BlockingIOError:
-            self._accept_succeeded()  # nothing pending, but a descriptor to take it
-            return
-        except OSError as exc:
-            self._accept_failed(exc, releases)
-            return
-        self._accept_succeeded()
-        self._dispatch(request, client_address)
 
     def accept_ready(self, listener: Any, limit: int = 16) -> float:
         """Accept and dispatch up to `limit` queued connections of a readable listener.
 
-        For a loop other than serve_forever() that watches the (non-blocking) listening
-        sockets itself (see accept_elsewhere), from any thread. Returns 0.0, or the
-        time.monotonic() until which accepting is paused after a failure such as EMFILE:
-        stop watching the listener until then, or the loop would spin. A request that
-        closes ends the pause early: the callbacks given to add_accept_waker() say so.
+        serve_forever() calls it, and so may a loop of your own that watches the
+        (non-blocking) listening sockets itself (see accept_elsewhere), from any thread.
+        Returns 0.0, or the time.monotonic() until which accepting is paused after a
+        failure such as EMFILE: stop watching the listener until then, or the loop would
+        spin. A request that closes ends the pause early and calls the wakers given to
+        accounting.add_waker().
         """
+        accounting = self.accounting
         for _ in range(limit):
-            resume_at = self._accept_resume_at
+            resume_at = accounting.resume_at
             if resume_at > time.monotonic():
                 return resume_at  # another loop hit EMFILE: no point trying
-            releases = self._releases
+            releases = accounting.releases
             try:
                 request, client_address = self.get_request_from(listener)
             except BlockingIOError:
                 # Drained (or another loop took it). accept() takes a descriptor before
                 # it looks at the queue, so this also means EMFILE is over.
-                self._accept_succeeded()
+                accounting.accept_succeeded()
                 return 0.0
             except OSError as exc:
-                self._accept_failed(exc, releases)
+                backoff = (self.accept_backoff_min, self.accept_backoff_max)
+                accounting.accept_failed(exc, releases, backoff, self.accept_log_interval)
                 continue
-            self._accept_succeeded()
+            accounting.accept_succeeded()
             self._dispatch(request, client_address)
         return 0.0
-
-    def add_accept_waker(self, waker: Callable[[], None]) -> None:
-        """Have `waker()` called when a back-off that accept_ready() returned ends early.
-
-        For loops of your own (accept_elsewhere): after EMFILE they stop watching the
-        listeners until the time accept_ready() returned; `waker` (called from any
-        thread, often the one closing a request) tells them to watch again now.
-        """
-        with self._accounting_lock:
-            self._accept_wakers.append(waker)
 
     def _dispatch(self, request: socket.socket, client_address: Any) -> None:
         if self.verify_request(request, client_address):
@@ -417,88 +590,6 @@ class BaseServer:
         else:
             self.shutdown_request(request)
 
-    def _accept_failed(self, exc: OSError, releases: int) -> None:
-        """Ignore per-connection failures; back off on exhaustion (see accept_log_interval).
-
-        `releases`: self._releases before the failed accept(). A request that closed since
-        then found no pause to end: retry at once instead of waiting for the back-off.
-        """
-        if exc.errno in _TRANSIENT_ERRNOS or (exc.errno is None and isinstance(exc, TimeoutError)):
-            logger.debug("accept() failed, ignored: %s", exc)
-            return
-        now = time.monotonic()
-        warn, earlier = False, 0
-        with self._accounting_lock:
-            if self._accept_failures == 0:
-                self._accept_burst_started = now
-                self._accept_backoff = self.accept_backoff_min
-                # A closing request ends each burst at once, so under lasting starvation
-                # bursts come and go: warn for at most one per accept_log_interval, and
-                # count the failures of the others for the next warning.
-                warn = now - self._accept_warned_at >= self.accept_log_interval
-                self._accept_burst_warned = warn
-                if warn:
-                    self._accept_warned_at = now
-                    earlier, self._accept_unlogged = self._accept_unlogged, 0
-            else:
-                self._accept_backoff = min(self._accept_backoff * 2, self.accept_backoff_max)
-            if not self._accept_burst_warned:
-                self._accept_unlogged += 1
-            self._accept_failures += 1
-            released = self._releases != releases
-            self._accept_resume_at = now if released else now + self._accept_backoff
-        if not warn:
-            return
-        since = f" ({earlier} more failure(s) since the last warning)" if earlier else ""
-        if exc.errno in _RESOURCE_ERRNOS:
-            logger.warning(
-                "accept() failed: %s; pausing accepts until a connection closes "
-                "(or for up to %.1f s)%s",
-                exc,
-                self.accept_backoff_max,
-                since,
-            )
-        else:
-            # Unknown: still back off, so a persistent failure cannot spin either.
-            logger.error("accept() failed: %s; pausing accepts%s", exc, since)
-
-    def _accept_succeeded(self) -> None:
-        if not self._accept_failures:  # the common case, without the lock
-            return
-        with self._accounting_lock:
-            failures, self._accept_failures = self._accept_failures, 0
-            if not failures:
-                return
-            warned = self._accept_burst_warned
-            self._accept_backoff = 0.0
-            self._accept_resume_at = 0.0
-            started = self._accept_burst_started
-        if warned:
-            logger.info(
-                "accept() recovered after %d failed attempt(s) over %.2f s",
-                failures,
-                time.monotonic() - started,
-            )
-
-    def _resume_accepting(self) -> None:
-        """A request closed and gave back its descriptor: if accepting is paused after
-        EMFILE, retry now instead of when the back-off ends (which stays, as a fallback,
-        for descriptors freed by anything else)."""
-        self._releases += 1  # for an accept() failing right now (see _accept_failed)
-        if not self._accept_resume_at:  # not paused: the common case, without the lock
-            return
-        with self._accounting_lock:
-            if not self._accept_resume_at:
-                return
-            self._accept_resume_at = 0.0
-            wakers = list(self._accept_wakers)
-        self._wake()  # serve_forever() watches the listeners again
-        for waker in wakers:
-            try:
-                waker()
-            except Exception:
-                logger.exception("an accept waker failed")
-
     def handle_timeout(self) -> None:
         """Called if no new request arrives within self.timeout (handle_request only)."""
 
@@ -511,9 +602,13 @@ class BaseServer:
         self.finish_request(request, client_address)
         self.shutdown_request(request)
 
+    def stop_listening(self) -> None:
+        """Close the listening sockets now (idempotent): new clients are refused at once
+        while the requests in progress go on. TCPServer closes its sockets."""
+
     def server_close(self) -> None:
         """Release the server's resources. May be extended (call super())."""
-        self._flush_overload_log(force=True)  # refusals not yet logged: now or never
+        self._log_refusals(force=True)  # refusals not yet logged: now or never
         self._close_wakeup()
 
     def finish_request(
@@ -548,7 +643,7 @@ class BaseServer:
         """The descriptor to wait on. Must be overridden."""
         raise NotImplementedError
 
-    # ---- accounting: slots per client and in all (see the class docstring) ----
+    # ---- accounting: slots per client and in all (see AcceptAccounting) ----
 
     def client_key(self, client_address: Any) -> str:
         """What a client's connections count under for max_connections_per_ip: its IP,
@@ -558,40 +653,49 @@ class BaseServer:
     @property
     def active_count(self) -> int:
         """Requests holding a slot now (admitted by process_request, not yet ended)."""
-        with self._accounting_lock:
-            return self._admitted
+        return self.accounting.held()
 
     def active_for(self, client: str) -> int:
         """Requests holding a slot now for one client: an IP (an IPv6 one counts with its
         whole network, see client_key()) or a key client_key() returned."""
-        key = client_key(client, self.ipv6_client_prefix)
-        with self._accounting_lock:
-            return self._per_client[key]
+        return self.accounting.held(client_key(client, self.ipv6_client_prefix))
 
     def _admit(self, client_address: Any) -> str | None:
-        """Take a slot for a new client: its key, or None when over_limit() says no.
+        """Take a slot for a new client: its key (for accounting.give_back()), or None
+        when over_limit() says no. The check and the taking are one step."""
+        key = self.client_key(client_address)
+        if self.accounting.take_slot(key, lambda: self.over_limit(client_address)):
+            return key
+        return None
 
-        The check and the taking are one step under the accounting lock, so two threads
-        accepting at once cannot both take the last slot.
+    def over_limit(self, client_address: Any) -> bool:
+        """Whether a new client must go to handle_overload(): the total or its key's cap.
+
+        Called under the accounting lock (held while the slot is taken), so it sees the
+        counts as they are. May be overridden; keep it quick.
         """
         key = self.client_key(client_address)
-        with self._accounting_lock:
-            if self.over_limit(client_address):
-                return None
-            self._admitted += 1
-            self._per_client[key] += 1
-            self.admitted_total += 1
-        return key
+        return bool(
+            self.accounting.cap_reached(key, self.max_connections, self.max_connections_per_ip)
+        )
 
-    def _release(self, key: str) -> None:
-        """Give back a slot _admit() took."""
-        with self._accounting_lock:
-            self._admitted -= 1
-            left = self._per_client[key] - 1
-            if left > 0:
-                self._per_client[key] = left
-            else:
-                del self._per_client[key]
+    def handle_overload(self, request: socket.socket, client_address: Any) -> None:
+        """Called instead of process_request() when over_limit() says so.
+
+        The default counts the refusal for a rate-limited WARNING (at most one line per
+        overload_log_interval, with how many were refused at which cap, from any number
+        of accepting threads) and closes the connection with a FIN. Override to send
+        something first (then call super()).
+        """
+        key = self.client_key(client_address)
+        self.accounting.refused(key, self.max_connections, self.max_connections_per_ip)
+        self._log_refusals()
+        self.shutdown_request(request)
+
+    def _log_refusals(self, force: bool = False) -> None:
+        self.accounting.log_refusals(
+            self.max_connections, self.max_connections_per_ip, self.overload_log_interval, force
+        )
 
     def wait_for_idle(self, timeout: float, cancelled: Callable[[], bool] | None = None) -> int:
         """Wait up to `timeout` s for active requests to finish (sooner if `cancelled()`).
@@ -612,68 +716,6 @@ class BaseServer:
 
     def _reap(self) -> None:
         """Collect finished workers; ForkingMixIn reaps its children here."""
-
-    def over_limit(self, client_address: Any) -> bool:
-        """Whether a new client must go to handle_overload(): the total or its key's cap.
-
-        Called under the accounting lock (held while the slot is taken), so it sees the
-        counts as they are. May be overridden; keep it quick.
-        """
-        return self._limit_reached(self.client_key(client_address)) is not None
-
-    def _limit_reached(self, key: str) -> str | None:
-        """The name of the cap a new client with this key would exceed, if any."""
-        with self._accounting_lock:
-            limit = self.max_connections
-            if limit is not None and self._admitted >= limit:
-                return "max_connections"
-            per_ip = self.max_connections_per_ip
-            if per_ip is not None and self._per_client[key] >= per_ip:
-                return "max_connections_per_ip"
-            return None
-
-    def handle_overload(self, request: socket.socket, client_address: Any) -> None:
-        """Called instead of process_request() when over_limit() says so.
-
-        The default counts the refusal for a rate-limited WARNING (at most one line per
-        overload_log_interval, with how many were refused at which cap, from any number
-        of accepting threads) and closes the connection with a FIN. Override to send
-        something first (then call super()).
-        """
-        key = self.client_key(client_address)
-        with self._accounting_lock:
-            reason = self._limit_reached(key) or "a cap of the server"
-            self._refused[reason] += 1
-            if reason == "max_connections_per_ip":
-                self._refused_clients[key] += 1
-        self._flush_overload_log()
-        self.shutdown_request(request)
-
-    def _flush_overload_log(self, force: bool = False) -> None:
-        """Log the refusals counted since the last line, unless that was too recent."""
-        if not self._refused:  # the common case, without the lock
-            return
-        with self._accounting_lock:
-            now = time.monotonic()
-            if not self._refused or (
-                not force and now - self._overload_logged_at < self.overload_log_interval
-            ):
-                return
-            refused, self._refused = self._refused, collections.Counter()
-            clients, self._refused_clients = self._refused_clients, collections.Counter()
-            self._overload_logged_at = now
-        parts = [f"{count} at {reason}" for reason, count in sorted(refused.items())]
-        if clients:
-            busiest, count = clients.most_common(1)[0]
-            parts.append(f"most from {busiest} ({count})")
-        logger.warning(
-            "connection limit reached (max_connections=%s, max_connections_per_ip=%s): "
-            "refused %d connection(s): %s",
-            self.max_connections,
-            self.max_connections_per_ip,
-            sum(refused.values()),
-            ", ".join(parts),
-        )
 
     def handle_error(self, request: socket.socket, client_address: Any) -> None:
         """Log the exception being handled; the server goes on. May be overridden.
@@ -932,8 +974,7 @@ class TCPServer(BaseServer):
             sock.listen(self.backlog)
 
     def stop_listening(self) -> None:
-        """Close the listening sockets now (idempotent): new clients are refused at once
-        while the requests in progress go on, as a graceful stop needs."""
+        """Close the listening sockets now (idempotent), as a graceful stop needs."""
         for sock in self.sockets:
             sock.close()
 
@@ -976,18 +1017,11 @@ class TCPServer(BaseServer):
     def close_request(self, request: socket.socket) -> None:
         """Close the request socket; a paused accept (EMFILE) may go on at once."""
         request.close()
-        self._resume_accepting()
+        self.accounting.descriptor_freed()
 
 
-# The mixins call TCPServer methods through super(); let the type checker see them.
-if TYPE_CHECKING:
-    _MixInBase = TCPServer
-else:
-    _MixInBase = object
-
-
-class ThreadingMixIn(_MixInBase):
-    """Mix-in: handle each request in its own (daemon) thread, at most max_connections.
+class ThreadingMixIn(BaseServer):
+    """Mix-in: handle each request in a thread of a pool, at most max_connections at once.
 
     A thread that finishes a request waits up to idle_thread_timeout for the next one
     instead of exiting (at most max_idle_threads wait): starting a thread costs tens of
@@ -1001,7 +1035,8 @@ class ThreadingMixIn(_MixInBase):
     - max_idle_threads (32; 0 starts a new thread for every request)
     - idle_thread_timeout (60.0 seconds an idle thread waits before it exits)
 
-    Methods that may be overridden: process_request_thread() (plus those of the server).
+    Methods that may be overridden: process_request_thread(), end_request() (plus those
+    of the server).
 
     server_close() policy: stop listening; then, if block_on_close, join the handler
     threads for at most close_timeout seconds in total; threads still running after that
@@ -1027,19 +1062,57 @@ class ThreadingMixIn(_MixInBase):
         self._threads: set[threading.Thread] = set()
         # One hand-over queue per idle thread, most recently idle last (its stack and
         # caches are the warmest).
-        self._idle: list[queue.SimpleQueue[tuple[socket.socket, Any] | None]] = []
+        self._idle: list[queue.SimpleQueue[_WorkItem | None]] = []
         # request -> the client key its slot is held under (see BaseServer._admit).
         self._active_requests: dict[socket.socket, str] = {}
-        # Requests whose handler passed them on (detach_request): their thread leaves them.
-        self._detached: set[socket.socket] = set()
         super().__init__(*args, **kwargs)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Hand the request to an idle thread or start one; handle_overload() at a cap."""
+        if not self._track_request(request, client_address):
+            self.handle_overload(request, client_address)
+            return
+        self._start_in_thread(request, client_address)
+
+    def _track_request(self, request: socket.socket, client_address: Any) -> bool:
+        """Take a slot for the request and keep it among the active ones; False at a cap."""
+        key = self._admit(client_address)
+        if key is None:
+            return False
+        with self._threads_lock:
+            self._active_requests[request] = key
+        return True
 
     def _untrack_request(self, request: socket.socket) -> None:
         """Give the request's slot back (a client that has seen EOF is no longer counted)."""
         with self._threads_lock:
             key = self._active_requests.pop(request, None)
         if key is not None:
-            self._release(key)
+            self.accounting.give_back(key)
+
+    def _start_in_thread(
+        self, request: socket.socket, client_address: Any, handover: object = None
+    ) -> None:
+        with self._threads_lock:
+            idle = self._idle.pop() if self._idle else None
+        if idle is not None:
+            idle.put((request, client_address, handover))
+            return
+        thread = threading.Thread(
+            target=self._thread_main,
+            args=(request, client_address, handover),
+            name="handler",
+            daemon=self.daemon_threads,
+        )
+        with self._threads_lock:
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except BaseException:
+            with self._threads_lock:
+                self._threads.discard(thread)
+            self._untrack_request(request)
+            raise
 
     def _thread_main(
         self, request: socket.socket, client_address: Any, handover: object = None
@@ -1070,39 +1143,6 @@ class ThreadingMixIn(_MixInBase):
             # process_request took this thread just as it timed out: the item is coming.
             return handover.get()
 
-    def detach_request(self, request: socket.socket) -> Callable[[], None]:
-        """Let the request outlive its handler thread; returns the function that ends it.
-
-        A handler calls this when something else (a relay loop shared by many tunnels)
-        takes the connection over: its thread then returns to the pool without closing
-        the socket, and the request stays counted (max_connections, per-IP limits,
-        active_count, wait_for_idle, abort_active_requests) until the returned function
-        is called, once, from any thread. That function shuts the request down and
-        closes it, as the thread would have.
-        """
-        with self._threads_lock:
-            self._detached.add(request)
-
-        def finish() -> None:
-            self._untrack_request(request)
-            self.shutdown_request(request)
-            # A request a relay loop took straight from accept never reaches a thread's
-            # reclaim_request(): forget it here, or the set keeps every one for ever.
-            # After the close: a thread that looks now finds it closed, not still open.
-            with self._threads_lock:
-                self._detached.discard(request)
-
-        return finish
-
-    def reclaim_request(self, request: socket.socket) -> bool:
-        """Undo detach_request (the hand-over failed): the thread ends the request after
-        all. Returns whether the request was detached."""
-        with self._threads_lock:
-            if request in self._detached:
-                self._detached.discard(request)
-                return True
-            return False
-
     def process_request_thread(
         self, request: socket.socket, client_address: Any, handover: object = None
     ) -> None:
@@ -1112,76 +1152,17 @@ class ThreadingMixIn(_MixInBase):
         except Exception:
             self._handle_error_safely(request, client_address)
         finally:
-            # Unless its new owner ends it (detach_request):
-            if not self.reclaim_request(request):
-                # Untrack the socket before closing it: abort_active_requests() must never
-                # shut down a descriptor number that close() has already released for
-                # reuse, and a client that sees EOF may count on the slot being free.
-                self._untrack_request(request)
-                self.shutdown_request(request)
+            self.end_request(request)
 
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
-        """Hand the request to an idle thread or start one; handle_overload() at a cap."""
-        key = self._admit(client_address)
-        if key is None:
-            self.handle_overload(request, client_address)
-            return
-        with self._threads_lock:
-            self._active_requests[request] = key
-        try:
-            if self.hand_off_request(request, client_address):
-                return
-        except BaseException:
-            self._untrack_request(request)
-            raise
-        self._start_in_thread(request, client_address)
+    def end_request(self, request: socket.socket) -> None:
+        """The handler is done: give back the request's slot, then shut it down and close.
 
-    def hand_off_request(self, request: socket.socket, client_address: Any) -> bool:
-        """May be overridden: serve the request without a thread of its own.
-
-        Called for each accepted, counted request before it goes to a thread. An override
-        that takes the request calls detach_request() and returns True; later it may give
-        the request back to a thread with resume_in_thread(). The default returns False.
+        Untracked before it is closed: abort_active_requests() must never shut down a
+        descriptor number that close() has already released for reuse, and a client
+        that sees EOF may count on the slot being free.
         """
-        return False
-
-    def resume_in_thread(
-        self, request: socket.socket, client_address: Any, handover: object = None
-    ) -> None:
-        """Serve a detached request in a handler thread after all (from any thread): the
-        thread runs the handler, given `handover` (what the previous owner passes on),
-        then ends the request as usual."""
-        self.reclaim_request(request)
-        try:
-            self._start_in_thread(request, client_address, handover)
-        except BaseException:
-            self._untrack_request(request)
-            self.shutdown_request(request)
-            raise
-
-    def _start_in_thread(
-        self, request: socket.socket, client_address: Any, handover: object = None
-    ) -> None:
-        with self._threads_lock:
-            idle = self._idle.pop() if self._idle else None
-        if idle is not None:
-            idle.put((request, client_address, handover))
-            return
-        thread = threading.Thread(
-            target=self._thread_main,
-            args=(request, client_address, handover),
-            name="handler",
-            daemon=self.daemon_threads,
-        )
-        with self._threads_lock:
-            self._threads.add(thread)
-        try:
-            thread.start()
-        except BaseException:
-            with self._threads_lock:
-                self._threads.discard(thread)
-            self._untrack_request(request)
-            raise
+        self._untrack_request(request)
+        self.shutdown_request(request)
 
     def abort_active_requests(self) -> int:
         """shutdown(SHUT_RDWR) every active request so handlers blocked in recv/poll end.
@@ -1239,7 +1220,7 @@ _CHILD_DEFAULT_SIGNALS = tuple(
 )
 
 
-class ForkingMixIn(_MixInBase):
+class ForkingMixIn(BaseServer):
     """Mix-in: handle each request in a forked child process, at most max_connections.
 
     Class variables that may be overridden by derived classes or instances:
@@ -1284,9 +1265,9 @@ class ForkingMixIn(_MixInBase):
         with self._children_lock:
             key = self._children.pop(pid, None)
         if key is not None:
-            self._release(key)
+            self.accounting.give_back(key)
             # A child's exit frees system-wide resources (ENFILE, ENOMEM): try accepting.
-            self._resume_accepting()
+            self.accounting.descriptor_freed()
 
     def collect_children(self) -> None:
         """Reap every child that has exited, without blocking."""
@@ -1341,7 +1322,7 @@ class ForkingMixIn(_MixInBase):
                 pid = os.fork()
             except BaseException:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                self._release(key)
+                self.accounting.give_back(key)
                 raise
             if pid:
                 self._children[pid] = key
@@ -1367,9 +1348,8 @@ class ForkingMixIn(_MixInBase):
         # The lock may have been held by another parent thread at fork time.
         self._children_lock = threading.RLock()
         self._children = {}
-        self._reset_accounting()  # the parent's counts, lock and wakers are not ours
-        for sock in self.sockets:
-            sock.close()
+        self.accounting = AcceptAccounting()  # the parent's counts, lock and wakers are not ours
+        self.stop_listening()
         # The parent may have pointed signal.set_wakeup_fd() at the socketpair we are
         # about to close (a reused descriptor number must not receive signal bytes), or
         # at some other descriptor of its own loop, which the child must not wake.
@@ -1459,10 +1439,11 @@ class ForkingTCPServer(ForkingMixIn, TCPServer):
 class BaseRequestHandler:
     """Base class for request handlers: one instance per request.
 
-    The constructor sets request, client_address and server, then calls setup(),
-    handle() and, in a finally, finish(). Override handle(); setup() and finish() may be
-    overridden too. `handover` is what the request's previous owner passed along when it
-    gave the request back to a thread (resume_in_thread); None for a fresh request.
+    The constructor sets request, client_address, server and context (the server's:
+    what the application gives every handler), then calls setup(), handle() and, in a
+    finally, finish(). Override handle(); setup() and finish() may be overridden too.
+    `handover` is what the request's previous owner passed along when it gave the
+    request back to a thread (EventLoopMixIn.resume_in_thread); None for a fresh request.
     """
 
     def __init__(
@@ -1475,6 +1456,7 @@ class BaseRequestHandler:
         self.request = request
         self.client_address = client_address
         self.server = server
+        self.context = server.context
         self.handover = handover
         self.setup()
         try:

@@ -25,8 +25,8 @@ from streams import needs_splice
 
 from socks5d.auth import Authenticator
 from socks5d.config import User
-from socks5d.daemon import SERVER_CLASSES, ThreadingSocksServer, attach_event_loops
-from socks5d.handler import HandlerSettings, Socks5Handler
+from socks5d.daemon import ThreadingSocksServer, attach_event_loops
+from socks5d.handler import HandlerContext, HandlerSettings, Socks5Handler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,13 +165,19 @@ def running_proxy(
             finally:
                 daemon.stop()
         return
-    server = SERVER_CLASSES[mode]((host, 0), Socks5Handler, max_connections=max_connections)
-    server.settings = HandlerSettings(
+    server = ThreadingSocksServer((host, 0), Socks5Handler, max_connections=max_connections)
+    handler_settings = HandlerSettings(
         authenticator=Authenticator.from_users(users),
         handshake_timeout=handshake_timeout,
         **settings,
     )
-    if relay_threads and isinstance(server, ThreadingSocksServer):
+    # As the daemon's, without the login back-off, check gate and per-user slots.
+    server.context = HandlerContext(
+        settings=lambda: handler_settings,
+        active_count=lambda: server.active_count,
+        relay_in_loop=server.relay_in_loop,
+    )
+    if relay_threads:
         attach_event_loops(server, relay_threads)  # as the daemon does
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
     thread.start()
@@ -180,12 +186,9 @@ def running_proxy(
     finally:
         server.shutdown()
         thread.join(TIMEOUT)
-        if server.loops is not None:
-            server.loops.forget_listeners()
+        server.stop_listening()  # the loops let go of the listeners first
         server.abort_active_requests()
-        server.server_close()
-        if server.loops is not None:
-            server.loops.close()
+        server.server_close()  # and the loops with it
 
 
 @pytest.fixture(params=[pytest.param("splice", marks=needs_splice), "copy"])

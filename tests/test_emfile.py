@@ -211,7 +211,7 @@ def test_accept_ready_pauses_and_a_closed_request_ends_the_pause():
     with _Refusing(("127.0.0.1", 0), BaseRequestHandler) as server:
         server.accept_backoff_min = server.accept_backoff_max = LONG_BACKOFF
         woken: list[bool] = []
-        server.add_accept_waker(lambda: woken.append(True))
+        server.accounting.add_waker(lambda: woken.append(True))
         paused_until = server.accept_ready(server.socket)
         assert paused_until > time.monotonic() + LONG_BACKOFF / 2
         # Another loop asking now is told the same, without calling accept() again.

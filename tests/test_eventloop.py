@@ -40,9 +40,10 @@ from streams import (
 
 from socks5d import eventloop as eventloop_module
 from socks5d.eventloop import EventLoop, EventLoopPool
+from socks5d.loopserver import EventLoopTCPServer
 from socks5d.protocol import Address, AddressType
 from socks5d.relay import RelayResult
-from socks5d.server import BaseRequestHandler, ThreadingTCPServer
+from socks5d.server import BaseRequestHandler
 
 # ---- helpers ----
 
@@ -515,7 +516,7 @@ class Handover:
     reclaimed: tuple[bool, ...] = ()
 
 
-class HandingServer(ThreadingTCPServer):
+class HandingServer(EventLoopTCPServer):
     """Handlers put what they hand over in ``handed``; threads exit after one request."""
 
     max_idle_threads = 0  # so the test can join the thread that served a request
@@ -553,7 +554,7 @@ class Reclaiming(BaseRequestHandler):
 
 
 @contextlib.contextmanager
-def serving(server: ThreadingTCPServer) -> Iterator[ThreadingTCPServer]:
+def serving(server: EventLoopTCPServer) -> Iterator[EventLoopTCPServer]:
     thread = threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True)
     thread.start()
     try:
@@ -879,6 +880,9 @@ class FailingLoops:
     epoll cannot be created (EMFILE): anything but the RuntimeError of a closed loop."""
 
     tunnel_count = 0
+
+    def current(self) -> Any:
+        return None
 
     def pick(self) -> Any:
         raise OSError(24, "Too many open files")

@@ -48,7 +48,7 @@ def test_a_reload_names_every_server_setting_it_keeps(daemon, caplog):
         "reload: [server] changes need a restart, kept as they were: "
         "outgoing_address, allow_open, socket_buffer"
     )
-    assert daemon.server.settings.socket_buffer == "auto"  # kept, as the warning says
+    assert daemon.server.context.settings().socket_buffer == "auto"  # kept, as the warning says
     assert daemon.config.server.outgoing_address == ()
     assert [user.name for user in daemon.config.users] == ["alice"]  # the rest applies
 

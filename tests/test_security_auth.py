@@ -8,6 +8,7 @@ plaintext entry or an unknown name as for a default hash.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clients import TIMEOUT, recv_exactly, wait_until
@@ -121,7 +123,8 @@ def busy_gate_proxy(monkeypatch) -> Iterator[tuple[tuple[str, int], CheckGate, l
     monkeypatch.setattr(Authenticator, "verify", counting_verify)
     with running_proxy(users=(User("alice", "right"),), handshake_timeout=1.0) as proxy:
         gate = CheckGate(1)
-        proxy.server.check_gate = gate
+        server: Any = proxy.server
+        server.context = dataclasses.replace(server.context, check_gate=gate)
         yield proxy.address, gate, checked
 
 
@@ -378,8 +381,8 @@ def test_the_daemon_keys_its_back_off_by_limits_ipv6_client_prefix():
     config = parse_config({"server": {"port": 0}, "limits": {"ipv6_client_prefix": 56}})
     server = Daemon(config).bind()
     try:
-        assert server.login_backoff.ipv6_prefix == 56
-        assert server.check_gate.limit == config.auth.parallel_checks
+        assert server.context.login_backoff.ipv6_prefix == 56
+        assert server.context.check_gate.limit == config.auth.parallel_checks
     finally:
         server.server_close()
 
