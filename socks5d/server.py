@@ -37,6 +37,7 @@ from typing import Any, Self, cast
 from .addresses import DEFAULT_IPV6_CLIENT_PREFIX, client_ip, client_key, format_address
 
 __all__ = [
+    "AcceptAccounting",
     "BaseRequestHandler",
     "BaseServer",
     "ForkingMixIn",
