@@ -1,5 +1,5 @@
 """`python -m socks5d` runs the same command as the `socks5d` script."""
 
-from .cli import main
+from .ops.cli import main
 
 main()

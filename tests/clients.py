@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from socks5d.protocol import (
+from socks5d.socks.protocol import (
     Address,
     Command,
     Method,

@@ -23,10 +23,10 @@ import pytest
 from clients import TIMEOUT
 from streams import needs_splice
 
-from socks5d.auth import Authenticator
-from socks5d.config import User
-from socks5d.daemon import ThreadingSocksServer, attach_event_loops
-from socks5d.handler import HandlerContext, HandlerSettings, Socks5Handler
+from socks5d.ops.config import User
+from socks5d.ops.daemon import ThreadingSocksServer, attach_event_loops
+from socks5d.policy.auth import Authenticator
+from socks5d.socks.handler import HandlerContext, HandlerSettings, Socks5Handler
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from clients import TIMEOUT
 
-from socks5d.relay import SPLICE_AVAILABLE
+from socks5d.core.relay import SPLICE_AVAILABLE
 
 MiB = 1024 * 1024
 

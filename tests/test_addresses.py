@@ -1,4 +1,4 @@
-"""socks5d.addresses: one parser, one unmapping rule, one host:port format for every layer."""
+"""socks5d.core.addresses: one parser, one unmapping rule, one host:port format for every layer."""
 
 import ipaddress
 import re
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from socks5d.addresses import (
+from socks5d.core.addresses import (
     canonical_ip,
     client_ip,
     client_key,
@@ -17,7 +17,7 @@ from socks5d.addresses import (
     unmapped,
     unmapped_host,
 )
-from socks5d.protocol import Address, AddressType
+from socks5d.socks.protocol import Address, AddressType
 
 PACKAGE = Path(__file__).resolve().parent.parent / "socks5d"
 
@@ -154,7 +154,7 @@ def test_no_module_keeps_its_own_copy_of_these_helpers() -> None:
         "host:port": re.compile(r"""f["']\[\{"""),
     }
     found = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         if path.name == "addresses.py":
             continue
         text = path.read_text()
@@ -168,5 +168,6 @@ def test_no_module_keeps_its_own_copy_of_these_helpers() -> None:
 
 
 def _line_of(name: str, needle: str) -> int:
-    text = (PACKAGE / name).read_text()
+    (path,) = PACKAGE.rglob(name)
+    text = path.read_text()
     return text[: text.index(needle)].count("\n") + 1

@@ -6,15 +6,15 @@ import os
 
 import pytest
 
-from socks5d.auth import (
+from socks5d.ops.config import User
+from socks5d.policy.auth import (
     Authenticator,
     HashFormatError,
     hash_password,
     parse_hash,
 )
-from socks5d.config import User
-from socks5d.protocol import Method
-from socks5d.throttle import FailedLoginBackoff
+from socks5d.policy.throttle import FailedLoginBackoff
+from socks5d.socks.protocol import Method
 
 OPEN = Authenticator()
 LOCKED = Authenticator.from_users([User("alice", "secret"), User("bob", "hunter2")])

@@ -17,8 +17,8 @@ from clients import (
 )
 from conftest import needs_ipv6, running_proxy
 
-from socks5d.outbound import OutgoingAddresses
-from socks5d.protocol import Address, AddressType, Command, Reply
+from socks5d.socks.outbound import OutgoingAddresses
+from socks5d.socks.protocol import Address, AddressType, Command, Reply
 
 ANYONE = Address(AddressType.IPV4, "0.0.0.0", 0)
 
@@ -150,7 +150,7 @@ def test_bind_listens_on_the_outgoing_address_when_one_is_set():
 def test_a_flood_of_strangers_costs_two_log_lines_not_one_each(caplog):
     """50 connections from an unexpected address during one BIND wait: all refused, the
     first logged, the rest counted in one closing line (a flood cannot fill the log)."""
-    from socks5d.bind import wait_for_peer
+    from socks5d.socks.bind import wait_for_peer
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -158,12 +158,12 @@ def test_a_flood_of_strangers_costs_two_log_lines_not_one_each(caplog):
     control, client_end = socket.socketpair()
     strays = [socket.create_connection(listener.getsockname(), timeout=TIMEOUT) for _ in range(50)]
     try:
-        with caplog.at_level("INFO", logger="socks5d.bind"):
+        with caplog.at_level("INFO", logger="socks5d.socks.bind"):
             accepted = wait_for_peer(listener, control, frozenset({"192.0.2.1"}), timeout=3.0)
         assert accepted is None
         for stray in strays:  # each was closed by the proxy: EOF
             assert stray.recv(1) == b""
-        lines = [r.getMessage() for r in caplog.records if r.name == "socks5d.bind"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "socks5d.socks.bind"]
         assert len(lines) == 2, lines
         assert lines[0].startswith("BIND: refused a connection from 127.0.0.1:")
         assert lines[1] == "BIND: refused 50 connections from unexpected peers in all"

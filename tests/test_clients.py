@@ -15,7 +15,7 @@ import socks
 from clients import TIMEOUT, recv_exactly
 from conftest import needs_ipv6, running_proxy
 
-from socks5d.config import User
+from socks5d.ops.config import User
 
 PAGE = os.urandom(300 * 1024)
 PAGE_SHA256 = hashlib.sha256(PAGE).hexdigest()

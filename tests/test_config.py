@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from socks5d.config import (
+from socks5d.ops.config import (
     Config,
     ConfigError,
     User,

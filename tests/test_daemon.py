@@ -28,8 +28,8 @@ from conftest import DaemonProcess, TargetServer, echo, needs_ipv6
 from netns import call_in_netns, needs_netns, netns_only
 
 from socks5d import __version__
-from socks5d.cli import main
-from socks5d.protocol import Address, AddressType, Reply
+from socks5d.ops.cli import main
+from socks5d.socks.protocol import Address, AddressType, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 

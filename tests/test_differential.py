@@ -49,7 +49,7 @@ from conftest import DaemonProcess, TargetServer, echo, ipv6_available, needs_ip
 from netns import call_in_netns, needs_netns, netns_only
 from streams import Worker
 
-from socks5d.protocol import (
+from socks5d.socks.protocol import (
     Address,
     AddressType,
     Command,

@@ -28,18 +28,18 @@ import pytest
 from clients import TIMEOUT, recv_exactly, wait_until
 from conftest import DaemonProcess
 
-from socks5d.protocol import Method, encode_greeting
-from socks5d.server import BaseRequestHandler, ThreadingTCPServer
+from socks5d.core.server import BaseRequestHandler, ThreadingTCPServer
+from socks5d.socks.protocol import Method, encode_greeting
 
 WRAPPER = textwrap.dedent(
     """
     import resource, sys
-    from socks5d.server import BaseServer
+    from socks5d.core.server import BaseServer
     nofile, backoff = int(sys.argv.pop(1)), float(sys.argv.pop(1))
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
     if backoff:
         BaseServer.accept_backoff_min = BaseServer.accept_backoff_max = backoff
-    from socks5d.cli import main
+    from socks5d.ops.cli import main
     main(prog_name="socks5d")
     """
 )

@@ -1,4 +1,4 @@
-"""Tests for socks5d.eventloop (EventLoop, EventLoopPool), the server's detach_request and
+"""Tests for socks5d.core.eventloop (EventLoop, EventLoopPool), the server's detach_request and
 reclaim_request, and the SOCKS handler relaying its tunnels through a loop.
 
 Topology of the loop tests (real TCP sockets on 127.0.0.1)::
@@ -38,12 +38,12 @@ from streams import (
     sha256_of_stream,
 )
 
-from socks5d import eventloop as eventloop_module
-from socks5d.eventloop import EventLoop, EventLoopPool
-from socks5d.loopserver import EventLoopTCPServer
-from socks5d.protocol import Address, AddressType
-from socks5d.relay import RelayResult
-from socks5d.server import BaseRequestHandler
+from socks5d.core import eventloop as eventloop_module
+from socks5d.core.eventloop import EventLoop, EventLoopPool
+from socks5d.core.loopserver import EventLoopTCPServer
+from socks5d.core.relay import RelayResult
+from socks5d.core.server import BaseRequestHandler
+from socks5d.socks.protocol import Address, AddressType
 
 # ---- helpers ----
 
@@ -408,7 +408,7 @@ def test_add_checks_its_arguments(loop: EventLoop) -> None:
 def test_an_on_done_that_raises_is_logged_and_the_loop_goes_on(
     loop: EventLoop, links: Callable[[], Link], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="socks5d.eventloop")
+    caplog.set_level(logging.ERROR, logger="socks5d.core.eventloop")
     broken_link = links()
     results: list[RelayResult] = []
 
@@ -421,7 +421,7 @@ def test_an_on_done_that_raises_is_logged_and_the_loop_goes_on(
 
     def logged() -> bool:
         return any(
-            r.name == "socks5d.eventloop"
+            r.name == "socks5d.core.eventloop"
             and "on_done failed" in r.getMessage()
             and r.exc_info is not None
             and r.exc_info[0] is ZeroDivisionError

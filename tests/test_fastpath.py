@@ -1,4 +1,4 @@
-"""Tests for socks5d.fastpath: the handshake run inside a event loop.
+"""Tests for socks5d.socks.fastpath: the handshake run inside a event loop.
 
 The common case (no login, CONNECT to an IP literal the rules allow, a connect that
 succeeds) must never reach a handler thread; everything else must reach one at the right
@@ -28,10 +28,11 @@ from clients import (
 )
 from conftest import RunningProxy, TargetServer, ipv6_available, running_proxy
 
-from socks5d import handler as handler_module
-from socks5d import relay as relay_module
-from socks5d.config import User
-from socks5d.protocol import (
+from socks5d.core import relay as relay_module
+from socks5d.ops.config import User
+from socks5d.policy.rules import Policy
+from socks5d.socks import handler as handler_module
+from socks5d.socks.protocol import (
     Address,
     AddressType,
     Command,
@@ -40,7 +41,6 @@ from socks5d.protocol import (
     encode_greeting,
     encode_request,
 )
-from socks5d.rules import Policy
 
 ACCESS = "socks5d.access"
 

@@ -20,8 +20,8 @@ from clients import (
 )
 from conftest import needs_ipv6, running_proxy
 
-from socks5d.config import User
-from socks5d.protocol import Address, AddressType, Reply
+from socks5d.ops.config import User
+from socks5d.socks.protocol import Address, AddressType, Reply
 
 ALICE = (User("alice", "secret"),)
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from socks5d.auth import Authenticator
-from socks5d.config import User
-from socks5d.handshake import Authenticate, Close, Dispatch, Send, ServerHandshake, State
-from socks5d.protocol import Address, AddressType, Command, Reply, Request
-from socks5d.session import Session
+from socks5d.ops.config import User
+from socks5d.policy.auth import Authenticator
+from socks5d.socks.handshake import Authenticate, Close, Dispatch, Send, ServerHandshake, State
+from socks5d.socks.protocol import Address, AddressType, Command, Reply, Request
+from socks5d.socks.session import Session
 
 NO_AUTH = Authenticator()
 LOGIN = Authenticator.from_users([User("alice", password="secret")])

@@ -1,4 +1,13 @@
-"""Imports point one way: pure modules stay pure, nothing imports the CLI."""
+"""Imports point one way, package by package (see docs/ARCHITECTURE.md):
+
+    ops  ->  socks  ->  policy  ->  core
+
+core knows no SOCKS and imports nothing of the project outside itself; policy may use
+the core, the config records (ops.config) and the wire-format enums (socks.protocol);
+socks may use core, policy and ops.config; ops assembles everything. On top: the wire
+format and the handshake state machine stay pure (no sockets), click lives in the CLI
+only, nothing imports the CLI, and nothing imports the standard library's socketserver.
+"""
 
 from __future__ import annotations
 
@@ -8,99 +17,48 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "socks5d"
+SUBPACKAGES = ("core", "policy", "socks", "ops")
 
-# module -> the project modules it may import
-ALLOWED = {
-    "protocol": {"addresses"},
-    "config": set(),
-    "relay": set(),
-    "eventloop": {"relay"},
-    "loopserver": {"eventloop", "relay", "server"},
-    "fastpath": {
-        "addresses",
-        "handler",
-        "handshake",
-        "eventloop",
-        "loopserver",
-        "outbound",
-        "protocol",
-        "relay",
-        "server",
-    },
-    "server": {"addresses"},
-    "shmem": set(),
-    "limits": {"shmem"},
-    "throttle": {"addresses", "shmem"},
-    "logs": set(),
-    "systemd": set(),
-    "privileges": set(),
-    "session": {"protocol"},
-    "handshake": {"protocol", "session", "auth"},
-    "rules": {"addresses", "config", "protocol"},
-    "capacity": {"addresses", "config", "rules"},
-    "auth": {"protocol", "config", "shmem"},
-    "addresses": set(),
-    "lookups": {"shmem"},
-    "outbound": {"protocol", "lookups"},
-    "bind": {"addresses", "protocol", "outbound"},
-    "udp": {"addresses", "protocol", "outbound", "lookups"},
-    "handler": {
-        "addresses",
-        "handshake",
-        "protocol",
-        "config",
-        "limits",
-        "lookups",
-        "auth",
-        "outbound",
-        "bind",
-        "udp",
-        "relay",
-        "rules",
-        "server",
-        "session",
-        "throttle",
-    },
-    "daemon": {
-        "addresses",
-        "protocol",
-        "config",
-        "auth",
-        "outbound",
-        "relay",
-        "eventloop",
-        "loopserver",
-        "fastpath",
-        "rules",
-        "server",
-        "handler",
-        "capacity",
-        "limits",
-        "logs",
-        "systemd",
-        "privileges",
-        "shmem",
-        "throttle",
-    },
-    "cli": {"addresses", "config", "auth", "rules", "daemon", "logs", "__init__"},
-    "__main__": {"cli"},
-    "__init__": set(),
+# package -> what else its modules may import (a package, or one module of one)
+MAY_IMPORT: dict[str, set[str]] = {
+    "core": set(),
+    "policy": {"core", "ops.config", "socks.protocol"},
+    "socks": {"core", "policy", "ops.config"},
+    "ops": {"core", "policy", "socks", "__init__"},
 }
-NO_SOCKETS = {"protocol", "config", "auth", "throttle", "addresses"}
+# Records and formats everybody reads: they import only the core.
+LEAVES = {"ops.config", "socks.protocol"}
+NO_SOCKETS = {
+    "socks.protocol",
+    "socks.handshake",
+    "ops.config",
+    "policy.auth",
+    "policy.throttle",
+    "core.addresses",
+}
 
 
-def project_imports(path: Path) -> tuple[set[str], set[str]]:
-    """(project modules, top-level stdlib/third-party modules) that `path` imports."""
+def modules() -> list[str]:
+    """Every module as "package.module"."""
+    return sorted(
+        f"{path.parent.name}.{path.stem}"
+        for package in SUBPACKAGES
+        for path in (PACKAGE / package).glob("*.py")
+        if path.stem != "__init__"
+    )
+
+
+def project_imports(module: str) -> tuple[set[str], set[str]]:
+    """("package.module" of the project, top-level other modules) that `module` imports."""
+    package, _, name = module.partition(".")
+    path = PACKAGE / package / f"{name}.py"
     project, other = set(), set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                if node.module:
-                    project.add(node.module)
-                else:  # `from . import x`: module x if there is one, else the package
-                    for alias in node.names:
-                        is_module = (PACKAGE / f"{alias.name}.py").exists()
-                        project.add(alias.name if is_module else "__init__")
+            if node.level == 1:  # from .x import y: this package
+                project.add(f"{package}.{node.module}")
+            elif node.level == 2:  # from ..pkg.x import y, from .. import __version__
+                project.add(node.module or "__init__")
             elif node.module and node.module.startswith("socks5d"):
                 project.add(node.module.partition(".")[2] or "__init__")
             elif node.module:
@@ -110,16 +68,38 @@ def project_imports(path: Path) -> tuple[set[str], set[str]]:
     return project, other
 
 
-def test_every_module_is_listed():
-    assert {path.stem for path in PACKAGE.glob("*.py")} == set(ALLOWED)
+def allowed(module: str, target: str) -> bool:
+    package = module.partition(".")[0]
+    if target.partition(".")[0] == package:
+        return True
+    rules = MAY_IMPORT[package]
+    return target in rules or target.partition(".")[0] in rules
 
 
-@pytest.mark.parametrize("module", sorted(ALLOWED))
-def test_module_imports_only_what_it_may(module):
-    project, other = project_imports(PACKAGE / f"{module}.py")
-    assert project <= ALLOWED[module], f"{module} imports {project - ALLOWED[module]}"
+def test_every_module_is_in_a_subpackage():
+    top = {path.stem for path in PACKAGE.glob("*.py")}
+    assert top == {"__init__", "__main__"}, "new modules go in core/, policy/, socks/ or ops/"
+    assert len(modules()) > 20
+
+
+@pytest.mark.parametrize("module", modules())
+def test_module_imports_only_what_its_package_may(module):
+    project, other = project_imports(module)
+    wrong = sorted(target for target in project if not allowed(module, target))
+    assert wrong == [], f"{module} may not import {wrong}"
+    if module in LEAVES:
+        assert {t for t in project if not t.startswith("core.")} == set(), module
     assert "socketserver" not in other
     if module in NO_SOCKETS:
         assert not {"socket", "select", "selectors"} & other
-    if module != "cli":
+    if module != "ops.cli":
         assert "click" not in other
+        assert "ops.cli" not in project
+
+
+def test_the_rules_would_catch_an_upward_import():
+    assert not allowed("core.relay", "socks.protocol")
+    assert not allowed("policy.rules", "socks.handler")
+    assert not allowed("socks.handler", "ops.daemon")
+    assert allowed("socks.handler", "policy.rules")
+    assert allowed("ops.daemon", "socks.handler")

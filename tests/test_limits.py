@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from socks5d.limits import UserSlots
+from socks5d.policy.limits import UserSlots
 
 
 def test_slots_up_to_the_limit_then_refused_until_one_is_released():

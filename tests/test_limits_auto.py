@@ -35,8 +35,12 @@ from clients import TIMEOUT, recv_all, recv_exactly, wait_until
 from conftest import DaemonProcess, TargetServer, echo
 from netns import call_in_netns, needs_netns, netns_only
 
-from socks5d import systemd
-from socks5d.capacity import (
+from socks5d.core.server import BaseRequestHandler, ThreadingTCPServer
+from socks5d.ops import systemd
+from socks5d.ops.cli import main
+from socks5d.ops.config import ConfigError, LimitsConfig, load_config, parse_config
+from socks5d.ops.daemon import Daemon
+from socks5d.policy.capacity import (
     DESCRIPTORS_PER_CONNECTION,
     EXPOSED_PER_ADDRESS,
     FORKING_AUTO,
@@ -45,10 +49,7 @@ from socks5d.capacity import (
     process_limits,
     resolve_limits,
 )
-from socks5d.cli import main
-from socks5d.config import ConfigError, LimitsConfig, load_config, parse_config
-from socks5d.daemon import Daemon
-from socks5d.protocol import (
+from socks5d.socks.protocol import (
     Address,
     AddressType,
     Command,
@@ -56,7 +57,6 @@ from socks5d.protocol import (
     encode_greeting,
     encode_request,
 )
-from socks5d.server import BaseRequestHandler, ThreadingTCPServer
 
 # VER NMETHODS METHOD, then VER CMD RSV ATYP addr port: sent in one go.
 GRANTED = b"\x05\x00" + b"\x05\x00"  # method reply (no auth), then VER REP=00
@@ -570,7 +570,7 @@ def test_a_refused_client_sees_a_bare_close_before_the_greeting(daemon_factory, 
 
 
 def test_refusals_held_back_by_the_rate_limit_are_logged_at_close(caplog, holding):
-    caplog.set_level(logging.WARNING, logger="socks5d.server")
+    caplog.set_level(logging.WARNING, logger="socks5d.core.server")
     server = ThreadingTCPServer(("127.0.0.1", 0), holding, max_connections=1)
     server.overload_log_interval = 3600.0
     with direct_requests(server, 4) as requests:

@@ -1,4 +1,4 @@
-"""The small core: serving from event loops (socks5d.loopserver) without SOCKS, the
+"""The small core: serving from event loops (socks5d.core.loopserver) without SOCKS, the
 handler context the core passes on unread, and the shape that keeps the core small.
 
 Real sockets on 127.0.0.1; every wait is bounded.
@@ -17,13 +17,15 @@ import pytest
 from clients import TIMEOUT, connect_through, read_reply, recv_all, recv_exactly, wait_until
 from conftest import TargetServer
 
-from socks5d.auth import Authenticator
-from socks5d.config import User
-from socks5d.daemon import ThreadingSocksServer, attach_event_loops
-from socks5d.eventloop import EventLoopPool
-from socks5d.handler import HandlerContext, HandlerSettings, Socks5Handler
-from socks5d.loopserver import EventLoopTCPServer
-from socks5d.protocol import (
+from socks5d.core.eventloop import EventLoopPool
+from socks5d.core.loopserver import EventLoopTCPServer
+from socks5d.core.relay import RelayResult
+from socks5d.core.server import BaseRequestHandler, BaseServer, ThreadingMixIn, ThreadingTCPServer
+from socks5d.ops.config import User
+from socks5d.ops.daemon import ThreadingSocksServer, attach_event_loops
+from socks5d.policy.auth import Authenticator
+from socks5d.socks.handler import HandlerContext, HandlerSettings, Socks5Handler
+from socks5d.socks.protocol import (
     Address,
     AddressType,
     Command,
@@ -32,8 +34,6 @@ from socks5d.protocol import (
     encode_greeting,
     encode_request,
 )
-from socks5d.relay import RelayResult
-from socks5d.server import BaseRequestHandler, BaseServer, ThreadingMixIn, ThreadingTCPServer
 
 PACKAGE = Path(__file__).resolve().parent.parent / "socks5d"
 
@@ -250,7 +250,7 @@ def test_handlers_reach_the_server_only_through_declared_names(
 ) -> None:
     # Everything a handler uses of the process is in its HandlerContext; the core's own
     # API (resume_in_thread of EventLoopMixIn) is typed. No getattr() probing of it.
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    tree = ast.parse((PACKAGE / "socks" / f"{module}.py").read_text())
     probes = [ast.unparse(call) for call in calls_named(tree, "getattr")]
     assert [probe for probe in probes if "server" in probe] == []
     assert server_attributes(tree) <= allowed
@@ -259,12 +259,13 @@ def test_handlers_reach_the_server_only_through_declared_names(
 def test_the_event_loop_never_asks_what_a_watcher_is() -> None:
     # Tunnels, listeners and handshakes implement one Watcher interface; the loop (its
     # relay hot path, its timers, its close) dispatches without isinstance.
-    tree = ast.parse((PACKAGE / "eventloop.py").read_text())
+    tree = ast.parse((PACKAGE / "core" / "eventloop.py").read_text())
     (loop,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "EventLoop"]
     assert calls_named(loop, "isinstance") == []
 
 
 def test_the_core_mixins_need_no_type_checking_tricks() -> None:
-    source = (PACKAGE / "server.py").read_text() + (PACKAGE / "loopserver.py").read_text()
+    core = PACKAGE / "core"
+    source = (core / "server.py").read_text() + (core / "loopserver.py").read_text()
     assert "TYPE_CHECKING" not in source
     assert "super()" in source and "type: ignore[misc]" not in source

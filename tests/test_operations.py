@@ -27,7 +27,7 @@ from clients import TIMEOUT, connect_through, open_tunnel, recv_all, recv_exactl
 from conftest import DaemonProcess, TargetServer, echo
 from netns import call_in_netns, needs_netns, netns_only
 
-from socks5d.protocol import (
+from socks5d.socks.protocol import (
     Address,
     AddressType,
     Method,

@@ -13,7 +13,7 @@ import pytest
 from clients import TIMEOUT, closed_port, loopback_alias_available, recv_exactly
 from conftest import needs_ipv6
 
-from socks5d.outbound import (
+from socks5d.socks.outbound import (
     ConnectFailed,
     OutgoingAddresses,
     egress_address,
@@ -23,7 +23,7 @@ from socks5d.outbound import (
     reply_for_error,
     resolve,
 )
-from socks5d.protocol import Address, AddressType, Reply
+from socks5d.socks.protocol import Address, AddressType, Reply
 
 NAME = Address(AddressType.DOMAINNAME, "multi.test", 9)
 

@@ -1,4 +1,4 @@
-"""Wire-format tests for socks5d.protocol (RFC 1928, RFC 1929).
+"""Wire-format tests for socks5d.socks.protocol (RFC 1928, RFC 1929).
 
 Tests speak bytes: each message is an annotated literal. Every parser case is checked whole,
 byte by byte (each strict prefix needs more data), and with trailing bytes (left unconsumed).
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from socks5d.protocol import (
+from socks5d.socks.protocol import (
     MAX_GREETING_SIZE,
     MAX_REQUEST_SIZE,
     MAX_USERNAME_PASSWORD_SIZE,
@@ -100,18 +100,18 @@ def test_protocol_error_carries_message_and_reply() -> None:
 
 
 def test_module_imports_stdlib_only_and_no_socket() -> None:
-    # protocol.py may use socks5d.addresses (pure address helpers), held to the same rule.
-    import socks5d.protocol as protocol
+    # protocol.py may use socks5d.core.addresses (pure address helpers), held to the same rule.
+    import socks5d.socks.protocol as protocol
 
-    package = Path(protocol.__file__).parent
-    for name in ("protocol", "addresses"):
+    package = Path(protocol.__file__).parent.parent
+    for name in ("socks/protocol", "core/addresses"):
         tree = ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))
         imported: set[str] = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 imported.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level:
-                assert (name, node.module) == ("protocol", "addresses"), node.module
+                assert (name, node.module) == ("socks/protocol", "core.addresses"), node.module
             elif isinstance(node, ast.ImportFrom):
                 imported.add((node.module or "").split(".")[0])
         assert "socket" not in imported

@@ -1,4 +1,4 @@
-"""Tests for socks5d.relay: real TCP sockets on 127.0.0.1, the relay running in a thread.
+"""Tests for socks5d.core.relay: real TCP sockets on 127.0.0.1, the relay running in a thread.
 
 Topology of every test::
 
@@ -42,8 +42,8 @@ from streams import (
     sha256_of_stream,
 )
 
-from socks5d import relay as relay_module
-from socks5d.relay import RelayResult, relay
+from socks5d.core import relay as relay_module
+from socks5d.core.relay import RelayResult, relay
 
 TIMEOUT = 10.0  # upper bound for any single wait; a healthy run never comes close
 REPO = Path(__file__).resolve().parent.parent
@@ -349,7 +349,7 @@ def test_shutdown_rdwr_from_another_thread_aborts_an_idle_relay_within_a_second(
 HIGH_FD_SCRIPT = textwrap.dedent(
     """
     import hashlib, json, os, random, resource, socket, sys, threading
-    from socks5d.relay import relay
+    from socks5d.core.relay import relay
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 2048:

@@ -16,7 +16,7 @@ import pytest
 from clients import TIMEOUT, children_of, connect_through, recv_exactly, wait_until
 from conftest import running_proxy
 
-from socks5d.protocol import Address, AddressType
+from socks5d.socks.protocol import Address, AddressType
 
 
 def test_a_request_a_relay_loop_finished_is_no_longer_held_as_detached(echo_target):

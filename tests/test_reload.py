@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from socks5d import systemd
-from socks5d.config import ServerConfig, load_config
-from socks5d.daemon import Daemon, changed_fields
+from socks5d.ops import systemd
+from socks5d.ops.config import ServerConfig, load_config
+from socks5d.ops.daemon import Daemon, changed_fields
 
 BEFORE = '[server]\nport = 0\nsocket_buffer = "auto"\n'
 # outgoing_address, socket_buffer and allow_open were kept without a word: the warning

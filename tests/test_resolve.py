@@ -1,7 +1,7 @@
 """Name resolution: bounded in time and in threads, and every name the system resolver takes.
 
 A. getaddrinfo has no timeout and cannot be cancelled. Lookups run on the bounded threads of
-   socks5d.lookups within `timeouts.resolve`: CONNECT and BIND get 04 ("resolve timed out")
+   socks5d.socks.lookups within `timeouts.resolve`: CONNECT and BIND get 04 ("resolve timed out")
    when a name does not resolve in time, and 04 at once when every lookup thread is taken; in
    UDP ASSOCIATE a slow name holds back only its own datagrams. The resolver here is injected
    (HandlerSettings.resolver) and blocks on an event, except in the end-to-end test, which
@@ -43,9 +43,9 @@ from conftest import ROOT, DaemonProcess, TargetServer, echo, running_proxy
 from netns import call_in_netns, needs_netns, netns_only
 from test_udp import Association, domain_header, ipv4_header
 
-from socks5d.lookups import LookupBusy, LookupPool, LookupTimedOut
-from socks5d.outbound import ConnectFailed, resolve_target, system_resolver
-from socks5d.protocol import (
+from socks5d.socks.lookups import LookupBusy, LookupPool, LookupTimedOut
+from socks5d.socks.outbound import ConnectFailed, resolve_target, system_resolver
+from socks5d.socks.protocol import (
     UNSPECIFIED_IPV4,
     Address,
     AddressType,
@@ -57,7 +57,7 @@ from socks5d.protocol import (
     encode_udp_datagram,
     parse_udp_datagram,
 )
-from socks5d.udp import system_resolver as udp_system_resolver
+from socks5d.socks.udp import system_resolver as udp_system_resolver
 
 # The numbers-and-dots form of 127.0.0.1 in four hexadecimal labels of 63 characters each,
 # 255 bytes in all: the longest name RFC 1928 §5 can carry, beyond what DNS carries (253),
@@ -194,7 +194,7 @@ def test_a_forked_child_starts_with_an_empty_pool():
     # In a separate interpreter: forking the test process, with its threads, is not safe.
     code = """
 import os, socket
-from socks5d.lookups import LookupPool
+from socks5d.socks.lookups import LookupPool
 pool = LookupPool(2, idle_seconds=60)
 answer = lambda host, port: [(socket.AF_INET, (host, port))]
 pool.run(answer, "127.0.0.1", 1, timeout=5)
@@ -391,7 +391,7 @@ def test_a_slow_name_does_not_hold_up_other_destinations(
 def test_a_slow_names_datagrams_queue_up_to_a_bound_then_drop_at_its_timeout(
     association, udp_echo, blocking_resolver, pool, caplog
 ):
-    caplog.set_level(logging.DEBUG, logger="socks5d.udp")
+    caplog.set_level(logging.DEBUG, logger="socks5d.socks.udp")
     resolver = blocking_resolver("slow.test")
     assoc = association(resolver=resolver, resolve_timeout=0.3, lookups=pool())
     for index in range(12):  # 8 wait for the name, 4 are dropped at once

@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 
-from socks5d import rules
-from socks5d.config import Config, parse_config
-from socks5d.protocol import Command, Reply
-from socks5d.rules import (
+from socks5d.ops.config import Config, parse_config
+from socks5d.policy import rules
+from socks5d.policy.rules import (
     COMMAND_NAMES,
     Decision,
     Policy,
@@ -20,6 +19,7 @@ from socks5d.rules import (
     is_local_address,
     is_private,
 )
+from socks5d.socks.protocol import Command, Reply
 
 # The request every table starts from; a case overrides some of it.
 REQUEST: dict[str, Any] = {

@@ -28,7 +28,7 @@ from clients import TIMEOUT, UdpEcho, read_reply, recv_all, recv_exactly, wait_u
 from conftest import DaemonProcess, TargetServer, echo
 from netns import call_in_netns, json_in_netns, needs_netns, netns_only, netns_unavailable
 
-from socks5d.protocol import (
+from socks5d.socks.protocol import (
     Address,
     AddressType,
     Command,

@@ -29,12 +29,12 @@ from conftest import DaemonProcess, running_proxy
 from netns import call_in_netns, needs_netns, netns_only
 from test_security import needs_127_0_0_2, start
 
-from socks5d import auth
-from socks5d.auth import Authenticator, hash_password
-from socks5d.config import ConfigError, User, parse_config
-from socks5d.daemon import Daemon
-from socks5d.protocol import Method, encode_greeting, encode_username_password
-from socks5d.throttle import CLIENT_FREE_FAILURES, CheckGate, FailedLoginBackoff
+from socks5d.ops.config import ConfigError, User, parse_config
+from socks5d.ops.daemon import Daemon
+from socks5d.policy import auth
+from socks5d.policy.auth import Authenticator, hash_password
+from socks5d.policy.throttle import CLIENT_FREE_FAILURES, CheckGate, FailedLoginBackoff
+from socks5d.socks.protocol import Method, encode_greeting, encode_username_password
 
 SCRYPT_CHECK_MIB = 16  # what one check with the default parameters holds (128 * N * r)
 DEFAULTS = (auth.SCRYPT_LOG_N, auth.SCRYPT_R, auth.SCRYPT_P)
@@ -430,7 +430,7 @@ def test_ipv6_addresses_of_one_slash_64_share_a_back_off():
 
 @pytest.fixture
 def kdf_calls(monkeypatch) -> list[tuple[int, int, int]]:
-    """(log2 N, r, p) of every scrypt run through socks5d.auth, in order."""
+    """(log2 N, r, p) of every scrypt run through socks5d.policy.auth, in order."""
     calls: list[tuple[int, int, int]] = []
     scrypt = auth._scrypt
 

@@ -26,8 +26,9 @@ from conftest import DaemonProcess, TargetServer, echo, running_proxy
 from netns import call_in_netns, needs_netns, netns_only
 from test_security import matching, name, udp_through
 
-from socks5d.config import parse_config
-from socks5d.protocol import (
+from socks5d.ops.config import parse_config
+from socks5d.policy.rules import Policy, describe_policy, is_private
+from socks5d.socks.protocol import (
     Address,
     AddressType,
     Command,
@@ -35,7 +36,6 @@ from socks5d.protocol import (
     encode_greeting,
     encode_request,
 )
-from socks5d.rules import Policy, describe_policy, is_private
 
 OWN = "198.51.100.1"  # this host's "public" address inside the test namespace
 

@@ -38,7 +38,7 @@ from clients import (
 from conftest import DaemonProcess, TargetServer
 from test_operations import Process
 
-from socks5d.protocol import Address, Reply
+from socks5d.socks.protocol import Address, Reply
 
 ALICE = (b"alice", b"alice-pw")
 ALICE_USER = '[[users]]\nname = "alice"\npassword = "alice-pw"\n'

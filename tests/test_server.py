@@ -1,4 +1,4 @@
-"""Tests for socks5d.server, the socketserver-style core (modelled on CPython's
+"""Tests for socks5d.core.server, the socketserver-style core (modelled on CPython's
 Lib/test/test_socketserver.py).
 
 Real sockets on 127.0.0.1 and ::1, port 0. Every wait is bounded (socket timeouts, events,
@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from netns import call_in_netns, needs_netns, netns_only
 
-from socks5d.server import (
+from socks5d.core.server import (
     BaseRequestHandler,
     BaseServer,
     ForkingTCPServer,
@@ -45,7 +45,7 @@ TIMEOUT = 5.0
 # relative bound, not a latency target.
 SLOW_POLL = 30.0
 PROMPT = SLOW_POLL / 6
-LOGGER = "socks5d.server"
+LOGGER = "socks5d.core.server"
 
 
 # ---- helpers ----
@@ -880,7 +880,7 @@ def test_stream_request_handler_files_and_timeout() -> None:
 EMFILE_SCRIPT = textwrap.dedent(
     """
     import json, logging, os, resource, socket, threading, time
-    from socks5d.server import BaseRequestHandler, ThreadingTCPServer
+    from socks5d.core.server import BaseRequestHandler, ThreadingTCPServer
 
     class CountingServer(ThreadingTCPServer):
         attempts = 0
@@ -899,7 +899,7 @@ EMFILE_SCRIPT = textwrap.dedent(
                 records.append(record)
                 cond.notify_all()
 
-    log = logging.getLogger("socks5d.server")
+    log = logging.getLogger("socks5d.core.server")
     log.addHandler(Collect())
     log.setLevel(logging.DEBUG)
     log.propagate = False

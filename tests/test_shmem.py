@@ -1,4 +1,4 @@
-"""socks5d.shmem: memory shared with forked processes, and a lock that a killed holder
+"""socks5d.core.shmem: memory shared with forked processes, and a lock that a killed holder
 cannot keep (the kernel drops an fcntl record lock when its process ends).
 
 Children are forked from the test process, do one small thing and leave with
@@ -20,8 +20,7 @@ from pathlib import Path
 
 from clients import TIMEOUT
 
-from socks5d.limits import UserSlots
-from socks5d.shmem import (
+from socks5d.core.shmem import (
     ProcessLocal,
     RobustLock,
     SharedBytes,
@@ -30,7 +29,8 @@ from socks5d.shmem import (
     SharedRecords,
     anonymous_file,
 )
-from socks5d.throttle import CheckGate, FailedLoginBackoff
+from socks5d.policy.limits import UserSlots
+from socks5d.policy.throttle import CheckGate, FailedLoginBackoff
 
 
 def fork_child(body: Callable[[], int]) -> int:
@@ -387,7 +387,7 @@ def test_only_shmem_takes_record_locks_maps_memory_or_hooks_fork():
     pattern = re.compile(r"\b(fcntl\.lockf|mmap\.mmap|memfd_create|register_at_fork)\b")
     found = [
         f"{path.name}: {match.group(1)}"
-        for path in sorted(package.glob("*.py"))
+        for path in sorted(package.rglob("*.py"))
         if path.name != "shmem.py"
         for match in pattern.finditer(path.read_text())
     ]

@@ -26,9 +26,9 @@ import pytest
 from clients import TIMEOUT, connect_through, recv_exactly, wait_until
 from conftest import ROOT, DaemonProcess, TargetServer, ipv6_available
 
-from socks5d import privileges, systemd
-from socks5d.protocol import Address, AddressType
-from socks5d.server import StreamRequestHandler, ThreadingTCPServer
+from socks5d.core.server import StreamRequestHandler, ThreadingTCPServer
+from socks5d.ops import privileges, systemd
+from socks5d.socks.protocol import Address, AddressType
 
 UNITS = ROOT / "systemd"
 
@@ -111,7 +111,7 @@ def test_notify_to_a_vanished_socket_returns_false_then_recovers(tmp_path, monke
     assert systemd.notify("STATUS=one")
     listener.close()
     path.unlink()
-    with caplog.at_level("DEBUG", logger="socks5d.systemd"):
+    with caplog.at_level("DEBUG", logger="socks5d.ops.systemd"):
         assert systemd.notify("STATUS=two") is False
     assert "sd_notify" in caplog.text
     # The manager comes back (same path): the next message gets through on a new socket.
@@ -506,7 +506,7 @@ def test_drop_privileges_names_an_unknown_group(monkeypatch, no_identity_changes
 
 DROP_AND_REPORT = """
 import os, sys
-from socks5d.privileges import drop_privileges
+from socks5d.ops.privileges import drop_privileges
 drop_privileges(sys.argv[1], sys.argv[2] or None)
 try:
     os.setuid(0)
@@ -549,7 +549,7 @@ def test_drop_privileges_as_root_cannot_be_undone(group):
 
 @needs_root
 def test_daemon_drops_root_after_binding(daemon_factory, tmp_path, echo_target):
-    from socks5d.config import ServerConfig
+    from socks5d.ops.config import ServerConfig
 
     if "run_as_user" not in ServerConfig.__dataclass_fields__:
         pytest.skip("config.py has no run_as_user yet")

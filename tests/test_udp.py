@@ -1,4 +1,4 @@
-"""Tests for socks5d.udp: serve_association driven directly, no SOCKS server involved.
+"""Tests for socks5d.socks.udp: serve_association driven directly, no SOCKS server involved.
 
 Topology of every test::
 
@@ -23,9 +23,9 @@ import pytest
 from clients import UdpEcho, udp_socket
 from conftest import needs_ipv6
 
-from socks5d.outbound import OutgoingAddresses
-from socks5d.protocol import UNSPECIFIED_IPV4, Address, AddressType
-from socks5d.udp import UdpStats, open_udp_endpoint, serve_association
+from socks5d.socks.outbound import OutgoingAddresses
+from socks5d.socks.protocol import UNSPECIFIED_IPV4, Address, AddressType
+from socks5d.socks.udp import UdpStats, open_udp_endpoint, serve_association
 
 TIMEOUT = 5.0  # upper bound for any single wait; a healthy run never comes close
 QUIET = 0.2  # how long we listen to show that nothing arrives

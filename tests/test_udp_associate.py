@@ -10,7 +10,7 @@ import socks
 from clients import TIMEOUT, UdpEcho, open_tunnel, recv_all
 from conftest import needs_ipv6
 
-from socks5d.protocol import (
+from socks5d.socks.protocol import (
     Address,
     AddressType,
     Command,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from clients import children_of, connect_through, recv_exactly, wait_until
 
-from socks5d.protocol import Address, AddressType
+from socks5d.socks.protocol import Address, AddressType
 
 TIMEOUT = 10.0
 

@@ -11,12 +11,12 @@ import resource
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .addresses import format_host_port
-from .config import LimitsConfig
+from ..core.addresses import format_host_port
+from ..ops.config import LimitsConfig
 from .rules import exposed_listeners
 
 # A spliced tunnel holds up to six descriptors: the client's socket, the target's and a
-# pipe (two descriptors) per direction (socks5d.relay, the splice path). A handshake
+# pipe (two descriptors) per direction (socks5d.core.relay, the splice path). A handshake
 # holds fewer: the client, a name lookup's socket, the Happy Eyeballs attempts.
 DESCRIPTORS_PER_CONNECTION = 6
 # Held whatever the load: stdio, the log file, the wake-up socketpair, the shared

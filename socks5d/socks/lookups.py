@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from .shmem import ProcessLocal
+from ..core.shmem import ProcessLocal
 
 __all__ = ["LOOKUPS", "LookupBusy", "LookupPool", "LookupTimedOut"]
 

@@ -12,7 +12,7 @@ this one object.
 Owns: RFC 1928 §3 method selection, RFC 1929 §2 subnegotiation framing, the request
 (§4), every reply (§6) and the access-log fields these settle. Policy (which method,
 whether credentials are right, whether a destination is allowed) is asked of the
-:class:`~socks5d.auth.Authenticator` passed in or left to the driver. Imports only the
+:class:`~socks5d.policy.auth.Authenticator` passed in or left to the driver. Imports only the
 wire format, the session record and the authenticator's method choice.
 """
 
@@ -43,7 +43,7 @@ from .protocol import (
 from .session import Session
 
 if TYPE_CHECKING:
-    from .auth import Authenticator
+    from ..policy.auth import Authenticator
 
 __all__ = [
     "Action",

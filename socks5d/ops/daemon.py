@@ -26,22 +26,22 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from ..core.addresses import format_address
+from ..core.eventloop import EventLoopPool
+from ..core.loopserver import EventLoopTCPServer
+from ..core.server import BaseServer, ForkingTCPServer, reap_child
+from ..core.shmem import SharedBytes
+from ..policy.auth import is_default_hash
+from ..policy.capacity import ConnectionLimits, process_limits, resolve_limits
+from ..policy.limits import UserSlots
+from ..policy.rules import exposure_problem
+from ..policy.throttle import CheckGate, FailedLoginBackoff
+from ..socks.fastpath import begin_fast_handshake
+from ..socks.handler import HandlerContext, HandlerSettings, Socks5Handler
 from . import systemd
-from .addresses import format_address
-from .auth import is_default_hash
-from .capacity import ConnectionLimits, process_limits, resolve_limits
 from .config import Config, ConfigError, apply_overrides, load_config
-from .eventloop import EventLoopPool
-from .fastpath import begin_fast_handshake
-from .handler import HandlerContext, HandlerSettings, Socks5Handler
-from .limits import UserSlots
 from .logs import configure_logging, hand_log_files_to, reconfigure_logging
-from .loopserver import EventLoopTCPServer
 from .privileges import drop_privileges, resolve_ids
-from .rules import exposure_problem
-from .server import BaseServer, ForkingTCPServer, reap_child
-from .shmem import SharedBytes
-from .throttle import CheckGate, FailedLoginBackoff
 
 logger = logging.getLogger("socks5d")
 

@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from .addresses import canonical_ip
+from ..core.addresses import canonical_ip
 from .outbound import ANY_SOURCE, OutgoingAddresses, egress_address
 from .protocol import Address, AddressType
 

@@ -7,12 +7,12 @@ benchmark counted ~100 futex calls per short connection with 32 clients at once)
 event loop already waits on epoll for its tunnels; here it waits for handshakes too, so
 a short connection lives in one thread from accept to close.
 
-The negotiation is the same :class:`~socks5d.handshake.ServerHandshake` the handler
+The negotiation is the same :class:`~socks5d.socks.handshake.ServerHandshake` the handler
 thread drives; this module only feeds it the loop's bytes and does the actions that
 cannot block: sending an answer, and the connect of a CONNECT to an allowed address.
 At the first action it does not take (checking a login, a name to resolve, BIND, UDP, a
 refusal to send before closing, EOF, the handshake timeout) it hands the connection to
-a handler thread as a :class:`~socks5d.handler.Negotiation`: the same handshake object,
+a handler thread as a :class:`~socks5d.socks.handler.Negotiation`: the same handshake object,
 with the actions left to do, so every reply, log line and limit is the handler's own.
 """
 
@@ -25,8 +25,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from .addresses import canonical_ip, client_ip
-from .eventloop import EventLoop, Timer
+from ..core.addresses import canonical_ip, client_ip
+from ..core.eventloop import EventLoop, Timer
+from ..core.loopserver import EventLoopMixIn
+from ..core.relay import RelayResult
 from .handler import (
     HandlerContext,
     Negotiation,
@@ -37,10 +39,8 @@ from .handler import (
     size_tunnel_buffers,
 )
 from .handshake import Action, Close, Dispatch, Send
-from .loopserver import EventLoopMixIn
 from .outbound import connect_error, connect_failed, start_connect
 from .protocol import Address, AddressType, Command, Reply, Request
-from .relay import RelayResult
 
 __all__ = ["FastHandshake", "begin_fast_handshake"]
 

@@ -4,16 +4,16 @@ An :class:`EventLoop` is a small general loop: watchers wait on descriptors
 (:meth:`EventLoop.watch`), callbacks run soon (:meth:`EventLoop.call_soon`, from any
 thread) or later (:meth:`EventLoop.call_later`), listening sockets are accepted from
 (:meth:`EventLoop.serve_listeners`). A tunnel (:meth:`EventLoop.add`) is one kind of
-watcher: the loop drives it with the same :class:`socks5d.relay.Tunnel` engine that
-:func:`socks5d.relay.relay` runs inline, so the semantics (backpressure, half-close,
+watcher: the loop drives it with the same :class:`socks5d.core.relay.Tunnel` engine that
+:func:`socks5d.core.relay.relay` runs inline, so the semantics (backpressure, half-close,
 resets, idle timeout, splice) are the same. Everything a loop waits on implements one
 interface (:class:`Watcher`): the loop calls ``on_events`` without asking what it is.
 
 In threading mode the loops accept, and run the common handshake themselves
-(socks5d.fastpath: no login, CONNECT to an allowed IP); a handshake that needs more (a
+(socks5d.socks.fastpath: no login, CONNECT to an allowed IP); a handshake that needs more (a
 login, a name to resolve, BIND, UDP, a refusal) goes to a handler thread, which
 negotiates, connects, replies, then hands the two sockets back to a loop and returns to
-its pool (socks5d.loopserver).
+its pool (socks5d.core.loopserver).
 
 Why: an idle tunnel in its own thread costs ~23 KiB (stack pages, thread state, the
 interpreter's frame chunk) whatever ``threading.stack_size`` says; in a loop it costs
@@ -28,7 +28,7 @@ that is where the owner closes the sockets and writes its log. Timers (idle time
 giving back a quiet tunnel's pipes, :meth:`EventLoop.call_later`) live in one heap per
 loop, so a wake-up costs the same with 10 or 10,000 tunnels.
 
-Knows no SOCKS: imports :mod:`socks5d.relay` and the stdlib only.
+Knows no SOCKS: imports :mod:`socks5d.core.relay` and the stdlib only.
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ class EventLoop:
         mode: str | None = None,
         buffer_size: int | None = None,
     ) -> None:
-        """Relay between ``a`` and ``b`` (as :func:`socks5d.relay.relay` would) in the loop.
+        """Relay between ``a`` and ``b`` (as :func:`socks5d.core.relay.relay` would) in the loop.
 
         Arguments are checked here (ValueError, as ``relay``); from then on the loop owns
         the tunnel and calls ``on_done(result)`` from its thread when it ends, once. The

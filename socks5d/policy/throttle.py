@@ -3,10 +3,10 @@ the back-off after failed logins, and the bound on password checks running at on
 
 Both are made before any fork (Daemon.bind) so every process of the tree shares them:
 the back-off as a table in shared memory, the bound as byte-range locks on an anonymous
-file (socks5d.shmem). Every lock here is an fcntl record lock, which the kernel drops
+file (socks5d.core.shmem). Every lock here is an fcntl record lock, which the kernel drops
 when its holder dies: a worker killed by SIGKILL (or the OOM killer) cannot leave every
 later login waiting forever, as a process-shared semaphore would. Stdlib,
-socks5d.addresses and socks5d.shmem only; no sockets.
+socks5d.core.addresses and socks5d.core.shmem only; no sockets.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .addresses import DEFAULT_IPV6_CLIENT_PREFIX, client_key
-from .shmem import ProcessLocal, RobustLock, SharedRecords, anonymous_file
+from ..core.addresses import DEFAULT_IPV6_CLIENT_PREFIX, client_key
+from ..core.shmem import ProcessLocal, RobustLock, SharedRecords, anonymous_file
 
 # ---- the bound on password checks running at once ----
 

@@ -33,7 +33,7 @@ Pipes and buffers are created when data first flows their way, at 64 KiB; they g
 ``buffer_size`` (default 1 MiB; pipes at most ``/proc/sys/fs/pipe-max-size``) on a bulk
 transfer, and are given back when empty after ``RELEASE_AFTER`` quiet seconds and at EOF. An
 idle tunnel holds no pipe and no buffer: about 1.6 KiB of Python objects besides its sockets
-(tracemalloc, 200 idle tunnels in a loop; see socks5d.eventloop for the whole connection).
+(tracemalloc, 200 idle tunnels in a loop; see socks5d.core.eventloop for the whole connection).
 Full-size copy buffers come out of one process-wide ``GROWN_BUFFER_BUDGET``: a direction
 whose reader stalls keeps its buffer full, and pipes (kernel memory, capped per user by
 ``pipe-user-pages-soft``) are not there to take over when a flood of such tunnels has used
@@ -605,7 +605,7 @@ class Tunnel:
     """The state of one tunnel: both directions and what they wait for.
 
     Driven by :func:`relay` (its own poll, in the calling thread) or by a loop shared by
-    many tunnels (``socks5d.eventloop``): ``poller`` is anything with poll's
+    many tunnels (``socks5d.core.eventloop``): ``poller`` is anything with poll's
     ``register/modify/unregister`` (``select.poll``, ``select.epoll``), the loop calls
     :meth:`serve_events` with a tunnel's ready descriptors and :meth:`on_timer` once
     :meth:`next_timer` has passed; both return the :class:`RelayResult` when the tunnel

@@ -27,9 +27,9 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .addresses import IPAddress, format_host_port, parse_ip, strip_brackets, unmapped
-from .config import Config, RuleSpec
-from .protocol import Command, Reply
+from ..core.addresses import IPAddress, format_host_port, parse_ip, strip_brackets, unmapped
+from ..ops.config import Config, RuleSpec
+from ..socks.protocol import Command, Reply
 
 __all__ = [
     "COMMAND_NAMES",

@@ -18,8 +18,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .config import ConfigError, User
-from .protocol import Method
+from ..ops.config import ConfigError, User
+from ..socks.protocol import Method
 
 # ---- password hashes ----
 

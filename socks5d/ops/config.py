@@ -58,7 +58,7 @@ class ServerConfig:
     # a second one halved short-connection rate (bench/); --workers uses more cores.
     relay_threads: int = 1
     # SO_SNDBUF/SO_RCVBUF of tunnel sockets in bytes; 0: the kernel's autotuning; "auto":
-    # a fixed size for loopback peers only (see socks5d.relay.socket_buffer_for).
+    # a fixed size for loopback peers only (see socks5d.core.relay.socket_buffer_for).
     socket_buffer: int | str = "auto"
 
     @property
@@ -76,7 +76,7 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    # "auto": as many as the open-file limit can back (socks5d.capacity); or a number.
+    # "auto": as many as the open-file limit can back (socks5d.policy.capacity); or a number.
     max_connections: int | str = "auto"
     # "auto": unlimited while every listener is loopback-only, else 256; 0 = unlimited.
     max_connections_per_ip: int | str = "auto"

@@ -1,7 +1,7 @@
 """Serving requests from event loops as well as from a pool of handler threads.
 
-:class:`~socks5d.server.ThreadingMixIn` gives every request a thread from accept to
-close. :class:`EventLoopMixIn` adds event loops (:mod:`socks5d.eventloop`) that accept,
+:class:`~socks5d.core.server.ThreadingMixIn` gives every request a thread from accept to
+close. :class:`EventLoopMixIn` adds event loops (:mod:`socks5d.core.eventloop`) that accept,
 begin requests themselves and relay the tunnels handler threads give them, with three
 moves between a loop and a thread:
 
@@ -16,7 +16,7 @@ moves between a loop and a thread:
 A detached request stays counted (max_connections, the per-client cap, active_count,
 wait_for_idle, abort_active_requests) until it ends.
 
-Knows no SOCKS: imports the core (:mod:`socks5d.server`) and the event loops only.
+Knows no SOCKS: imports the core (:mod:`socks5d.core.server`) and the event loops only.
 """
 
 from __future__ import annotations

@@ -9,11 +9,11 @@ EMFILE), concurrency (a pool of threads or forked children, capped by
 follow ``socketserver`` so its documentation applies; where we differ (prompt shutdown,
 accept back-off, reaped threads, capped concurrency, logging instead of printing) the
 class docstrings say so. Serving from event loops as well as threads is
-:mod:`socks5d.loopserver`'s.
+:mod:`socks5d.core.loopserver`'s.
 
 Must not import SOCKS code (protocol, auth, handler, ...) nor ``socketserver``: it is the
 bottom layer and knows nothing of what the handler speaks. Stdlib and the pure
-``socks5d.addresses`` helpers only.
+``socks5d.core.addresses`` helpers only.
 """
 
 from __future__ import annotations
@@ -648,7 +648,7 @@ class BaseServer:
 
     def client_key(self, client_address: Any) -> str:
         """What a client's connections count under for max_connections_per_ip: its IP,
-        or for IPv6 its network of ipv6_client_prefix bits (see socks5d.addresses)."""
+        or for IPv6 its network of ipv6_client_prefix bits (see socks5d.core.addresses)."""
         return client_key(client_ip(client_address), self.ipv6_client_prefix)
 
     @property

@@ -3,11 +3,11 @@ children, and that a dead process cannot keep.
 
 The per-address cap lives in the server core, which sees every accept; a user is only
 known after RFC 1929 login, inside the handler, which in forking mode runs in a child
-process. So the counts live in shared memory made before any fork (socks5d.shmem),
+process. So the counts live in shared memory made before any fork (socks5d.core.shmem),
 under a lock the kernel frees if its holder dies. Beside each count, a ledger records
 which process holds how many slots of it, so that whoever reaps a dead process (the
 supervisor, the forking parent) gives back what it held: reconcile(pid). Stdlib and
-socks5d.shmem only; knows nothing of SOCKS.
+socks5d.core.shmem only; knows nothing of SOCKS.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import os
 import zlib
 
-from .shmem import SharedInts
+from ..core.shmem import SharedInts
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Owns :func:`open_udp_endpoint` (the client-facing UDP socket whose address goes into the
 success reply) and :func:`serve_association` (one ``select.poll`` loop in the handler's thread
 that relays datagrams until the control connection ends), with its record
-:class:`UdpStats`. Source addresses come as :class:`socks5d.outbound.OutgoingAddresses`.
+:class:`UdpStats`. Source addresses come as :class:`socks5d.socks.outbound.OutgoingAddresses`.
 
 Client → remote: each datagram carries the RFC 1928 §7 header ``RSV FRAG ATYP DST.ADDR
 DST.PORT`` in front of its payload; the header is checked and stripped, the destination
@@ -12,7 +12,7 @@ address family). Remote → client: the payload is wrapped in the same header na
 and sent to the client's UDP address. Datagrams that fail a check are dropped and counted, never
 answered: UDP has no error channel, and the RFC asks a relay to drop silently.
 
-A name is looked up off the loop, on the bounded threads of ``socks5d.lookups``, within
+A name is looked up off the loop, on the bounded threads of ``socks5d.socks.lookups``, within
 ``resolve_timeout``: while it resolves, its datagrams wait in a small queue (past it they are
 dropped) and every other destination keeps flowing; a lookup that times out drops what waited
 for it. A resolver that never answers thus costs the datagrams to that one name, not the
@@ -23,11 +23,12 @@ sockets once the client has used them (what NAT people call "full cone"), which 
 peer-to-peer and DNS-over-several-servers clients need. Access rules for destinations come in
 through the ``allow`` callback.
 
-It imports the standard library, ``socks5d.protocol`` (the wire format),
-``socks5d.addresses``, the lookup pool of ``socks5d.lookups`` and the ``OutgoingAddresses``
-record and getaddrinfo wrapper of ``socks5d.outbound``; it must not import the handler or the
-server, so it can be tested without a running proxy. The caller owns and closes the control
-socket; ``serve_association`` closes every UDP socket, the endpoint included.
+It imports the standard library, ``socks5d.socks.protocol`` (the wire format),
+``socks5d.core.addresses``, the lookup pool of ``socks5d.socks.lookups`` and the
+``OutgoingAddresses`` record and getaddrinfo wrapper of ``socks5d.socks.outbound``; it must
+not import the handler or the server, so it can be tested without a running proxy. The
+caller owns and closes the control socket; ``serve_association`` closes every UDP socket,
+the endpoint included.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .addresses import canonical_ip, unmapped_host
+from ..core.addresses import canonical_ip, unmapped_host
 from .lookups import LOOKUPS, LookupBusy, LookupPool
 from .outbound import ANY_SOURCE, OutgoingAddresses, address_info
 from .protocol import Address, AddressType, ProtocolError, encode_udp_datagram, parse_udp_datagram
@@ -62,7 +63,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SockAddr = tuple[socket.AddressFamily, tuple[Any, ...]]
-#: Same shape as ``socks5d.outbound.system_resolver``: getaddrinfo → [(family, sockaddr)].
+#: Same shape as ``socks5d.socks.outbound.system_resolver``: getaddrinfo → [(family, sockaddr)].
 Resolver = Callable[[str, int], list[SockAddr]]
 
 # The largest UDP payload is 65535 - 8 (UDP header) bytes; a 64 KiB buffer never truncates.

@@ -14,9 +14,10 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .addresses import format_host_port
-from .auth import Authenticator, hash_password
+from .. import __version__
+from ..core.addresses import format_host_port
+from ..policy.auth import Authenticator, hash_password
+from ..policy.rules import describe_policy, exposure_problem
 from .config import LOG_LEVELS, MODES, Config, ConfigError, apply_overrides, load_config
 from .config import parse_user_flag as parse_user
 from .daemon import (
@@ -25,7 +26,6 @@ from .daemon import (
     connection_limits,
     raise_open_file_limit,
 )
-from .rules import describe_policy, exposure_problem
 
 EXAMPLES = """\b
 Examples:

@@ -9,7 +9,7 @@ unsupported message raises :class:`ProtocolError`, which carries the RFC 1928 re
 before closing (or ``None`` to close without one). No other exception escapes a parser, whatever
 the input.
 
-It imports the standard library and :mod:`socks5d.addresses` (pure, stdlib only) and must
+It imports the standard library and :mod:`socks5d.core.addresses` (pure, stdlib only) and must
 **not** import ``socket`` (or anything that does I/O): address text is handled with
 ``ipaddress``, so the module can be tested, fuzzed and reused on its own.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, TypeAlias
 
-from .addresses import canonical_ip, format_host_port, parse_ip
+from ..core.addresses import canonical_ip, format_host_port, parse_ip
 
 __all__ = [
     "MAX_GREETING_SIZE",

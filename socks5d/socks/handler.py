@@ -1,6 +1,6 @@
 """Socks5Handler: one client connection in a thread, from greeting to the end of its tunnel.
 
-The negotiation itself is :class:`~socks5d.handshake.ServerHandshake` (no I/O); this
+The negotiation itself is :class:`~socks5d.socks.handshake.ServerHandshake` (no I/O); this
 module drives it with blocking reads under one deadline, carries out what it asks for
 (checking a login in its turn, a request's rules, lookup and connect, BIND, UDP
 ASSOCIATE) and writes the access-log line. A handshake an event loop began arrives as a
@@ -24,12 +24,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .addresses import canonical_ip, client_ip, unmapped_host
-from .auth import Authenticator
+from ..core.addresses import canonical_ip, client_ip, unmapped_host
+from ..core.relay import RelayResult, fix_socket_buffers, relay, socket_buffer_for
+from ..core.server import BaseRequestHandler
+from ..ops.config import Config
+from ..policy.auth import Authenticator
+from ..policy.limits import UserSlots
+from ..policy.rules import Decision, Policy
+from ..policy.throttle import NO_WAIT, CheckGate, FailedLoginBackoff
 from .bind import ClientLeft, expected_peer_ips, open_bind_listener, wait_for_peer
-from .config import Config
 from .handshake import Action, Authenticate, Dispatch, Send, ServerHandshake
-from .limits import UserSlots
 from .lookups import LookupPool
 from .outbound import (
     ANY_SOURCE,
@@ -43,11 +47,7 @@ from .outbound import (
     system_resolver,
 )
 from .protocol import Address, AddressType, Command, Reply, Request
-from .relay import RelayResult, fix_socket_buffers, relay, socket_buffer_for
-from .rules import Decision, Policy
-from .server import BaseRequestHandler
 from .session import Session
-from .throttle import NO_WAIT, CheckGate, FailedLoginBackoff
 from .udp import open_udp_endpoint, serve_association
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Who may do what: authentication, login back-off, access rules and limits."""
