@@ -228,6 +228,8 @@ class ServerHandshake:
         # What follows may be pipelined behind the greeting: parse it now, under its own
         # error handling, so the method's answer is sent even if that message is bad.
         self.state = State.LOGIN if method is Method.USERNAME_PASSWORD else State.REQUEST
+        if not self.buffer:  # the usual case: the client waits for the answer
+            return [send]
         return [send, *self._advance()]
 
     def _login(self) -> list[Action]:
