@@ -296,9 +296,10 @@ def test_fuzzed_handshakes_and_datagrams_never_hurt_the_daemon(serving_name, log
     """20,000 seeded mutated or random handshakes (CI: 1,000) per run (truncated,
     zero/maximal/random lengths, wrong versions, junk after valid prefixes, oversized,
     noise, other protocols), then 5,000 (CI: 250) mutated or random UDP datagrams to an
-    association: the daemon closes every connection within 5 s of the client's EOF
-    (none held), a normal client succeeds every 1,000 cases (CI: 250) and at the end,
-    no traceback is logged, and descriptors and threads return to baseline."""
+    association: the daemon answers only in well-formed messages, closes every
+    connection within 5 s of the client's EOF (none held), a normal client succeeds
+    every 1,000 cases (CI: 250) and at the end, a valid datagram is echoed every 100, no
+    traceback is logged, and descriptors and threads return to baseline."""
     result = call_in_netns(
         fuzz_in_netns, serving_name, login, FUZZ_CASES, SEED, timeout=1800 if STRESS_FULL else 300
     )
@@ -309,6 +310,8 @@ def test_fuzzed_handshakes_and_datagrams_never_hurt_the_daemon(serving_name, log
     assert result["alive"] and result["tracebacks"] == 0
     assert not result["after"].startswith("not settled"), result["after"]
     assert sum(result["outcomes"].values()) == FUZZ_CASES
+    # Every answer was well-formed: a method choice, a login status, a reply, in order.
+    assert not [outcome for outcome in result["outcomes"] if "other bytes" in outcome]
 
 
 # ---- slowloris ----
