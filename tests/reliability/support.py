@@ -218,11 +218,19 @@ def figures(pid: int, serving: Serving) -> Figures:
 
 @dataclass(frozen=True)
 class Margin:
-    """How far above the baseline the daemon may stay once the load is gone."""
+    """How far above the baseline the daemon may stay once the load is gone (RSS None:
+    not compared)."""
 
     fds: int = 3
     threads: int = 2
-    rss_kib: int = 16 * 1024
+    rss_kib: int | None = 16 * 1024
+
+
+# After bulk transfers only descriptors, threads and children must come back: the relay's
+# 1 MiB buffers are freed, but glibc keeps the memory for the next ones (RSS after 100
+# stalled tunnels: +127 MiB, the same after each of 5 rounds: kept, not leaked). The
+# scenarios about memory bound the peak instead.
+AFTER_BULK = Margin(rss_kib=None)
 
 
 # Handshakes the relay loop does not finish itself (a login, a name, an error, EOF) go to
@@ -244,7 +252,7 @@ def settle(
         return (
             now.fds <= baseline.fds + margin.fds
             and now.threads <= baseline.threads + margin.threads
-            and now.rss_kib <= baseline.rss_kib + margin.rss_kib
+            and (margin.rss_kib is None or now.rss_kib <= baseline.rss_kib + margin.rss_kib)
             and now.children == 0
         )
 

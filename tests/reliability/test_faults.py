@@ -39,6 +39,7 @@ from socks5d.socks.protocol import (
 )
 
 from .support import (
+    AFTER_BULK,
     AFTER_HANDLER_THREADS,
     PATTERN,
     SETTLE_AFTER_HANDLER_THREADS,
@@ -93,7 +94,7 @@ def test_target_reset_mid_transfer_ends_each_tunnel_with_intact_bytes(
     assert wait_until(
         lambda: sum(f":{target.port} " in line for line in run.daemon.lines) >= RESETS
     )
-    after = run.settle(AFTER_HANDLER_THREADS)
+    after = run.settle(AFTER_BULK)
     print(f"{fault_serving.name}: received {min(received)}-{max(received)} bytes; {after}")
 
 
@@ -129,7 +130,7 @@ def test_target_that_never_reads_blocks_the_client_and_proxy_memory_stays_bounde
     buffers autotune; under 16 MiB asserted) and a further round moves nothing; the
     daemon's memory grows by its 1 MiB copy buffer per stalled tunnel (+1.25 MiB each
     allowed; forking: the child's private pages, ~3.7 MiB, +6 MiB each allowed); once
-    the clients close, everything is back to baseline."""
+    the clients close, descriptors, threads and children are back to baseline."""
     release = threading.Event()
     target = target_factory(lambda conn: release.wait(TIMEOUT * 6))
     run = run_daemon(daemon_factory, tmp_path, fault_serving, echo_target.port)
@@ -156,7 +157,7 @@ def test_target_that_never_reads_blocks_the_client_and_proxy_memory_stays_bounde
     assert max(pushed) < 16 * MiB
     per_tunnel = 6 * 1024 if fault_serving.mode == "forking" else 1280
     assert growth < STALLED * per_tunnel + 4096
-    run.settle()
+    run.settle(AFTER_BULK)
 
 
 # ---- the target never accepts ----
@@ -239,7 +240,8 @@ def test_client_vanishing_mid_relay_closes_the_target_side(
 ):
     """100 tunnels (CI: 10) each streaming from a target as fast as it can send while
     the client sends too, then the client resets: every target sees its connection end
-    (no stuck sender), and the daemon is back to baseline."""
+    (no stuck sender), and the daemon's descriptors, threads and children are back
+    to baseline."""
     ends: list[str] = []
 
     def streamer(conn: socket.socket) -> None:
@@ -261,7 +263,7 @@ def test_client_vanishing_mid_relay_closes_the_target_side(
         vanish(sock)
     assert wait_until(lambda: len(ends) == VANISHINGS, TIMEOUT * 2), ends
     assert ends == ["ended"] * VANISHINGS
-    run.settle()
+    run.settle(AFTER_BULK)
 
 
 def test_client_vanishing_mid_udp_association_frees_the_relay(
@@ -303,7 +305,8 @@ def test_both_sides_half_closing_at_once_deliver_everything_both_ways(
 ):
     """500 tunnels (CI: 50) where client and target each send 0-128 KiB and shut down
     writing at the same moment (a barrier between the two threads): each side receives
-    exactly the other's bytes, then EOF; every tunnel ends; back to baseline."""
+    exactly the other's bytes, then EOF; every tunnel ends; descriptors, threads
+    and children back to baseline."""
     barriers: dict[int, threading.Barrier] = {}
     target_got: dict[int, str] = {}
 
@@ -332,7 +335,7 @@ def test_both_sides_half_closing_at_once_deliver_everything_both_ways(
     assert wait_until(lambda: len(target_got) == CROSSINGS)
     assert sorted(target_got.values()) == ["ok"] * CROSSINGS
     assert not target.errors
-    after = run.settle()
+    after = run.settle(AFTER_BULK)
     print(f"{fault_serving.name}: {CROSSINGS} crossings; {after}")
 
 
@@ -370,4 +373,4 @@ def test_slow_reader_of_a_large_download_gets_every_byte_in_flat_memory(
     assert (digest, total) == (pattern_digest(SLOW_DOWNLOAD), SLOW_DOWNLOAD)
     assert not target.errors
     assert sampler.samples >= 10 and growth < 8 * 1024
-    run.settle()
+    run.settle(AFTER_BULK)
