@@ -237,11 +237,7 @@ class Policy:
         port: int | None,
     ) -> RuleSpec | None:
         for rule in self.rules:
-            if rule.sources and not _in_any(client, rule.sources):
-                continue
-            if rule.users and (user is None or user not in rule.users):
-                continue
-            if rule.commands and command not in rule.commands:
+            if not _applies_to(rule, client, user, command):
                 continue
             # The destination keys may be undecidable (None) in a pre-check.
             to = _to_matches(rule, name, target) if rule.has_to else True
@@ -272,11 +268,7 @@ class Policy:
         for rule in self.rules[after + 1 :]:
             if rule.action != "deny" or not rule.host_patterns:
                 continue
-            if rule.sources and not _in_any(client, rule.sources):
-                continue
-            if rule.users and (user is None or user not in rule.users):
-                continue
-            if rule.commands and command not in rule.commands:
+            if not _applies_to(rule, client, user, command):
                 continue
             if rule.ports and _port_matches(rule, port) is not True:
                 continue
@@ -300,6 +292,15 @@ class Policy:
 
 
 _COMMANDS = frozenset(COMMAND_NAMES.values())
+
+
+def _applies_to(rule: RuleSpec, client: IPAddress, user: str | None, command: str) -> bool:
+    """Whether the rule's `from`, `users` and `commands` keys hold for this request."""
+    if rule.sources and not _in_any(client, rule.sources):
+        return False
+    if rule.users and (user is None or user not in rule.users):
+        return False
+    return not (rule.commands and command not in rule.commands)
 
 
 def _to_matches(rule: RuleSpec, name: str | None, target: IPAddress | None) -> bool | None:
