@@ -59,9 +59,11 @@ def canonical_ip(text: str) -> str:
         return text
 
 
+@functools.lru_cache(maxsize=8192)
 def unmapped_host(host: str) -> str:
     """A socket address's host with an IPv4-mapped address unmapped, otherwise untouched:
-    an IPv6 zone stays, so the result can still be bound or connected to."""
+    an IPv6 zone stays, so the result can still be bound or connected to. Cached: every
+    accept asks it of the client's host (a C-level call when cached)."""
     canonical = canonical_ip(host)
     return canonical if ":" not in canonical else host
 
@@ -69,6 +71,8 @@ def unmapped_host(host: str) -> str:
 def client_ip(client_address: Any) -> str:
     """The client's IP as text from its socket address (or a bare host): IPv4-mapped IPv6
     (dual-stack listeners) unmapped, see :func:`unmapped_host`."""
+    if type(client_address) is tuple and type(client_address[0]) is str:
+        return unmapped_host(client_address[0])  # a socket's address: the usual case
     host = client_address[0] if isinstance(client_address, tuple) else client_address
     return unmapped_host(str(host))
 

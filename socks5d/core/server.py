@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import io
 import logging
 import os
@@ -665,7 +666,7 @@ class BaseServer:
         """Take a slot for a new client: its key (for accounting.give_back()), or None
         when over_limit() says no. The check and the taking are one step."""
         key = self.client_key(client_address)
-        if self.accounting.take_slot(key, lambda: self.over_limit(client_address)):
+        if self.accounting.take_slot(key, functools.partial(self.over_limit, client_address)):
             return key
         return None
 

@@ -60,6 +60,7 @@ class FastHandshake:
     __slots__ = (
         "client",
         "client_address",
+        "client_ip",
         "connecting",
         "context",
         "finish",
@@ -83,6 +84,7 @@ class FastHandshake:
         self.loop = loop
         self.client = client
         self.client_address = client_address
+        self.client_ip = client_ip(client_address)  # for the rules and buffer sizing
         self.finish = finish
         self.negotiation = Negotiation.begin(self.context.settings(), client_address)
         self.connecting = False
@@ -164,7 +166,7 @@ class FastHandshake:
         if settings.policy is not None:
             ip = canonical_ip(address.host)
             decision = settings.policy.check(
-                client_ip(self.client_address), None, "connect", None, ip, address.port
+                self.client_ip, None, "connect", None, ip, address.port
             )
             if not decision.allowed:
                 return False  # the handler checks again, names the rule and replies 02
@@ -249,7 +251,7 @@ class FastHandshake:
         size_tunnel_buffers(
             negotiation.settings,
             self.client,
-            self.client_address,
+            self.client_ip,
             upstream,
             request.address.host,
             self.context.active_count(),

@@ -167,6 +167,7 @@ class Negotiation:
     handshake: ServerHandshake
     settings: HandlerSettings
     deadline: float
+    session: Session  # the handshake's own (a field, not a property: read on every step)
     pending: list[Action] = field(default_factory=list)
 
     @classmethod
@@ -176,11 +177,8 @@ class Negotiation:
             ServerHandshake(settings.authenticator, session),
             settings,
             time.monotonic() + settings.handshake_timeout,
+            session,
         )
-
-    @property
-    def session(self) -> Session:
-        return self.handshake.session
 
 
 class HandshakeTimeout(Exception):
@@ -592,7 +590,7 @@ class Socks5Handler(BaseRequestHandler):
         size_tunnel_buffers(
             self.settings,
             self.request,
-            self.client_address,
+            self.client_ip,
             upstream,
             None,
             self.context.active_count(),
@@ -634,17 +632,17 @@ class Socks5Handler(BaseRequestHandler):
 def size_tunnel_buffers(
     settings: HandlerSettings,
     client: socket.socket,
-    client_address: Any,
+    client_host: str,
     upstream: socket.socket,
     upstream_ip: str | None,
     connections: int,
 ) -> None:
     """Fix the socket buffers of a new tunnel as server.socket_buffer says, each by its
-    peer (``upstream_ip`` None: asked of the socket) and the ``connections`` open."""
+    peer's IP (``upstream_ip`` None: asked of the socket) and the ``connections`` open."""
     setting = settings.socket_buffer
     if setting == 0:
         return
-    size = socket_buffer_for(setting, client_ip(client_address), connections)
+    size = socket_buffer_for(setting, client_host, connections)
     fix_socket_buffers(client, size)
     if upstream_ip is None:
         try:

@@ -181,7 +181,8 @@ class ServerHandshake:
         Success establishes the tunnel, except BIND's first reply (``bind_listening``);
         any other code closes the connection with ``reason`` in the log.
         """
-        self._expect(State.COMMAND, State.BIND_WAIT)
+        if self.state is not State.COMMAND and self.state is not State.BIND_WAIT:
+            self._expect(State.COMMAND, State.BIND_WAIT)  # raises (inline: a hot path)
         self.session.reply = reply
         if reply is Reply.SUCCEEDED:
             self.state = State.ESTABLISHED
