@@ -150,6 +150,23 @@ class AcceptAccounting:
             else:
                 del self.per_client[key]
 
+    def move_slot(self, old: str, new: str, max_per_client: int | None) -> bool:
+        """Count a slot held under `old` under `new` instead (the client turned out to be
+        another address: a PROXY protocol header named it). False, with nothing changed,
+        when `new` is at `max_per_client`; the total does not change."""
+        if old == new:
+            return True
+        with self.lock:
+            if max_per_client is not None and self.per_client[new] >= max_per_client:
+                return False
+            self.per_client[new] += 1
+            left = self.per_client[old] - 1
+            if left > 0:
+                self.per_client[old] = left
+            else:
+                del self.per_client[old]
+        return True
+
     def held(self, key: str | None = None) -> int:
         """Slots held now: in all, or under one client key."""
         with self.lock:
@@ -680,6 +697,15 @@ class BaseServer:
             self.accounting.cap_reached(key, self.max_connections, self.max_connections_per_ip)
         )
 
+    def readdress_request(self, request: socket.socket, client_address: Any) -> bool:
+        """The request's client is `client_address`, not the socket's peer (a trusted
+        load balancer said so): count it under that client for max_connections_per_ip.
+        False (the request must end) when that client is at its cap; the refusal is
+        counted for the usual WARNING. Here (and in ForkingMixIn, whose children cannot
+        reach the parent's count) nothing moves: the slot stays with the peer.
+        ThreadingMixIn moves it."""
+        return True
+
     def handle_overload(self, request: socket.socket, client_address: Any) -> None:
         """Called instead of process_request() when over_limit() says so.
 
@@ -1082,6 +1108,22 @@ class ThreadingMixIn(BaseServer):
             return False
         with self._threads_lock:
             self._active_requests[request] = key
+        return True
+
+    def readdress_request(self, request: socket.socket, client_address: Any) -> bool:
+        """Move the request's slot to the client `client_address` names (see
+        BaseServer.readdress_request); False at that client's cap."""
+        new = self.client_key(client_address)
+        with self._threads_lock:
+            old = self._active_requests.get(request)
+        if old is None:  # not counted here (an embedding's own request)
+            return True
+        if not self.accounting.move_slot(old, new, self.max_connections_per_ip):
+            self.accounting.refused(new, None, self.max_connections_per_ip)  # that cap, named
+            self._log_refusals()
+            return False
+        with self._threads_lock:
+            self._active_requests[request] = new
         return True
 
     def _untrack_request(self, request: socket.socket) -> None:

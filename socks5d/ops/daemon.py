@@ -34,7 +34,7 @@ from ..core.shmem import SharedBytes
 from ..policy.auth import is_default_hash
 from ..policy.capacity import ConnectionLimits, process_limits, resolve_limits
 from ..policy.limits import UserSlots
-from ..policy.rules import exposure_problem
+from ..policy.rules import behind_balancer, exposure_problem
 from ..policy.throttle import CheckGate, FailedLoginBackoff
 from ..socks.fastpath import begin_fast_handshake
 from ..socks.handler import HandlerContext, HandlerSettings, Socks5Handler
@@ -186,6 +186,7 @@ def connection_limits(
         relay_threads=config.server.relay_threads if threading_mode else 0,
         listening=[(str(address[0]), int(address[1])) for address in listening],
         process=process_limits(raised=raised_open_files),
+        behind_balancer=behind_balancer(config),
     )
 
 
