@@ -210,10 +210,11 @@ def _parse_v2(buffer: bytes | bytearray) -> tuple[ProxyHeader, int] | None:
         return ProxyHeader(2, "PROXY", name), total
     block = bytes(buffer[_V2_FIXED : _V2_FIXED + needed])
     size = 4 if family == _INET else 16
-    af = socket.AF_INET if family == _INET else socket.AF_INET6
+    kind = ipaddress.IPv4Address if family == _INET else ipaddress.IPv6Address
     source_port, destination_port = struct.unpack_from("!HH", block, 2 * size)
-    source = (socket.inet_ntop(af, block[:size]), source_port)
-    destination = (socket.inet_ntop(af, block[size : 2 * size]), destination_port)
+    # ipaddress, not inet_ntop: one (RFC 5952) spelling, as v1's and the log's.
+    source = (str(kind(block[:size])), source_port)
+    destination = (str(kind(block[size : 2 * size])), destination_port)
     return ProxyHeader(2, "PROXY", name, source, destination), total
 
 
