@@ -374,6 +374,10 @@ class BaseServer:
       the core never looks inside)
     - max_connections (None: unlimited; may be changed while serving)
     - max_connections_per_ip (None: unlimited; may be changed while serving)
+    - per_client_exempt (None, or a test of a client address: peers whose new
+      connections max_connections_per_ip does not cap at accept, such as a trusted load
+      balancer whose connections each count under the client they turn out to be, see
+      readdress_request())
     - accounting (the AcceptAccounting: slots held, refusals, the accept back-off; safe
       with several threads accepting at once, as loops calling accept_ready() do)
     """
@@ -381,6 +385,7 @@ class BaseServer:
     timeout: float | None = None
     max_connections: int | None = None
     max_connections_per_ip: int | None = None
+    per_client_exempt: Callable[[Any], bool] | None = None
     ipv6_client_prefix: int = DEFAULT_IPV6_CLIENT_PREFIX
     overload_log_interval: float = 1.0
     accept_log_interval: float = 10.0
@@ -693,9 +698,14 @@ class BaseServer:
         counts as they are. May be overridden; keep it quick.
         """
         key = self.client_key(client_address)
-        return bool(
-            self.accounting.cap_reached(key, self.max_connections, self.max_connections_per_ip)
-        )
+        per_client = self.max_connections_per_ip
+        if (
+            per_client is not None
+            and self.per_client_exempt is not None
+            and self.per_client_exempt(client_address)
+        ):
+            per_client = None
+        return bool(self.accounting.cap_reached(key, self.max_connections, per_client))
 
     def readdress_request(self, request: socket.socket, client_address: Any) -> bool:
         """The request's client is `client_address`, not the socket's peer (a trusted

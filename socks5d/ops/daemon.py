@@ -26,7 +26,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from ..core.addresses import format_address
+from ..core.addresses import client_ip, format_address
 from ..core.eventloop import EventLoopPool
 from ..core.loopserver import EventLoopTCPServer
 from ..core.server import BaseServer, ForkingTCPServer, reap_child
@@ -99,6 +99,15 @@ def make_context(
         active_count=lambda: server.active_count,
         relay_in_loop=server.relay_in_loop if isinstance(server, ThreadingSocksServer) else None,
     )
+
+
+def trusted_balancer(settings: HandlerSettings) -> Callable[[Any], bool] | None:
+    """With server.proxy_protocol on, the test of a peer in server.proxy_trusted: its
+    connections are not capped per address at accept, each counts under the client its
+    header names (readdress_request), where max_connections_per_ip applies."""
+    if settings.proxy_protocol is None:
+        return None
+    return lambda client_address: settings.trusts_balancer(client_ip(client_address))
 
 
 def give_back_slots(slots: UserSlots | None, pid: int, code: int) -> int:
@@ -278,6 +287,7 @@ class Daemon:
         server.max_connections = caps.max_connections
         server.max_connections_per_ip = caps.max_connections_per_ip
         server.ipv6_client_prefix = limits.ipv6_client_prefix
+        server.per_client_exempt = trusted_balancer(self.handler_settings)
         logger.info("%s", caps.describe())
         if caps.warning:
             logger.warning("%s", caps.warning)
