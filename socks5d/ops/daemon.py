@@ -287,7 +287,10 @@ class Daemon:
         server.max_connections = caps.max_connections
         server.max_connections_per_ip = caps.max_connections_per_ip
         server.ipv6_client_prefix = limits.ipv6_client_prefix
-        server.per_client_exempt = trusted_balancer(self.handler_settings)
+        if isinstance(server, ThreadingSocksServer):
+            # Forking mode cannot move a slot (the parent holds it, the child reads the
+            # header): there the balancer's address stays capped as a whole.
+            server.per_client_exempt = trusted_balancer(self.handler_settings)
         logger.info("%s", caps.describe())
         if caps.warning:
             logger.warning("%s", caps.warning)
