@@ -478,6 +478,8 @@ def describe_policy(config: Config, listening: Iterable[tuple[str, int]]) -> lis
     lines = []
     for host, port in bound:
         scope = "loopback only" if _is_loopback_host(host) else "reachable from other hosts"
+        if behind_balancer(config):
+            scope += "; clients come through the PROXY protocol balancer"
         lines.append(f"listening on {format_host_port(host, port)} ({scope})")
     if behind_balancer(config):
         lines.append(_proxy_protocol_line(config))
