@@ -132,7 +132,7 @@ def closed_without_answer(sock: socket.socket) -> bool:
         return True
 
 
-def echo_through(sock: socket.socket, first: bytes, target_port: int) -> None:
+def echo_through(sock: socket.socket, first: bytes) -> None:
     """After `first` (header, greeting and request, sent): the method, a success reply,
     then PAYLOAD echoed."""
     sock.sendall(first)
@@ -150,7 +150,7 @@ def echo_through(sock: socket.socket, first: bytes, target_port: int) -> None:
 )
 def test_the_header_names_the_client_of_the_tunnel_and_its_log(path, access, echo_target, header):
     with proxied_server(path) as proxy, balancer_socket(proxy.port) as sock:
-        echo_through(sock, header + NO_AUTH + connect_request(echo_target.port), echo_target.port)
+        echo_through(sock, header + NO_AUTH + connect_request(echo_target.port))
         balancer = sock.getsockname()
     (record,) = access(1)
     assert record.client == "192.0.2.7:5555"
@@ -368,7 +368,7 @@ def test_rules_match_the_client_the_header_names_not_the_balancer(tmp_path, echo
     try:
         with balancer_socket(daemon.port) as allowed:
             header = encode_v1(CLIENT, ("127.0.0.1", daemon.port))
-            echo_through(allowed, header + NO_AUTH + connect_request(echo_target.port), 0)
+            echo_through(allowed, header + NO_AUTH + connect_request(echo_target.port))
         with balancer_socket(daemon.port) as denied:
             denied.sendall(encode_v2(OTHER, ("127.0.0.1", 1)) + NO_AUTH)
             assert recv_exactly(denied, 2) == b"\x05\x00"
@@ -387,6 +387,26 @@ def test_rules_match_the_client_the_header_names_not_the_balancer(tmp_path, echo
         for line in lines
     ), daemon.output()
     assert "Traceback" not in daemon.output()
+
+
+def test_forking_mode_serves_the_header_client_in_the_child(tmp_path, echo_target):
+    config = tmp_path / "config.toml"
+    config.write_text(RULES_CONFIG.replace("port = 0\n", 'port = 0\nmode = "forking"\n', 1))
+    daemon = DaemonProcess("--config", str(config))
+    try:
+        with balancer_socket(daemon.port) as sock:
+            header = encode_v2(CLIENT, ("127.0.0.1", daemon.port))
+            echo_through(sock, header + NO_AUTH + connect_request(echo_target.port))
+        with balancer_socket(daemon.port) as unheaded:
+            unheaded.sendall(NO_AUTH)
+            assert closed_without_answer(unheaded)
+        assert wait_until(lambda: "bad PROXY header" in daemon.output())
+    finally:
+        assert daemon.stop() == 0
+    assert any(
+        "client=192.0.2.7:5555 " in line and "reply=00" in line and "balancer=127.0.0.1:" in line
+        for line in daemon.lines
+    ), daemon.output()
 
 
 @pytest.mark.parametrize(("before", "after"), [("off", "any"), ("any", "off")])
