@@ -16,6 +16,7 @@ Three layers of test:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.server
 import ipaddress
@@ -109,9 +110,11 @@ def proxied_server(
         proxy_trusted=(ipaddress.ip_network(trusted),),
         **settings,
     ) as running:
-        # As the daemon does (ops.daemon.trusted_balancer): caps apply per named client.
+        # As the daemon does (make_context, trusted_balancer): caps apply per named client.
         server = running.server
-        settings_now = handler_context(server.context).settings()
+        context = handler_context(server.context)
+        server.context = dataclasses.replace(context, readdress=server.readdress_request)
+        settings_now = context.settings()
         server.per_client_exempt = lambda address: settings_now.trusts_balancer(address[0])
         yield running
 
@@ -346,19 +349,25 @@ def test_behind_a_balancer_a_loopback_listener_is_no_excuse_for_an_open_proxy(tm
     assert "refusing to run an open proxy on 127.0.0.1:1080" in result.output
 
 
-RULES_CONFIG = """
+def backend_config(mode: str, client: str = "127.0.0.2/32") -> str:
+    """A socks5d behind a balancer on this host: headers from 127.0.0.1 only; only the
+    header's `client` may use it, and only towards loopback targets."""
+    return f"""
 [server]
 host = "127.0.0.1"
 port = 0
-proxy_protocol = "any"
+proxy_protocol = "{mode}"
 proxy_trusted = ["127.0.0.1/32"]
 [access]
 default_action = "deny"
 [[rules]]
 action = "allow"
-from = ["192.0.2.7/32"]
+from = ["{client}"]
 to = ["127.0.0.1/32"]
 """
+
+
+RULES_CONFIG = backend_config("any", client="192.0.2.7/32")
 
 
 def test_rules_match_the_client_the_header_names_not_the_balancer(tmp_path, echo_target):
@@ -446,24 +455,6 @@ NGINX_STREAM = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 CURL = shutil.which("curl")
 REQUESTS = 200  # through each balancer: half curl, half PySocks
 BODY_SIZES = (1, 1000, 70_000, 300_000)
-
-
-def backend_config(mode: str) -> str:
-    """A socks5d behind the balancer: the header from loopback only; only the client
-    127.0.0.2 may use it, and only towards the loopback test targets."""
-    return f"""
-[server]
-host = "127.0.0.1"
-port = 0
-proxy_protocol = "{mode}"
-proxy_trusted = ["127.0.0.1/32"]
-[access]
-default_action = "deny"
-[[rules]]
-action = "allow"
-from = ["127.0.0.2/32"]
-to = ["127.0.0.1/32"]
-"""
 
 
 class Bodies(http.server.BaseHTTPRequestHandler):

@@ -98,6 +98,7 @@ def make_context(
         user_slots=UserSlots(),
         active_count=lambda: server.active_count,
         relay_in_loop=server.relay_in_loop if isinstance(server, ThreadingSocksServer) else None,
+        readdress=server.readdress_request,
     )
 
 

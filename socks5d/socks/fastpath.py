@@ -153,7 +153,7 @@ class FastHandshake:
             elif isinstance(action, Dispatch) and self.connect(action.request):
                 return
             elif isinstance(action, Proxied):  # a lock and a count: no need for a thread
-                self.act(readdress(self.server, self.client, self.negotiation, action))
+                self.act(readdress(self.context, self.client, self.negotiation, action))
                 return
             else:
                 # A login to check, a request that may block, or a last answer to send

@@ -138,6 +138,10 @@ def _one_connection() -> int:
     return 1
 
 
+def _nothing_to_move(request: socket.socket, client_address: Any) -> bool:
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class HandlerContext:
     """All a handler may use of the process that serves it, declared in one place.
@@ -153,6 +157,9 @@ class HandlerContext:
       grow in number).
     - relay_in_loop: hands an established tunnel to an event loop; None: every tunnel is
       relayed by its handler thread.
+    - readdress(request, client_address): count the request under the client a PROXY
+      header named (the core's readdress_request); False when that client is at its
+      per-address cap.
     """
 
     settings: Callable[[], HandlerSettings] = _default_settings
@@ -161,6 +168,7 @@ class HandlerContext:
     user_slots: UserSlots | None = None
     active_count: Callable[[], int] = _one_connection
     relay_in_loop: RelayInLoop | None = None
+    readdress: Callable[[socket.socket, Any], bool] = _nothing_to_move
 
 
 DEFAULT_CONTEXT = HandlerContext()
@@ -350,7 +358,7 @@ class Socks5Handler(BaseRequestHandler):
                         else handshake.credentials_checked(False, failure)
                     )
                 elif isinstance(action, Proxied):
-                    todo.extend(readdress(self.server, self.request, self.negotiation, action))
+                    todo.extend(readdress(self.context, self.request, self.negotiation, action))
                     self.client_ip = self.negotiation.client_ip
                 else:  # Close: the handshake's last word was said (or there was none)
                     return None
@@ -657,15 +665,14 @@ class Socks5Handler(BaseRequestHandler):
 
 
 def readdress(
-    server: Any, request: socket.socket, negotiation: Negotiation, proxied: Proxied
+    context: HandlerContext, request: socket.socket, negotiation: Negotiation, proxied: Proxied
 ) -> list[Action]:
     """Carry out a Proxied action (either driver): the connection is the header's
     client's from now on. Its per-address slot moves to that client, or the connection
     is refused when that client is at max_connections_per_ip; rules, the login back-off
     and UDP then see that client's IP (negotiation.client_ip)."""
     handshake = negotiation.handshake
-    move = getattr(server, "readdress_request", None)
-    if move is not None and not move(request, proxied.client):
+    if not context.readdress(request, proxied.client):
         return handshake.client_readdressed(False, "max_connections_per_ip (proxied client)")
     negotiation.client_ip = client_ip(proxied.client)
     return handshake.client_readdressed(True)
