@@ -51,8 +51,9 @@ from streams import Worker
 from socks5d.core.proxyheader import V2_SIGNATURE, encode_v1, encode_v2
 from socks5d.ops import systemd
 from socks5d.ops.cli import main
-from socks5d.ops.config import load_config
+from socks5d.ops.config import User, load_config
 from socks5d.ops.daemon import Daemon
+from socks5d.policy.throttle import FailedLoginBackoff
 from socks5d.socks.handler import handler_context
 from socks5d.socks.protocol import Address, Command, encode_request
 from socks5d.socks.session import Session
@@ -286,6 +287,20 @@ def test_the_slot_moves_from_the_balancer_to_the_client_the_header_names(path, a
             for sock in held:
                 sock.close()
         assert wait_until(lambda: server.active_count == 0)
+
+
+def test_the_login_back_off_counts_the_failures_of_the_header_client(path):
+    backoff = FailedLoginBackoff(delay=0.0)
+    users = (User("alice", "open sesame"),)
+    with proxied_server(path, users=users) as proxy:
+        proxy.server.context = dataclasses.replace(proxy.server.context, login_backoff=backoff)
+        with balancer_socket(proxy.port) as sock:
+            header = encode_v1(CLIENT, ("127.0.0.1", 1080))
+            # VER NMETHODS METHODS=02, then RFC 1929: VER ULEN "alice" PLEN "wrong"
+            sock.sendall(header + b"\x05\x01\x02" + b"\x01\x05alice\x05wrong")
+            assert recv_exactly(sock, 4) == b"\x05\x02\x01\x01"  # method 02, status failure
+    assert wait_until(lambda: backoff.failures("192.0.2.7", b"alice") == 1)
+    assert backoff.failures("127.0.0.1", b"alice") == 0  # not the balancer's
 
 
 # ---- the real command -------------------------------------------------------------------------
