@@ -49,6 +49,7 @@ from conftest import DaemonProcess, TargetServer, echo, ipv6_available, needs_ip
 from netns import call_in_netns, needs_netns, netns_only
 from streams import Worker
 
+from socks5d.core.proxyheader import encode_v1, encode_v2
 from socks5d.socks.protocol import (
     Address,
     AddressType,
@@ -94,8 +95,23 @@ port = 0
 handshake = 1
 connect = 1
 """
+# Behind a balancer (PROXY protocol, any version) that is this host; the header's client
+# 192.0.2.8 is denied by rules[0]. Loopback targets allowed.
+PROXIED = """
+[server]
+host = "127.0.0.1"
+port = 0
+allow_open = true
+proxy_protocol = "any"
+proxy_trusted = ["127.0.0.1/32"]
+[access]
+private_destinations = "allow"
+[[rules]]
+action = "deny"
+from = ["192.0.2.8/32"]
+"""
 DENY_RULE = "rules[0]"  # how the access log names the deny rule of OPEN
-CONFIGS = {"open": OPEN, "login": LOGIN, "timeouts": TIMEOUTS}
+CONFIGS = {"open": OPEN, "login": LOGIN, "timeouts": TIMEOUTS, "proxied": PROXIED}
 
 NO_AUTH = encode_greeting([Method.NO_AUTHENTICATION_REQUIRED])  # 05 01 00
 USER_PASS = encode_greeting([Method.USERNAME_PASSWORD])  # 05 01 02
@@ -213,12 +229,16 @@ def access_records(daemon: DaemonProcess, since: int = 0) -> list[dict[str, Any]
 
 
 def access_record(daemon: DaemonProcess, client: tuple[Any, ...], since: int) -> dict[str, Any]:
-    """The one access record of the connection from `client`, logged after line `since`."""
+    """The one access record of the connection from `client` (the socket's peer: the
+    record's client, or its balancer when a PROXY header named another), logged after
+    line `since`."""
     wanted = f"{client[0]}:{client[1]}"
     found: list[dict[str, Any]] = []
 
     def logged() -> bool:
-        found[:] = [r for r in access_records(daemon, since) if r["client"] == wanted]
+        found[:] = [
+            r for r in access_records(daemon, since) if wanted in (r["client"], r.get("balancer"))
+        ]
         return bool(found)
 
     assert wait_until(logged), f"no access record for {wanted}:\n{daemon.output()}"
@@ -285,6 +305,7 @@ def normalise_record(record: dict[str, Any]) -> dict[str, Any]:
         normal[key] = "*"
     normal["client"] = without_port(record["client"])
     normal["egress"] = without_port(record["egress"])
+    normal["balancer"] = without_port(record.get("balancer"))
     if record["command"] == "BIND":
         normal["resolved"] = without_port(record["resolved"])
     return normal
@@ -346,6 +367,7 @@ class Expected:
     transcript: list[bytes]
     fields: dict[str, Any]  # access-record fields that must have these values
     ending: str = "eof"
+    client: str = "127.0.0.1:*"  # the record's client (a PROXY header may name another)
 
 
 def assert_paths_agree(outcomes: dict[str, Outcome], expected: Expected) -> None:
@@ -354,7 +376,7 @@ def assert_paths_agree(outcomes: dict[str, Outcome], expected: Expected) -> None
     assert thread.transcript == expected.transcript
     assert thread.ending == expected.ending
     assert {key: thread.record.get(key) for key in expected.fields} == expected.fields
-    assert thread.record["client"] == "127.0.0.1:*" and thread.record["level"] == "info"
+    assert thread.record["client"] == expected.client and thread.record["level"] == "info"
 
 
 # ---- fixtures ------------------------------------------------------------------------------
@@ -534,6 +556,54 @@ def bad_login(username: bytes, password: bytes) -> Case:
     return fixed(steps, [b"\x05\x02", b"\x01\x01"], fields)
 
 
+PROXIED_CLIENT = ("192.0.2.7", 5555)  # what the headers of the proxied cases name
+LOCAL_V2 = encode_v2(None, local=True)  # a health check's header
+
+
+def proxied(header: bytes, t: Targets, whole: bool = False) -> tuple[Script, Expected]:
+    """Through a balancer: `header`, then connect_ipv4's script (in one send if
+    `whole`); the record's client is the header's, its balancer the socket."""
+    script, expected = connect_ipv4(t)
+    (first, pace), *rest = script.steps
+    if whole:
+        steps: tuple[tuple[bytes, Pace], ...] = (
+            (header + b"".join(d for d, _ in script.steps), go_on),
+        )
+    else:
+        steps = ((header + first, pace), *rest)
+    fields = {**expected.fields, "balancer": "127.0.0.1:*"}
+    return Script(steps), Expected(expected.transcript, fields, client="192.0.2.7:*")
+
+
+def proxied_v1(t: Targets) -> tuple[Script, Expected]:
+    return proxied(encode_v1(PROXIED_CLIENT, ("127.0.0.1", 1080)), t)
+
+
+def proxied_v2_pipelined(t: Targets) -> tuple[Script, Expected]:
+    return proxied(encode_v2(PROXIED_CLIENT, ("127.0.0.1", 1080)), t, whole=True)
+
+
+def proxied_denied_client(t: Targets) -> tuple[Script, Expected]:
+    """The header's client is the one the rules see: 192.0.2.8 is denied."""
+    header = encode_v2(("192.0.2.8", 5555), ("127.0.0.1", 1080))
+    target = f"127.0.0.1:{t.echo.port}"
+    steps = ((header + NO_AUTH, two_bytes), (connect("127.0.0.1", t.echo.port), go_on))
+    fields = {
+        **ended_fields(f"denied by {DENY_RULE}", 2, target),
+        "rule": DENY_RULE,
+        "balancer": "127.0.0.1:*",
+    }
+    return Script(steps), Expected([b"\x05\x00", failure(0x02)], fields, client="192.0.2.8:*")
+
+
+def proxied_health_check(t: Targets) -> tuple[Script, Expected]:
+    """A v2 LOCAL header (haproxy's check-send-proxy) and a greeting: the balancer is
+    the client."""
+    fields = {**ended_fields("client closed during handshake", closed_by="client")}
+    fields["balancer"] = "127.0.0.1:*"
+    return Script(((LOCAL_V2 + NO_AUTH, two_bytes),)), Expected([b"\x05\x00"], fields)
+
+
 CLIENT_GONE = "client closed during handshake"
 NO_METHOD = "no acceptable method offered"
 TIMED_OUT = "handshake timeout"
@@ -635,6 +705,28 @@ CASES: dict[str, tuple[str, Case]] = {
             ((NO_AUTH, two_bytes),), [b"\x05\x00"], ended_fields(CLIENT_GONE, closed_by="client")
         ),
     ),
+    # behind a balancer: a PROXY protocol header first
+    "proxied-v1": ("proxied", proxied_v1),
+    "proxied-v2-pipelined": ("proxied", proxied_v2_pipelined),
+    "proxied-denied-client": ("proxied", proxied_denied_client),
+    "proxied-health-check": ("proxied", proxied_health_check),
+    "proxied-no-header": (
+        "proxied",
+        fixed(
+            ((NO_AUTH, go_on),),
+            [],
+            ended_fields("bad PROXY header: no PROXY protocol v1 or v2 header (first byte 0x05)"),
+        ),
+    ),
+    "proxied-v2-length-lie": (
+        "proxied",
+        # signature, VER|CMD=21, FAM=11 (TCP4), LEN=ffff: past the 1024-byte cap
+        fixed(
+            ((LOCAL_V2[:12] + b"\x21\x11\xff\xff", go_on),),
+            [],
+            ended_fields("bad PROXY header: v2 header length 65535 over 1024"),
+        ),
+    ),
     "timeout-silent": ("timeouts", fixed((), [], ended_fields(TIMED_OUT), half_close=False)),
     "timeout-in-greeting": (
         "timeouts",
@@ -677,12 +769,16 @@ def test_both_paths_answer_a_script_alike(name: str, daemons: Daemons, targets: 
 
 # ---- one script cut in two at every offset -------------------------------------------------
 
-SPLIT_CASES = {"no-auth": connect_ipv4, "login": login_connect}
-SPLIT_CONFIGS = {"no-auth": "open", "login": "login"}
+SPLIT_CASES = {"no-auth": connect_ipv4, "login": login_connect, "proxied": proxied_v2_pipelined}
+SPLIT_CONFIGS = {"no-auth": "open", "login": "login", "proxied": "proxied"}
 # Every split script has the same length whatever the target port.
 SPLIT_LENGTHS = {
     "no-auth": len(NO_AUTH) + len(connect("127.0.0.1", 1)) + len(PAYLOAD),
     "login": len(USER_PASS) + len(GOOD_LOGIN) + len(connect("127.0.0.1", 1)) + len(PAYLOAD),
+    "proxied": len(encode_v2(PROXIED_CLIENT, ("127.0.0.1", 1)))
+    + len(NO_AUTH)
+    + len(connect("127.0.0.1", 1))
+    + len(PAYLOAD),
 }
 
 

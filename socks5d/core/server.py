@@ -151,6 +151,23 @@ class AcceptAccounting:
             else:
                 del self.per_client[key]
 
+    def move_slot(self, old: str, new: str, max_per_client: int | None) -> bool:
+        """Count a slot held under `old` under `new` instead (the client turned out to be
+        another address: a PROXY protocol header named it). False, with nothing changed,
+        when `new` is at `max_per_client`; the total does not change."""
+        if old == new:
+            return True
+        with self.lock:
+            if max_per_client is not None and self.per_client[new] >= max_per_client:
+                return False
+            self.per_client[new] += 1
+            left = self.per_client[old] - 1
+            if left > 0:
+                self.per_client[old] = left
+            else:
+                del self.per_client[old]
+        return True
+
     def held(self, key: str | None = None) -> int:
         """Slots held now: in all, or under one client key."""
         with self.lock:
@@ -358,6 +375,10 @@ class BaseServer:
       the core never looks inside)
     - max_connections (None: unlimited; may be changed while serving)
     - max_connections_per_ip (None: unlimited; may be changed while serving)
+    - per_client_exempt (None, or a test of a client address: peers whose new
+      connections max_connections_per_ip does not cap at accept, such as a trusted load
+      balancer whose connections each count under the client they turn out to be, see
+      readdress_request())
     - accounting (the AcceptAccounting: slots held, refusals, the accept back-off; safe
       with several threads accepting at once, as loops calling accept_ready() do)
     """
@@ -365,6 +386,7 @@ class BaseServer:
     timeout: float | None = None
     max_connections: int | None = None
     max_connections_per_ip: int | None = None
+    per_client_exempt: Callable[[Any], bool] | None = None
     ipv6_client_prefix: int = DEFAULT_IPV6_CLIENT_PREFIX
     overload_log_interval: float = 1.0
     accept_log_interval: float = 10.0
@@ -677,9 +699,23 @@ class BaseServer:
         counts as they are. May be overridden; keep it quick.
         """
         key = self.client_key(client_address)
-        return bool(
-            self.accounting.cap_reached(key, self.max_connections, self.max_connections_per_ip)
-        )
+        per_client = self.max_connections_per_ip
+        if (
+            per_client is not None
+            and self.per_client_exempt is not None
+            and self.per_client_exempt(client_address)
+        ):
+            per_client = None
+        return bool(self.accounting.cap_reached(key, self.max_connections, per_client))
+
+    def readdress_request(self, request: socket.socket, client_address: Any) -> bool:
+        """The request's client is `client_address`, not the socket's peer (a trusted
+        load balancer said so): count it under that client for max_connections_per_ip.
+        False (the request must end) when that client is at its cap; the refusal is
+        counted for the usual WARNING. Here (and in ForkingMixIn, whose children cannot
+        reach the parent's count) nothing moves: the slot stays with the peer.
+        ThreadingMixIn moves it."""
+        return True
 
     def handle_overload(self, request: socket.socket, client_address: Any) -> None:
         """Called instead of process_request() when over_limit() says so.
@@ -1083,6 +1119,22 @@ class ThreadingMixIn(BaseServer):
             return False
         with self._threads_lock:
             self._active_requests[request] = key
+        return True
+
+    def readdress_request(self, request: socket.socket, client_address: Any) -> bool:
+        """Move the request's slot to the client `client_address` names (see
+        BaseServer.readdress_request); False at that client's cap."""
+        new = self.client_key(client_address)
+        with self._threads_lock:
+            old = self._active_requests.get(request)
+        if old is None:  # not counted here (an embedding's own request)
+            return True
+        if not self.accounting.move_slot(old, new, self.max_connections_per_ip):
+            self.accounting.refused(new, None, self.max_connections_per_ip)  # that cap, named
+            self._log_refusals()
+            return False
+        with self._threads_lock:
+            self._active_requests[request] = new
         return True
 
     def _untrack_request(self, request: socket.socket) -> None:

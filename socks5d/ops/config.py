@@ -22,6 +22,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 ACTIONS = ("allow", "deny")
 PRIVATE_DESTINATIONS = ("auto", "allow", "deny")
+PROXY_PROTOCOLS = ("off", "v1", "v2", "any")  # server.proxy_protocol
 RULE_COMMANDS = ("connect", "bind", "udp")
 PASSWORD_HASH_SCHEMES = ("scrypt$", "pbkdf2_sha256$")
 
@@ -60,6 +61,16 @@ class ServerConfig:
     # SO_SNDBUF/SO_RCVBUF of tunnel sockets in bytes; 0: the kernel's autotuning; "auto":
     # a fixed size for loopback peers only (see socks5d.core.relay.socket_buffer_for).
     socket_buffer: int | str = "auto"
+    # PROXY protocol (haproxy doc/proxy-protocol.txt) from a load balancer in front:
+    # "off", or the header version every connection must begin with ("v1", "v2", "any").
+    proxy_protocol: str = "off"
+    # The balancers allowed to send that header; required when proxy_protocol is on.
+    proxy_trusted: tuple[IPNetwork, ...] = ()
+
+    @property
+    def proxy_header_mode(self) -> str | None:
+        """proxy_protocol as the handshake takes it: None when off."""
+        return None if self.proxy_protocol == "off" else self.proxy_protocol
 
     @property
     def listen_addresses(self) -> tuple[tuple[str, int], ...]:
@@ -397,6 +408,13 @@ def _networks(value: Any) -> tuple[IPNetwork, ...]:
     return tuple(_network(item) for item in _items(value, '["192.0.2.0/24", "2001:db8::/32"]'))
 
 
+def _network_list(value: Any) -> tuple[IPNetwork, ...]:
+    """A list of CIDR networks that may be empty (server.proxy_trusted)."""
+    if not isinstance(value, list):
+        raise ValueError(f'must be a list like ["10.0.0.5/32"], got {_describe(value)}')
+    return tuple(_network(item) for item in value)
+
+
 def _destinations(value: Any) -> tuple[tuple[IPNetwork, ...], tuple[str, ...]]:
     """`to`: CIDR networks (or bare addresses) and host-name patterns, kept apart."""
     networks: list[IPNetwork] = []
@@ -522,6 +540,8 @@ SERVER_KEYS: dict[str, Callable[[Any], Any]] = {
     "allow_open": _boolean,
     "run_as_user": _account,
     "run_as_group": _account,
+    "proxy_protocol": _choice(PROXY_PROTOCOLS),
+    "proxy_trusted": _network_list,
 }
 LIMITS_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_connections": _integer_or_auto(1, 1_000_000),
@@ -624,6 +644,11 @@ def _cross_check(config: Config) -> str | None:
     """A problem between keys that are each valid alone, as "section.key: problem"."""
     if config.server.run_as_group and not config.server.run_as_user:
         return "server.run_as_group: is set but server.run_as_user is not (give both)"
+    if config.server.proxy_protocol != "off" and not config.server.proxy_trusted:
+        return (
+            f'server.proxy_trusted: required when server.proxy_protocol = "'
+            f'{config.server.proxy_protocol}" (the load balancers allowed to send the header)'
+        )
     if config.auth.failure_delay_max < config.auth.failure_delay:
         return (
             f"auth.failure_delay_max: {config.auth.failure_delay_max:g} is below "

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from ..core.addresses import format_address
+from ..core.addresses import client_ip, format_address
 from ..core.eventloop import EventLoopPool
 from ..core.loopserver import EventLoopTCPServer
 from ..core.server import BaseServer, ForkingTCPServer, reap_child
@@ -34,7 +34,7 @@ from ..core.shmem import SharedBytes
 from ..policy.auth import is_default_hash
 from ..policy.capacity import ConnectionLimits, process_limits, resolve_limits
 from ..policy.limits import UserSlots
-from ..policy.rules import exposure_problem
+from ..policy.rules import behind_balancer, exposure_problem
 from ..policy.throttle import CheckGate, FailedLoginBackoff
 from ..socks.fastpath import begin_fast_handshake
 from ..socks.handler import HandlerContext, HandlerSettings, Socks5Handler
@@ -98,7 +98,17 @@ def make_context(
         user_slots=UserSlots(),
         active_count=lambda: server.active_count,
         relay_in_loop=server.relay_in_loop if isinstance(server, ThreadingSocksServer) else None,
+        readdress=server.readdress_request,
     )
+
+
+def trusted_balancer(settings: HandlerSettings) -> Callable[[Any], bool] | None:
+    """With server.proxy_protocol on, the test of a peer in server.proxy_trusted: its
+    connections are not capped per address at accept, each counts under the client its
+    header names (readdress_request), where max_connections_per_ip applies."""
+    if settings.proxy_protocol is None:
+        return None
+    return lambda client_address: settings.trusts_balancer(client_ip(client_address))
 
 
 def give_back_slots(slots: UserSlots | None, pid: int, code: int) -> int:
@@ -186,6 +196,7 @@ def connection_limits(
         relay_threads=config.server.relay_threads if threading_mode else 0,
         listening=[(str(address[0]), int(address[1])) for address in listening],
         process=process_limits(raised=raised_open_files),
+        behind_balancer=behind_balancer(config),
     )
 
 
@@ -277,6 +288,10 @@ class Daemon:
         server.max_connections = caps.max_connections
         server.max_connections_per_ip = caps.max_connections_per_ip
         server.ipv6_client_prefix = limits.ipv6_client_prefix
+        if isinstance(server, ThreadingSocksServer):
+            # Forking mode cannot move a slot (the parent holds it, the child reads the
+            # header): there the balancer's address stays capped as a whole.
+            server.per_client_exempt = trusted_balancer(self.handler_settings)
         logger.info("%s", caps.describe())
         if caps.warning:
             logger.warning("%s", caps.warning)

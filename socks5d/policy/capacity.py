@@ -91,14 +91,17 @@ def resolve_limits(
     relay_threads: int,
     listening: Iterable[tuple[str, int]],
     process: ProcessLimits,
+    behind_balancer: bool = False,
 ) -> ConnectionLimits:
     """Turn limits.max_connections and max_connections_per_ip ("auto" or numbers) into
-    the numbers to enforce on servers listening on `listening` (bound addresses)."""
+    the numbers to enforce on servers listening on `listening` (bound addresses);
+    `behind_balancer`: clients come through a PROXY protocol balancer (every listener
+    counts as reachable from other hosts)."""
     bound = list(listening)
     total, total_source, warning = _max_connections(
         limits.max_connections, mode, relay_threads, len(bound), process
     )
-    per_ip, per_ip_source = _per_ip(limits.max_connections_per_ip, bound)
+    per_ip, per_ip_source = _per_ip(limits.max_connections_per_ip, bound, behind_balancer)
     return ConnectionLimits(total, per_ip, total_source, per_ip_source, warning)
 
 
@@ -153,14 +156,17 @@ def _forking_max_connections(
     )
 
 
-def _per_ip(setting: int | str, bound: list[tuple[str, int]]) -> tuple[int | None, str]:
+def _per_ip(
+    setting: int | str, bound: list[tuple[str, int]], behind_balancer: bool
+) -> tuple[int | None, str]:
     if setting != "auto":
         number = int(setting)
         return (number or None), ("set" if number else "set: 0 is unlimited")
-    exposed = exposed_listeners(bound)
+    exposed = exposed_listeners(bound, behind_balancer)
     if not exposed:
         # Every client is this host (127.0.0.1 or ::1): a cap per address would be a
         # cap on all local users together.
         return None, "auto: every listener is loopback-only"
     where = ", ".join(format_host_port(host, port) for host, port in exposed)
-    return EXPOSED_PER_ADDRESS, f"auto: {where} reachable from other hosts"
+    how = "through a PROXY protocol balancer" if behind_balancer else "from other hosts"
+    return EXPOSED_PER_ADDRESS, f"auto: {where} reachable {how}"

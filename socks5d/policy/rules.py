@@ -145,7 +145,7 @@ class Policy:
         bound = [(strip_brackets(item[0]), item[1]) for item in listening]
         mode = config.access.private_destinations
         if mode == "auto":
-            protect = any(not _is_loopback_host(host) for host, _ in bound)
+            protect = bool(exposed_listeners(bound, behind_balancer(config)))
         else:
             protect = mode == "deny"
         return cls(
@@ -428,7 +428,7 @@ def exposure_problem(config: Config, listening: Iterable[tuple[str, int]]) -> st
     Open: some listener is not loopback-only, there are no users, clients are not
     restricted by rules, and server.allow_open is not set.
     """
-    exposed = exposed_listeners(listening)
+    exposed = exposed_listeners(listening, behind_balancer(config))
     if not exposed or config.users or config.server.allow_open or clients_restricted(config):
         return None
     where = ", ".join(format_host_port(host, port) for host, port in exposed)
@@ -478,7 +478,11 @@ def describe_policy(config: Config, listening: Iterable[tuple[str, int]]) -> lis
     lines = []
     for host, port in bound:
         scope = "loopback only" if _is_loopback_host(host) else "reachable from other hosts"
+        if behind_balancer(config):
+            scope += "; clients come through the PROXY protocol balancer"
         lines.append(f"listening on {format_host_port(host, port)} ({scope})")
+    if behind_balancer(config):
+        lines.append(_proxy_protocol_line(config))
     if config.users:
         names = ", ".join(user.name for user in config.users)
         lines.append(f"authentication: required (RFC 1929), {len(config.users)} user(s): {names}")
@@ -527,8 +531,20 @@ def _covering_notes(config: Config) -> list[str]:
     return notes
 
 
+def _proxy_protocol_line(config: Config) -> str:
+    server = config.server
+    trusted = ", ".join(map(str, server.proxy_trusted))
+    return (
+        f'PROXY protocol: {server.proxy_protocol} (server.proxy_protocol = "'
+        f'{server.proxy_protocol}"): every connection must begin with the header; only '
+        f"from {trusted} (server.proxy_trusted), others are closed; rules, limits and the "
+        "log see the client the header names, and every listener counts as reachable "
+        "from other hosts (through the balancer)"
+    )
+
+
 def _exposure_line(config: Config, bound: list[tuple[str, int]]) -> str:
-    exposed = exposed_listeners(bound)
+    exposed = exposed_listeners(bound, behind_balancer(config))
     if not exposed:
         return "exposure: loopback only; only this host can use the proxy"
     where = ", ".join(format_host_port(host, port) for host, port in exposed)
@@ -570,10 +586,24 @@ def _warnings(config: Config) -> list[str]:
     return lines
 
 
-def exposed_listeners(listening: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
-    """The (host, port) pairs of `listening` that other hosts can reach (not loopback-only)."""
+def exposed_listeners(
+    listening: Iterable[tuple[str, int]], behind_balancer: bool = False
+) -> list[tuple[str, int]]:
+    """The (host, port) pairs of `listening` that other hosts can reach (not loopback-only).
+
+    `behind_balancer` (server.proxy_protocol on): clients come through a load balancer
+    from wherever it accepts them, so a loopback listener is no limit: all count.
+    """
     bound = [(strip_brackets(item[0]), item[1]) for item in listening]
+    if behind_balancer:
+        return bound
     return [(host, port) for host, port in bound if not _is_loopback_host(host)]
+
+
+def behind_balancer(config: Config) -> bool:
+    """Whether clients reach `config`'s listeners through a load balancer that names
+    them in a PROXY protocol header (server.proxy_protocol on)."""
+    return config.server.proxy_header_mode is not None
 
 
 def _listener_addresses(host: str) -> list[IPAddress]:

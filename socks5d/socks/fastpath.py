@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from ..core.addresses import canonical_ip, client_ip
+from ..core.addresses import canonical_ip
 from ..core.eventloop import EventLoop, Timer
 from ..core.loopserver import EventLoopMixIn
 from ..core.relay import RelayResult
@@ -35,10 +35,11 @@ from .handler import (
     conclude_session,
     format_peer,
     handler_context,
+    readdress,
     record_relay,
     size_tunnel_buffers,
 )
-from .handshake import Action, Close, Dispatch, Send
+from .handshake import Action, Close, Dispatch, Proxied, Send
 from .outbound import connect_error, connect_failed, start_connect
 from .protocol import Address, AddressType, Command, Reply, Request
 
@@ -60,7 +61,6 @@ class FastHandshake:
     __slots__ = (
         "client",
         "client_address",
-        "client_ip",
         "connecting",
         "context",
         "finish",
@@ -84,7 +84,6 @@ class FastHandshake:
         self.loop = loop
         self.client = client
         self.client_address = client_address
-        self.client_ip = client_ip(client_address)  # for the rules and buffer sizing
         self.finish = finish
         self.negotiation = Negotiation.begin(self.context.settings(), client_address)
         self.connecting = False
@@ -93,6 +92,9 @@ class FastHandshake:
 
     def begin(self) -> None:
         """In the loop's thread: start waiting for the greeting."""
+        if self.negotiation.pending:  # refused before a byte is read (Negotiation.begin)
+            self.close_out()
+            return
         client = self.client
         try:
             client.setblocking(False)
@@ -150,6 +152,9 @@ class FastHandshake:
                     return
             elif isinstance(action, Dispatch) and self.connect(action.request):
                 return
+            elif isinstance(action, Proxied):  # a lock and a count: no need for a thread
+                self.act(readdress(self.context, self.client, self.negotiation, action))
+                return
             else:
                 # A login to check, a request that may block, or a last answer to send
                 # and linger over: the handler's part.
@@ -166,7 +171,7 @@ class FastHandshake:
         if settings.policy is not None:
             ip = canonical_ip(address.host)
             decision = settings.policy.check(
-                self.client_ip, None, "connect", None, ip, address.port
+                self.negotiation.client_ip, None, "connect", None, ip, address.port
             )
             if not decision.allowed:
                 return False  # the handler checks again, names the rule and replies 02
@@ -251,7 +256,7 @@ class FastHandshake:
         size_tunnel_buffers(
             negotiation.settings,
             self.client,
-            self.client_ip,
+            negotiation.peer_ip,
             upstream,
             request.address.host,
             self.context.active_count(),

@@ -24,7 +24,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..core.addresses import canonical_ip, client_ip, unmapped_host
+from ..core.addresses import IPAddress, canonical_ip, client_ip, parse_ip, unmapped, unmapped_host
 from ..core.relay import RelayResult, fix_socket_buffers, relay, socket_buffer_for
 from ..core.server import BaseRequestHandler
 from ..ops.config import Config
@@ -33,7 +33,7 @@ from ..policy.limits import UserSlots
 from ..policy.rules import Decision, Policy
 from ..policy.throttle import NO_WAIT, CheckGate, FailedLoginBackoff
 from .bind import ClientLeft, expected_peer_ips, open_bind_listener, wait_for_peer
-from .handshake import Action, Authenticate, Dispatch, Send, ServerHandshake
+from .handshake import Action, Authenticate, Dispatch, Proxied, Send, ServerHandshake
 from .lookups import LookupPool
 from .outbound import (
     ANY_SOURCE,
@@ -72,6 +72,10 @@ class HandlerSettings:
     lookups: LookupPool | None = None  # None: the process-wide pool (lookups.LOOKUPS)
     policy: Policy | None = None  # None: every destination allowed (tests, embedding)
     socket_buffer: int | str = "auto"  # server.socket_buffer (see relay.socket_buffer_for)
+    # server.proxy_protocol ("v1", "v2", "any"; None: off) and the balancers trusted to
+    # send the header (server.proxy_trusted).
+    proxy_protocol: str | None = None
+    proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
     def from_config(
@@ -94,7 +98,17 @@ class HandlerSettings:
             ),
             policy=Policy.from_config(config, listening),
             socket_buffer=config.server.socket_buffer,
+            proxy_protocol=config.server.proxy_header_mode,
+            proxy_trusted=config.server.proxy_trusted,
         )
+
+    def trusts_balancer(self, ip: str) -> bool:
+        """Whether `ip` may send a PROXY protocol header (is in server.proxy_trusted)."""
+        try:
+            address: IPAddress = unmapped(parse_ip(ip))
+        except ValueError:
+            return False  # not an IP peer (a Unix socket): never trusted
+        return any(address in network for network in self.proxy_trusted)
 
 
 DEFAULTS = HandlerSettings()
@@ -124,6 +138,10 @@ def _one_connection() -> int:
     return 1
 
 
+def _nothing_to_move(request: socket.socket, client_address: Any) -> bool:
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class HandlerContext:
     """All a handler may use of the process that serves it, declared in one place.
@@ -139,6 +157,9 @@ class HandlerContext:
       grow in number).
     - relay_in_loop: hands an established tunnel to an event loop; None: every tunnel is
       relayed by its handler thread.
+    - readdress(request, client_address): count the request under the client a PROXY
+      header named (the core's readdress_request); False when that client is at its
+      per-address cap.
     """
 
     settings: Callable[[], HandlerSettings] = _default_settings
@@ -147,6 +168,7 @@ class HandlerContext:
     user_slots: UserSlots | None = None
     active_count: Callable[[], int] = _one_connection
     relay_in_loop: RelayInLoop | None = None
+    readdress: Callable[[socket.socket, Any], bool] = _nothing_to_move
 
 
 DEFAULT_CONTEXT = HandlerContext()
@@ -168,17 +190,28 @@ class Negotiation:
     settings: HandlerSettings
     deadline: float
     session: Session  # the handshake's own (a field, not a property: read on every step)
+    # The client's IP, for rules, the login back-off and UDP: the socket's peer, or the
+    # client a trusted balancer's PROXY header named (see readdress()).
+    client_ip: str
+    # The socket's peer's IP (a balancer's, when a PROXY header readdressed the client):
+    # socket buffers are sized by the host at the other end of the socket.
+    peer_ip: str
     pending: list[Action] = field(default_factory=list)
 
     @classmethod
     def begin(cls, settings: HandlerSettings, client_address: Any) -> Negotiation:
+        """A connection's handshake, as both drivers begin it. With server.proxy_protocol
+        on, a peer outside server.proxy_trusted is refused here, before a byte is read:
+        `pending` then holds the Close."""
         session = Session(client=format_peer(client_address))
-        return cls(
-            ServerHandshake(settings.authenticator, session),
-            settings,
-            time.monotonic() + settings.handshake_timeout,
-            session,
-        )
+        ip = client_ip(client_address)
+        proxy_protocol = settings.proxy_protocol
+        handshake = ServerHandshake(settings.authenticator, session, proxy_protocol)
+        deadline = time.monotonic() + settings.handshake_timeout
+        negotiation = cls(handshake, settings, deadline, session, ip, ip)
+        if proxy_protocol is not None and not settings.trusts_balancer(ip):
+            negotiation.pending = handshake.untrusted_source()
+        return negotiation
 
 
 class HandshakeTimeout(Exception):
@@ -267,7 +300,7 @@ class Socks5Handler(BaseRequestHandler):
         self.settings: HandlerSettings = negotiation.settings
         self.handshake = negotiation.handshake
         self.session = negotiation.session
-        self.client_ip = client_ip(self.client_address)
+        self.client_ip = negotiation.client_ip
         self.user_slot = False
         # True once the tunnel went to an event loop: the loop ends it (and logs).
         self.detached = False
@@ -325,6 +358,9 @@ class Socks5Handler(BaseRequestHandler):
                         if failure is None
                         else handshake.credentials_checked(False, failure)
                     )
+                elif isinstance(action, Proxied):
+                    todo.extend(readdress(self.context, self.request, self.negotiation, action))
+                    self.client_ip = self.negotiation.client_ip
                 else:  # Close: the handshake's last word was said (or there was none)
                     return None
             try:
@@ -590,7 +626,7 @@ class Socks5Handler(BaseRequestHandler):
         size_tunnel_buffers(
             self.settings,
             self.request,
-            self.client_ip,
+            self.negotiation.peer_ip,
             upstream,
             None,
             self.context.active_count(),
@@ -627,6 +663,20 @@ class Socks5Handler(BaseRequestHandler):
         """Send a failure reply; the connection closes right after (RFC 1928 §6)."""
         io.renew()
         io.send_actions(self.handshake.reply(reply, reason=reason))
+
+
+def readdress(
+    context: HandlerContext, request: socket.socket, negotiation: Negotiation, proxied: Proxied
+) -> list[Action]:
+    """Carry out a Proxied action (either driver): the connection is the header's
+    client's from now on. Its per-address slot moves to that client, or the connection
+    is refused when that client is at max_connections_per_ip; rules, the login back-off
+    and UDP then see that client's IP (negotiation.client_ip)."""
+    handshake = negotiation.handshake
+    if not context.readdress(request, proxied.client):
+        return handshake.client_readdressed(False, "max_connections_per_ip (proxied client)")
+    negotiation.client_ip = client_ip(proxied.client)
+    return handshake.client_readdressed(True)
 
 
 def size_tunnel_buffers(

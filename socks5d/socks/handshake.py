@@ -9,11 +9,14 @@ the next actions. Nothing here reads a socket, a clock or a file, so both ways o
 a client run the same negotiation, and a connection handed from a loop to a thread is
 this one object.
 
-Owns: RFC 1928 §3 method selection, RFC 1929 §2 subnegotiation framing, the request
-(§4), every reply (§6) and the access-log fields these settle. Policy (which method,
-whether credentials are right, whether a destination is allowed) is asked of the
-:class:`~socks5d.policy.auth.Authenticator` passed in or left to the driver. Imports only the
-wire format, the session record and the authenticator's method choice.
+Owns: the PROXY protocol header a trusted load balancer sends first (when the listener
+expects one; parsed by :mod:`socks5d.core.proxyheader`), RFC 1928 §3 method selection,
+RFC 1929 §2 subnegotiation framing, the request (§4), every reply (§6) and the
+access-log fields these settle. Policy (which method, whether credentials are right,
+whether a destination is allowed) is asked of the
+:class:`~socks5d.policy.auth.Authenticator` passed in or left to the driver. Imports
+only the wire format (and the PROXY header's parser from the core), the session record
+and the authenticator's method choice.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..core.proxyheader import ProxyHeaderError, parse_proxy_header
 from .protocol import (
     MAX_GREETING_SIZE,
     MAX_REQUEST_SIZE,
@@ -50,6 +54,7 @@ __all__ = [
     "Authenticate",
     "Close",
     "Dispatch",
+    "Proxied",
     "Send",
     "ServerHandshake",
     "State",
@@ -59,6 +64,8 @@ __all__ = [
 class State(enum.Enum):
     """Where a handshake stands; the driver acts on actions, not on states."""
 
+    PROXY_HEADER = "proxy header"  # server.proxy_protocol on: waiting for the header
+    READDRESSING = "readdressing"  # Proxied handed out: waiting for client_readdressed()
     GREETING = "greeting"  # waiting for VER NMETHODS METHODS
     LOGIN = "login"  # method 02 chosen: waiting for the RFC 1929 request
     CHECKING = "checking"  # Authenticate handed out: waiting for credentials_checked()
@@ -98,7 +105,17 @@ class Close:
     reason: str
 
 
-Action = Send | Authenticate | Dispatch | Close
+@dataclass(frozen=True, slots=True)
+class Proxied:
+    """A trusted balancer's PROXY header named the real client: serve the connection as
+    that client's from now on (its per-address slot, rules, back-off); answer with
+    client_readdressed(). ``balancer`` is the connection's peer, that sent the header."""
+
+    client: tuple[str, int]
+    balancer: str
+
+
+Action = Send | Authenticate | Dispatch | Close | Proxied
 
 # The most bytes a state may hold without a whole message (each message's upper bound).
 _LIMITS = {
@@ -117,12 +134,29 @@ class ServerHandshake:
     a reload does not change its policy halfway through.
     """
 
-    __slots__ = ("authenticator", "buffer", "login_name", "request", "session", "state", "user")
+    __slots__ = (
+        "authenticator",
+        "buffer",
+        "login_name",
+        "proxy_protocol",
+        "request",
+        "session",
+        "state",
+        "user",
+    )
 
-    def __init__(self, authenticator: Authenticator, session: Session) -> None:
+    def __init__(
+        self, authenticator: Authenticator, session: Session, proxy_protocol: str | None = None
+    ) -> None:
+        """`proxy_protocol`: "v1", "v2" or "any" when a PROXY protocol header must come
+        first (server.proxy_protocol); None (the default, "off"): SOCKS from the first byte."""
         self.authenticator = authenticator
         self.session = session
-        self.state = State.GREETING
+        if proxy_protocol is None:
+            self.state = State.GREETING
+        else:
+            self.state = State.PROXY_HEADER
+            self.proxy_protocol = proxy_protocol
         self.buffer = bytearray()
         self.request: Request | None = None
         self.user: str | None = None  # the login name once RFC 1929 succeeded
@@ -160,7 +194,22 @@ class ServerHandshake:
         self.buffer.clear()
         return data
 
+    def untrusted_source(self) -> list[Action]:
+        """The connection comes from outside server.proxy_trusted while a PROXY header is
+        expected: close before reading a byte, so no client can claim another's address."""
+        self._expect(State.PROXY_HEADER)
+        return self._close("PROXY header expected from an untrusted address (proxy_trusted)")
+
     # ---- the driver's answers ----
+
+    def client_readdressed(self, ok: bool, reason: str = "") -> list[Action]:
+        """The outcome of a Proxied: on to the greeting as the header's client, or (the
+        client is at a per-address cap) close with `reason` in the log."""
+        self._expect(State.READDRESSING)
+        if not ok:
+            return self._close(reason or "client refused")
+        self.state = State.GREETING
+        return self._advance()
 
     def credentials_checked(self, ok: bool, reason: str = "authentication failed") -> list[Action]:
         """The outcome of an Authenticate: RFC 1929 §2 status, then on to the request;
@@ -211,9 +260,34 @@ class ServerHandshake:
                 return self._login()
             if self.state is State.REQUEST:
                 return self._request()
+            if self.state is State.PROXY_HEADER:
+                return self._proxy_header()
         except ProtocolError as exc:
             return self._refuse(exc)
-        return []  # CHECKING, COMMAND, BIND_WAIT, ESTABLISHED: bytes wait in the buffer
+        except ProxyHeaderError as exc:
+            return self._close(f"bad PROXY header: {exc}")
+        # READDRESSING, CHECKING, COMMAND, BIND_WAIT, ESTABLISHED: bytes wait in the buffer
+        return []
+
+    def _proxy_header(self) -> list[Action]:
+        """The PROXY protocol header (haproxy doc/proxy-protocol.txt) before any SOCKS
+        byte; the parser bounds its size, the driver's deadline its time."""
+        parsed = parse_proxy_header(self.buffer, self.proxy_protocol)
+        if parsed is None:
+            return []
+        header, used = parsed
+        del self.buffer[:used]
+        session = self.session
+        balancer = session.client
+        session.balancer = balancer
+        if header.source is None:
+            # v2 LOCAL (a health check), v1 UNKNOWN, v2 UNSPEC/UNIX: §2.1/§2.2 say to use
+            # the connection's own addresses, so the balancer is the client.
+            self.state = State.GREETING
+            return self._advance() if self.buffer else []
+        session.client = str(Address.from_sockaddr(header.source))
+        self.state = State.READDRESSING
+        return [Proxied(header.source, balancer)]
 
     def _greeting(self) -> list[Action]:
         parsed = parse_greeting(self.buffer)

@@ -42,6 +42,9 @@ class Session:
     closed_by: str = "-"  # "client", "target", "idle", "proxy", ...
     end: str = "-"  # why it ended, in words
     rule: str = "-"  # the access decision that applied, when one denied
+    # The load balancer the connection came through, when a PROXY protocol header named
+    # `client` (server.proxy_protocol); "-": the client connected directly.
+    balancer: str = "-"
 
     def duration(self) -> float:
         return time.monotonic() - self.started
@@ -51,12 +54,15 @@ class Session:
 
     def log_line(self) -> str:
         reply = "-" if self.reply is None else f"{self.reply:02x}"
-        return (
+        line = (
             f"id={self.id} client={self.client} user={_field(self.user)} cmd={self.command} "
             f"target={self.target} resolved={self.resolved} egress={self.egress} "
             f"reply={reply} up={self.up} down={self.down} time={self.duration():.3f}s "
             f"closed_by={self.closed_by} rule={self.rule} end={self.end!r}"
         )
+        if self.balancer != "-":
+            line += f" balancer={self.balancer}"
+        return line
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +81,7 @@ class Session:
             "closed_by": self.closed_by,
             "rule": None if self.rule == "-" else self.rule,
             "end": self.end,
+            "balancer": None if self.balancer == "-" else self.balancer,
         }
 
 
