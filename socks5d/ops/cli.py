@@ -58,10 +58,15 @@ class ConfigProblem(click.ClickException):
     epilog=EXAMPLES,
 )
 @click.option(
-    "--host", help="Address or host name to listen on ('::' for dual-stack).  [default: 127.0.0.1]"
+    "--host",
+    metavar="HOST",
+    help="Address or host name to listen on ('::' for dual-stack).  [default: 127.0.0.1]",
 )
 @click.option(
-    "--port", type=int, help="TCP port to listen on (0 picks a free one).  [default: 1080]"
+    "--port",
+    type=int,
+    metavar="PORT",
+    help="TCP port to listen on (0 picks a free one).  [default: 1080]",
 )
 @click.option(
     "--listen",
@@ -315,6 +320,7 @@ def check_config_command(file: str) -> None:
     type=click.FloatRange(0.1, 300),
     default=5.0,
     show_default=True,
+    metavar="SECONDS",
     help="Seconds each connection of a check may take.",
 )
 @click.option(
@@ -322,6 +328,7 @@ def check_config_command(file: str) -> None:
     type=click.FloatRange(0.1, 3600),
     default=15.0,
     show_default=True,
+    metavar="SECONDS",
     help="Seconds a silent client waits for the server to close it (timeout.handshake).",
 )
 def probe_command(
