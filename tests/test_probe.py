@@ -251,6 +251,14 @@ def closes_mid_reply(conn: socket.socket) -> None:
         conn.sendall(b"\x05\x00\x00\x01\x7f")
 
 
+def floods(conn: socket.socket) -> None:
+    """A valid method selection, then bytes that never end (until the client goes away)."""
+    conn.recv(512)
+    conn.sendall(b"\x05\x00")
+    while True:
+        conn.sendall(b"\xff" * 65536)
+
+
 @needs_proc_fd
 @pytest.mark.parametrize(
     ("behaviour", "greeting_got", "connect_got"),
@@ -262,6 +270,7 @@ def closes_mid_reply(conn: socket.socket) -> None:
             "05 00 (no login needed)",
             "connection closed before the reply (got 05 00 00 01 7f)",
         ),
+        (floods, "05 00 (no login needed)", "malformed reply: unsupported SOCKS version 0xff"),
     ],
 )
 def test_a_broken_server_gets_failures_in_bounded_time(behaviour, greeting_got, connect_got):

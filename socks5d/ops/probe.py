@@ -199,7 +199,9 @@ class Channel:
                 self.sock.sendall(piece)
             except OSError as exc:
                 sent = f" after {number} of {len(data)} bytes" if split else ""
-                raise CheckFailed(f"closed by the server while sending{sent} ({_os_error(exc)})")
+                raise CheckFailed(
+                    f"closed by the server while sending{sent} ({_os_error(exc)})"
+                ) from None
 
     def _fill(self, what: str) -> bool:
         """Receive more bytes; False at EOF. Raises CheckFailed past the deadline."""
@@ -797,7 +799,7 @@ EXPECTED: dict[str, str] = {
     "udp.associate": "00 with a reachable BND address and port",
     "udp.round-trip-ipv4": "datagrams echoed, sender named",
     "udp.round-trip-ipv6": "datagrams echoed, sender named",
-    "login.failure": "05 02, then 01 and a non-zero status, then a close",
+    "login.failure": "05 02, then 01 with a non-zero status, closed",
     "timeout.handshake": "a silent client is closed",
 }
 CHECK_NAMES = tuple(EXPECTED)
