@@ -67,6 +67,18 @@ def expected_skips(with_login: bool) -> set[str]:
     return skips if ipv6_available() else skips | IPV6_CHECKS
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m socks5d ARGS` with its output, bounded."""
+    return subprocess.run(
+        [sys.executable, "-m", "socks5d", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+
+
 # ---- pure parts ----
 
 
@@ -163,23 +175,7 @@ def test_a_login_server_without_user_says_so_and_fails_the_run():
 
 def test_cli_prints_json_and_exits_0_against_socks5d():
     with running_proxy("threading", handshake_timeout=1.0) as proxy:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "socks5d",
-                "probe",
-                f"127.0.0.1:{proxy.port}",
-                "--json",
-                "--handshake-wait",
-                "8",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-            check=False,
-        )
+        done = run_cli("probe", f"127.0.0.1:{proxy.port}", "--json", "--handshake-wait", "8")
     assert done.returncode == 0, done.stdout + done.stderr
     document = json.loads(done.stdout)
     assert document["ok"] is True
@@ -202,14 +198,7 @@ def test_cli_prints_json_and_exits_0_against_socks5d():
     ],
 )
 def test_cli_usage_errors_exit_2(args, message):
-    done = subprocess.run(
-        [sys.executable, "-m", "socks5d", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        check=False,
-    )
+    done = run_cli(*args)
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
@@ -297,23 +286,8 @@ def test_a_broken_server_gets_failures_in_bounded_time(behaviour, greeting_got, 
 def test_cli_against_a_broken_server_exits_1_without_a_traceback():
     server = TargetServer(closes_mid_reply)
     try:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "socks5d",
-                "probe",
-                f"127.0.0.1:{server.port}",
-                "--timeout",
-                "0.5",
-                "--handshake-wait",
-                "0.5",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-            check=False,
+        done = run_cli(
+            "probe", f"127.0.0.1:{server.port}", "--timeout", "0.5", "--handshake-wait", "0.5"
         )
     finally:
         server.close()

@@ -50,7 +50,7 @@ from ..socks.protocol import (
     parse_reply,
     parse_udp_datagram,
 )
-from .probe_targets import TARGET_FIRST, Targets, family_of
+from .probe_targets import TARGET_FIRST, Targets, TcpTarget, family_of
 
 PASS = "pass"
 FAIL = "fail"
@@ -445,6 +445,15 @@ class Prober:
         if echoed != payload:
             raise CheckFailed(f"the echo came back changed: {echoed[:32]!r}")
 
+    def tunnel_to(self, target: TcpTarget | None) -> tuple[Channel, Address]:
+        """A session with a CONNECT to one of our targets that succeeded."""
+        if target is None:
+            raise Skipped("no target host")
+        channel = self.session()
+        rep, bound = self.request(channel, Command.CONNECT, Address.from_sockaddr(target.address))
+        self.connected(channel, rep, bound)
+        return channel, bound
+
     def connected(self, channel: Channel, rep: int, bound: Address) -> None:
         if rep != 0x00:
             raise CheckFailed(reply_text(rep, bound))
@@ -547,11 +556,8 @@ class Prober:
 
     def connect_bound_address(self) -> str:
         echo = self.targets.echo.get(4) or self.targets.echo.get(6)
-        if echo is None:
-            raise Skipped("no target host")
-        channel = self.session()
-        rep, bound = self.request(channel, Command.CONNECT, Address.from_sockaddr(echo.address))
-        self.connected(channel, rep, bound)
+        _channel, bound = self.tunnel_to(echo)
+        assert echo is not None
         want = (bound.host, bound.port)
         if echo.wait_for(
             lambda: any(_same_address(want, peer) for peer in echo.peers), self.options.timeout
@@ -622,12 +628,7 @@ class Prober:
         return f"{reply_text(rep)}, early data echoed"
 
     def client_half_close(self) -> str:
-        drain = self.targets.drain
-        if drain is None:
-            raise Skipped("no target host")
-        channel = self.session()
-        rep, bound = self.request(channel, Command.CONNECT, Address.from_sockaddr(drain.address))
-        self.connected(channel, rep, bound)
+        channel, _bound = self.tunnel_to(self.targets.drain)
         channel.send(b"x" * 1000)
         channel.sock.shutdown(socket.SHUT_WR)
         answer = channel.read_to_eof("target's answer")
@@ -641,11 +642,7 @@ class Prober:
 
     def target_half_close(self) -> str:
         speak = self.targets.speak
-        if speak is None:
-            raise Skipped("no target host")
-        channel = self.session()
-        rep, bound = self.request(channel, Command.CONNECT, Address.from_sockaddr(speak.address))
-        self.connected(channel, rep, bound)
+        channel, _bound = self.tunnel_to(speak)
         first = channel.read_to_eof("target's EOF")
         if first != TARGET_FIRST:
             raise CheckFailed(f"{first[:40]!r} before the target's EOF")
@@ -655,6 +652,7 @@ class Prober:
             channel.sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             raise CheckFailed(f"the tunnel ended at the target's EOF ({_os_error(exc)})") from None
+        assert speak is not None  # tunnel_to skipped otherwise
         if speak.wait_for(lambda: late in speak.received, self.options.timeout):
             return "the client's bytes reached the target after the target's EOF"
         raise CheckFailed("the tunnel ended at the target's EOF: the client's bytes were lost")
