@@ -189,3 +189,14 @@ def test_pip_install_puts_the_pages_where_man_finds_them(tmp_path):
         check=False,
     )
     assert found.stdout.split() == [str(page), str(page.parent.parent / "man5" / "socks5d.toml.5")]
+
+
+def test_the_pages_do_not_depend_on_what_ran_before():
+    """click caches a command's help option from the first context that asks; a run of a
+    subcommand on its own (as other tests do) must not change the page."""
+    from click.testing import CliRunner
+
+    before = gen_man.pages()
+    for sub in command.commands.values():
+        CliRunner().invoke(sub, ["--help"])
+    assert gen_man.pages() == before

@@ -96,14 +96,17 @@ def option_synopsis(param: click.Parameter, context: click.Context) -> str:
 
 def options_of(cmd: click.Command, context: click.Context) -> list[str]:
     lines: list[str] = []
-    for param in cmd.get_params(context):
+    # cmd.params, not get_params(): click caches the help option of a command from the first
+    # context that asked for it, which may not be one under the group's help_option_names.
+    for param in cmd.params:
         if not isinstance(param, click.Option) or param.hidden:
             continue
         help_text = param.help or ""
         if param.show_default and param.default is not None and not param.is_flag:
             help_text += f"  [default: {param.default}]"
         lines += [".TP", option_synopsis(param, context), escape(help_text.strip())]
-    return lines
+    names = ", ".join(f"\\fB{escape(name)}\\fR" for name in context.help_option_names)
+    return [*lines, ".TP", names, "Show the help text and exit."]
 
 
 def usage_of(cmd: click.Command, context: click.Context) -> str:
@@ -180,7 +183,7 @@ activation.
 
 
 def page_socks5d() -> str:
-    context = click.Context(command, info_name="socks5d")
+    context = click.Context(command, info_name="socks5d", **command.context_settings)
     description, _, rest = (command.help or "").partition("\n")
     lines = header("socks5d", 1, "User Commands")
     lines += [".SH NAME", f"socks5d \\- {escape(description.strip().rstrip('.'))}"]
