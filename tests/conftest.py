@@ -25,20 +25,15 @@ from streams import needs_splice
 
 from socks5d.ops.config import User
 from socks5d.ops.daemon import ThreadingSocksServer, attach_event_loops
+from socks5d.ops.probe import ipv6_loopback
 from socks5d.policy.auth import Authenticator
 from socks5d.socks.handler import HandlerContext, HandlerSettings, Socks5Handler
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def ipv6_available() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
+# Whether ::1 can be bound here (the probe's IPv6 targets need it too).
+ipv6_available = ipv6_loopback
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="::1 is not available here")
 

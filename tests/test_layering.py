@@ -103,3 +103,12 @@ def test_the_rules_would_catch_an_upward_import():
     assert not allowed("socks.handler", "ops.daemon")
     assert allowed("socks.handler", "policy.rules")
     assert allowed("ops.daemon", "socks.handler")
+
+
+def test_the_probe_is_a_client_only_the_cli_uses():
+    """`socks5d probe` talks to servers from the outside: no part of the server imports it."""
+    for module in modules():
+        if module in {"ops.cli", "ops.probe"}:
+            continue
+        project, _ = project_imports(module)
+        assert not {"ops.probe", "ops.probe_targets"} & project, module

@@ -18,7 +18,15 @@ from .. import __version__
 from ..core.addresses import format_host_port
 from ..policy.auth import Authenticator, hash_password
 from ..policy.rules import describe_policy, exposure_problem
-from .config import LOG_LEVELS, MODES, Config, ConfigError, apply_overrides, load_config
+from .config import (
+    LOG_LEVELS,
+    MODES,
+    Config,
+    ConfigError,
+    apply_overrides,
+    load_config,
+    parse_listen_address,
+)
 from .config import parse_user_flag as parse_user
 from .daemon import (
     Daemon,
@@ -26,6 +34,7 @@ from .daemon import (
     connection_limits,
     raise_open_file_limit,
 )
+from .probe import ProbeOptions, probe, target_hosts_by_version
 
 EXAMPLES = """\b
 Examples:
@@ -49,10 +58,15 @@ class ConfigProblem(click.ClickException):
     epilog=EXAMPLES,
 )
 @click.option(
-    "--host", help="Address or host name to listen on ('::' for dual-stack).  [default: 127.0.0.1]"
+    "--host",
+    metavar="HOST",
+    help="Address or host name to listen on ('::' for dual-stack).  [default: 127.0.0.1]",
 )
 @click.option(
-    "--port", type=int, help="TCP port to listen on (0 picks a free one).  [default: 1080]"
+    "--port",
+    type=int,
+    metavar="PORT",
+    help="TCP port to listen on (0 picks a free one).  [default: 1080]",
 )
 @click.option(
     "--listen",
@@ -278,3 +292,87 @@ def check_config_command(file: str) -> None:
     if problem:
         raise ConfigProblem(f"{file}: {problem}")
     click.echo(f"{file}: OK")
+
+
+@main.command("probe")
+@click.argument("server", metavar="HOST:PORT")
+@click.option(
+    "--user",
+    metavar="NAME:PASSWORD",
+    help="Log in with RFC 1929 username/password, and check that a wrong password fails.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option(
+    "--target-host",
+    "target_hosts",
+    multiple=True,
+    metavar="ADDR",
+    help="Address of this host the proxy can reach, where the probe's targets listen (one"
+    " IPv4 and/or one IPv6; repeatable).  [default: 127.0.0.1 and ::1]",
+)
+@click.option(
+    "--target-name",
+    metavar="NAME",
+    help="A name of the IPv4 target host, for connect.name.  [default: localhost on loopback]",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 300),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds each connection of a check may take.",
+)
+@click.option(
+    "--handshake-wait",
+    type=click.FloatRange(0.1, 3600),
+    default=15.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds a silent client waits for the server to close it (timeout.handshake).",
+)
+def probe_command(
+    server: str,
+    user: str | None,
+    as_json: bool,
+    target_hosts: tuple[str, ...],
+    target_name: str | None,
+    timeout: float,
+    handshake_wait: float,
+) -> None:
+    """Check the SOCKS5 server at HOST:PORT against RFC 1928 and RFC 1929.
+
+    Runs greeting, login, CONNECT (IPv4, IPv6, a name), reply-code, split and pipelined
+    input, half-close, BIND, UDP ASSOCIATE and handshake-timeout checks against any SOCKS5
+    server, with targets it starts itself, and prints a table (or --json). Exits 0 when
+    every check that applies passes, 1 when one fails, 2 for a usage error.
+
+    \b
+      socks5d probe 127.0.0.1:1080
+      socks5d probe [::1]:1080 --user alice:secret --json
+    """
+    try:
+        proxy = parse_listen_address(server)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="HOST:PORT") from None
+    credentials = None
+    if user is not None:
+        name, sep, password = user.partition(":")
+        if not sep or not 0 < len(name.encode()) <= 255 or len(password.encode()) > 255:
+            raise click.BadParameter(
+                "expected NAME:PASSWORD (each 1-255 bytes)", param_hint="--user"
+            )
+        credentials = (name.encode(), password.encode())
+    try:
+        target_hosts_by_version(target_hosts)
+    except ValueError:
+        raise click.BadParameter(
+            f"not an IP address: {', '.join(target_hosts)}", param_hint="--target-host"
+        ) from None
+    options = ProbeOptions(proxy, credentials, target_hosts, target_name, timeout, handshake_wait)
+    try:
+        report = probe(options)
+    except OSError as exc:  # a target could not listen on --target-host
+        raise ConfigProblem(f"cannot start the probe's targets: {exc.strerror or exc}") from None
+    click.echo(report.as_json() if as_json else report.as_table())
+    raise SystemExit(0 if report.ok else 1)
