@@ -80,7 +80,9 @@ class HandlerSettings:
         """`listening`: the bound (host, port) addresses, for the rules' loop guard."""
         timeouts = config.timeouts
         return cls(
-            authenticator=Authenticator.from_users(config.users, config.source),
+            authenticator=Authenticator.from_users(
+                config.users, config.source, socks4=config.server.socks4
+            ),
             handshake_timeout=timeouts.handshake,
             connect_timeout=timeouts.connect,
             resolve_timeout=timeouts.resolve,
