@@ -502,6 +502,9 @@ class Socks5Handler(BaseRequestHandler):
         expected = expected_peer_ips(request.address, resolved)
         # An all-zero DST gives no route to look up: listen where the client reached us.
         routable = [ip for ip in resolved if not ipaddress.ip_address(ip).is_unspecified]
+        if not self.handshake.replies_carry_ipv6:
+            # SOCKS4's first reply names an IPv4 address only: listen on IPv4 if we can.
+            routable.sort(key=lambda ip: ":" in ip)
         try:
             listener = open_bind_listener(
                 routable or [unmapped_host(self.request.getsockname()[0])], settings.outgoing

@@ -154,6 +154,11 @@ class ServerHandshake:
         self.user: str | None = None  # the login name once RFC 1929 succeeded
         self.login_name = ""  # the name being checked
 
+    @property
+    def replies_carry_ipv6(self) -> bool:
+        """False for a SOCKS4 client: its replies hold an IPv4 address only."""
+        return self.session.proto == "socks5"
+
     # ---- bytes in ----
 
     def receive(self, data: bytes) -> list[Action]:
