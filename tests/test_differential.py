@@ -245,7 +245,6 @@ def observe(received: bytes, ending: str, record: dict[str, Any], replies: int) 
     after checking that the reply and the access record name the same address.
     """
     transcript: list[bytes] = []
-    bound: list[str] = []
     rest = bytes(received)
     if len(rest) >= 2:
         method, rest = rest[:2], rest[2:]
@@ -254,45 +253,43 @@ def observe(received: bytes, ending: str, record: dict[str, Any], replies: int) 
             status, rest = rest[:2], rest[2:]
             transcript.append(status)
         if method[1] != Method.NO_ACCEPTABLE_METHODS and transcript[-1][1] == 0:
-            for _ in range(replies):
-                parsed = parse_reply(rest)
-                if parsed is None:
-                    break
-                (code, address), used = parsed
-                reply, rest = rest[:used], rest[used:]
-                if code != 0:
-                    transcript.append(reply)
-                    break
-                bound.append(str(address))
-                transcript.append(reply[:-2] + ANY_PORT)
-    if rest:
-        transcript.append(rest)  # the tunnel's bytes, or whatever else came
-    # The record names what the replies said: the first success reply's address is the
-    # egress (outbound, BIND or UDP socket), a BIND's second one the peer that connected.
-    assert bound[:1] == [record["egress"]] or not bound, (bound, record)
-    assert bound[1:] == [record["resolved"]] or len(bound) < 2, (bound, record)
-    return Outcome(transcript, ending, normalise_record(record))
+            return cut_replies(transcript, rest, ending, record, replies, socks4=False)
+    return cut_replies(transcript, rest, ending, record, 0, socks4=False)
 
 
 def observe_socks4(received: bytes, ending: str, record: dict[str, Any], replies: int) -> Outcome:
     """`observe` for a SOCKS4 client: no method selection, replies of 8 bytes
     (VN CD DSTPORT DSTIP); a 5A reply's DSTPORT (the OS picked it) becomes 00 00."""
-    transcript: list[bytes] = []
+    return cut_replies([], bytes(received), ending, record, replies, socks4=True)
+
+
+def cut_replies(
+    transcript: list[bytes],
+    rest: bytes,
+    ending: str,
+    record: dict[str, Any],
+    replies: int,
+    socks4: bool,
+) -> Outcome:
+    """Up to `replies` replies (RFC 1928 §6, or SOCKS4's) off `rest`, each success with
+    its port as 00 00, then whatever else came; checked against the record."""
     bound: list[str] = []
-    rest = bytes(received)
     for _ in range(replies):
-        parsed = parse_socks4_reply(rest)
+        parsed = parse_socks4_reply(rest) if socks4 else parse_reply(rest)
         if parsed is None:
             break
         (code, address), used = parsed
         reply, rest = rest[:used], rest[used:]
-        if code != 0x5A:
+        if code != (0x5A if socks4 else 0):
             transcript.append(reply)
             break
         bound.append(str(address))
-        transcript.append(reply[:2] + ANY_PORT + reply[4:])
+        # SOCKS4: VN CD DSTPORT DSTIP; RFC 1928 §6: ... BND.ADDR BND.PORT
+        transcript.append(reply[:2] + ANY_PORT + reply[4:] if socks4 else reply[:-2] + ANY_PORT)
     if rest:
-        transcript.append(rest)
+        transcript.append(rest)  # the tunnel's bytes, or whatever else came
+    # The record names what the replies said: the first success reply's address is the
+    # egress (outbound, BIND or UDP socket), a BIND's second one the peer that connected.
     assert bound[:1] == [record["egress"]] or not bound, (bound, record)
     assert bound[1:] == [record["resolved"]] or len(bound) < 2, (bound, record)
     return Outcome(transcript, ending, normalise_record(record))
