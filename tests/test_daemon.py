@@ -270,7 +270,7 @@ def test_no_descriptor_leak_in_the_daemon(daemon_factory, echo_target):
             assert recv_exactly(sock, 1) == b"z"
     for _ in range(20):
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=TIMEOUT) as sock:
-            sock.sendall(b"\x04garbage")
+            sock.sendall(b"\x06garbage")  # neither SOCKS5 nor SOCKS4
             assert recv_all(sock) == b""
     assert wait_until(lambda: len(os.listdir(fd_dir)) <= baseline)
 

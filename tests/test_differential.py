@@ -57,9 +57,11 @@ from socks5d.socks.protocol import (
     Method,
     encode_greeting,
     encode_request,
+    encode_socks4_request,
     encode_udp_datagram,
     encode_username_password,
     parse_reply,
+    parse_socks4_reply,
 )
 
 # Path name -> --relay-threads.
@@ -147,6 +149,10 @@ def one_reply(sock: socket.socket) -> bytes:
     return read_reply_bytes(sock)
 
 
+def one_socks4_reply(sock: socket.socket) -> bytes:
+    return recv_exactly(sock, 8)  # VN CD DSTPORT DSTIP
+
+
 def go_on(sock: socket.socket) -> bytes:
     """Send the next bytes without waiting for an answer (pipelining)."""
     return b""
@@ -169,6 +175,7 @@ class Script:
     steps: tuple[tuple[bytes, Pace], ...]
     half_close: bool = True  # after the last step: SHUT_WR (False: stay silent)
     replies: int = 1  # RFC 1928 replies to expect (BIND: 2)
+    socks4: bool = False  # the client speaks SOCKS4/4a: its replies are VN=00 CD ...
 
 
 @dataclasses.dataclass
@@ -215,7 +222,8 @@ def run_script(daemon: DaemonProcess, script: Script) -> Outcome:
             sock.shutdown(socket.SHUT_WR)
         rest, ending = read_to_end(sock)
         client = sock.getsockname()
-    return observe(received + rest, ending, access_record(daemon, client, logged), script.replies)
+    cut = observe_socks4 if script.socks4 else observe
+    return cut(received + rest, ending, access_record(daemon, client, logged), script.replies)
 
 
 def access_records(daemon: DaemonProcess, since: int = 0) -> list[dict[str, Any]]:
@@ -257,7 +265,6 @@ def observe(received: bytes, ending: str, record: dict[str, Any], replies: int) 
     after checking that the reply and the access record name the same address.
     """
     transcript: list[bytes] = []
-    bound: list[str] = []
     rest = bytes(received)
     if len(rest) >= 2:
         method, rest = rest[:2], rest[2:]
@@ -266,17 +273,39 @@ def observe(received: bytes, ending: str, record: dict[str, Any], replies: int) 
             status, rest = rest[:2], rest[2:]
             transcript.append(status)
         if method[1] != Method.NO_ACCEPTABLE_METHODS and transcript[-1][1] == 0:
-            for _ in range(replies):
-                parsed = parse_reply(rest)
-                if parsed is None:
-                    break
-                (code, address), used = parsed
-                reply, rest = rest[:used], rest[used:]
-                if code != 0:
-                    transcript.append(reply)
-                    break
-                bound.append(str(address))
-                transcript.append(reply[:-2] + ANY_PORT)
+            return cut_replies(transcript, rest, ending, record, replies, socks4=False)
+    return cut_replies(transcript, rest, ending, record, 0, socks4=False)
+
+
+def observe_socks4(received: bytes, ending: str, record: dict[str, Any], replies: int) -> Outcome:
+    """`observe` for a SOCKS4 client: no method selection, replies of 8 bytes
+    (VN CD DSTPORT DSTIP); a 5A reply's DSTPORT (the OS picked it) becomes 00 00."""
+    return cut_replies([], bytes(received), ending, record, replies, socks4=True)
+
+
+def cut_replies(
+    transcript: list[bytes],
+    rest: bytes,
+    ending: str,
+    record: dict[str, Any],
+    replies: int,
+    socks4: bool,
+) -> Outcome:
+    """Up to `replies` replies (RFC 1928 §6, or SOCKS4's) off `rest`, each success with
+    its port as 00 00, then whatever else came; checked against the record."""
+    bound: list[str] = []
+    for _ in range(replies):
+        parsed = parse_socks4_reply(rest) if socks4 else parse_reply(rest)
+        if parsed is None:
+            break
+        (code, address), used = parsed
+        reply, rest = rest[:used], rest[used:]
+        if code != (0x5A if socks4 else 0):
+            transcript.append(reply)
+            break
+        bound.append(str(address))
+        # SOCKS4: VN CD DSTPORT DSTIP; RFC 1928 §6: ... BND.ADDR BND.PORT
+        transcript.append(reply[:2] + ANY_PORT + reply[4:] if socks4 else reply[:-2] + ANY_PORT)
     if rest:
         transcript.append(rest)  # the tunnel's bytes, or whatever else came
     # The record names what the replies said: the first success reply's address is the
@@ -604,6 +633,72 @@ def proxied_health_check(t: Targets) -> tuple[Script, Expected]:
     return Script(((LOCAL_V2 + NO_AUTH, two_bytes),)), Expected([b"\x05\x00"], fields)
 
 
+# SOCKS4: VN=00 CD=5A/5B DSTPORT DSTIP (a granted reply's port normalised by observe_socks4)
+SOCKS4_OK_V4 = b"\x00\x5a" + ANY_PORT + b"\x7f\x00\x00\x01"
+SOCKS4_REJECTED = b"\x00\x5b" + bytes(6)
+
+
+def socks4(host: str, port: int, command: Command = Command.CONNECT) -> bytes:
+    """A SOCKS4 request (SOCKS4A for a name) with USERID "bob"."""
+    return encode_socks4_request(command, Address.from_host(host, port), b"bob")
+
+
+def socks4_fields(proto: str = "socks4", userid: str | None = "bob") -> dict[str, Any]:
+    return {"proto": proto, "userid": userid}
+
+
+def socks4_connect(t: Targets) -> tuple[Script, Expected]:
+    where = f"127.0.0.1:{t.echo.port}"
+    steps = ((socks4("127.0.0.1", t.echo.port), one_socks4_reply), (PAYLOAD, go_on))
+    fields = {**tunnel_fields(where, where), **socks4_fields()}
+    return Script(steps, socks4=True), Expected([SOCKS4_OK_V4, PAYLOAD], fields)
+
+
+def socks4a_connect_name(t: Targets) -> tuple[Script, Expected]:
+    steps = ((socks4("localhost", t.echo.port), one_socks4_reply), (PAYLOAD, go_on))
+    fields = tunnel_fields(f"localhost:{t.echo.port}", f"127.0.0.1:{t.echo.port}")
+    fields.update(socks4_fields("socks4a"))
+    return Script(steps, socks4=True), Expected([SOCKS4_OK_V4, PAYLOAD], fields)
+
+
+def socks4_pipelined(t: Targets) -> tuple[Script, Expected]:
+    """Request and payload in one send: the payload must not be lost."""
+    _, expected = socks4_connect(t)
+    return Script(((socks4("127.0.0.1", t.echo.port) + PAYLOAD, go_on),), socks4=True), expected
+
+
+def socks4_refusal(
+    request: bytes,
+    end: str,
+    reply: int | None,
+    target: str = "-",
+    proto: str = "socks4",
+    **more: Any,
+) -> tuple[Script, Expected]:
+    fields = {**ended_fields(end, reply, target), **socks4_fields(proto), **more}
+    if target == "-":
+        fields["userid"] = None  # the request was not read whole
+    return Script(((request, go_on),), socks4=True), Expected([SOCKS4_REJECTED], fields)
+
+
+def socks4_denied(t: Targets) -> tuple[Script, Expected]:
+    target = f"127.0.0.2:{t.echo.port}"
+    request = socks4("127.0.0.2", t.echo.port)
+    return socks4_refusal(request, f"denied by {DENY_RULE}", 2, target, rule=DENY_RULE)
+
+
+def socks4_refused(t: Targets) -> tuple[Script, Expected]:
+    port = closed_port()
+    end = "connect failed: Connection refused (1 address tried)"
+    return socks4_refusal(socks4("127.0.0.1", port), end, 5, f"127.0.0.1:{port}")
+
+
+def socks4_fixed(
+    request: bytes, end: str, reply: int | None, target: str = "-", **more: Any
+) -> Case:
+    return lambda t: socks4_refusal(request, end, reply, target, **more)
+
+
 CLIENT_GONE = "client closed during handshake"
 NO_METHOD = "no acceptable method offered"
 TIMED_OUT = "handshake timeout"
@@ -669,11 +764,11 @@ CASES: dict[str, tuple[str, Case]] = {
     ),
     "wrong-version-greeting": (
         "open",
-        # A SOCKS4 CONNECT: VN=04 CD=01 DSTPORT DSTIP USERID NUL
+        # An HTTP request: neither SOCKS5 nor SOCKS4
         fixed(
-            ((b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00", go_on),),
+            ((b"GET / HTTP/1.1\r\n\r\n", go_on),),
             [],
-            ended_fields("protocol error: unsupported SOCKS version 0x04"),
+            ended_fields("protocol error: unsupported SOCKS version 0x47"),
         ),
     ),
     "wrong-version-request": (
@@ -693,6 +788,63 @@ CASES: dict[str, tuple[str, Case]] = {
     "login-required-only-00-offered": (
         "login",
         fixed(((NO_AUTH, go_on),), [b"\x05\xff"], ended_fields(NO_METHOD)),
+    ),
+    # SOCKS4 and SOCKS4A on the same port
+    "socks4-connect": ("open", socks4_connect),
+    "socks4a-connect-name": ("open", socks4a_connect_name),
+    "socks4-pipelined": ("open", socks4_pipelined),
+    "socks4-5b-denied": ("open", socks4_denied),
+    "socks4-5b-refused": ("open", socks4_refused),
+    "socks4-5b-udp": (
+        "open",
+        # VN CD=03 (no UDP in SOCKS4) DSTPORT DSTIP USERID NULL
+        socks4_fixed(
+            b"\x04\x03\x00\x35\x7f\x00\x00\x01\x00",
+            "protocol error: unknown SOCKS4 command 0x03",
+            7,
+        ),
+    ),
+    "socks4-5b-userid-too-long": (
+        "open",
+        socks4_fixed(
+            b"\x04\x01\x00\x50\x7f\x00\x00\x01" + b"u" * 300,
+            "protocol error: SOCKS4 USERID longer than 255 bytes",
+            1,
+        ),
+    ),
+    "socks4a-5b-name-too-long": (
+        "open",
+        socks4_fixed(
+            b"\x04\x01\x00\x50\x00\x00\x00\x01\x00" + b"n" * 300 + b"\x00",
+            "protocol error: SOCKS4 name longer than 255 bytes",
+            1,
+        ),
+    ),
+    "socks4-5b-logins-required": (
+        "login",
+        lambda t: socks4_refusal(
+            socks4("127.0.0.1", t.echo.port),
+            "SOCKS4 refused: logins are required and SOCKS4 has none (server.socks4 = auto)",
+            2,
+            f"127.0.0.1:{t.echo.port}",
+        ),
+    ),
+    "socks4-eof-in-request": (
+        "open",
+        fixed(
+            ((b"\x04\x01\x00\x50\x7f", go_on),),
+            [],
+            {**ended_fields(CLIENT_GONE, closed_by="client"), **socks4_fields(userid=None)},
+        ),
+    ),
+    "socks4-timeout-in-userid": (
+        "timeouts",
+        fixed(
+            ((b"\x04\x01\x00\x50\x7f\x00\x00\x01bo", go_on),),
+            [],
+            {**ended_fields(TIMED_OUT), **socks4_fields(userid=None)},
+            half_close=False,
+        ),
     ),
     # the client goes away or goes quiet
     "eof-in-greeting": (
@@ -769,8 +921,13 @@ def test_both_paths_answer_a_script_alike(name: str, daemons: Daemons, targets: 
 
 # ---- one script cut in two at every offset -------------------------------------------------
 
-SPLIT_CASES = {"no-auth": connect_ipv4, "login": login_connect, "proxied": proxied_v2_pipelined}
-SPLIT_CONFIGS = {"no-auth": "open", "login": "login", "proxied": "proxied"}
+SPLIT_CASES = {
+    "no-auth": connect_ipv4,
+    "login": login_connect,
+    "proxied": proxied_v2_pipelined,
+    "socks4": socks4_connect,
+}
+SPLIT_CONFIGS = {"no-auth": "open", "login": "login", "proxied": "proxied", "socks4": "open"}
 # Every split script has the same length whatever the target port.
 SPLIT_LENGTHS = {
     "no-auth": len(NO_AUTH) + len(connect("127.0.0.1", 1)) + len(PAYLOAD),
@@ -779,6 +936,7 @@ SPLIT_LENGTHS = {
     + len(NO_AUTH)
     + len(connect("127.0.0.1", 1))
     + len(PAYLOAD),
+    "socks4": len(socks4("127.0.0.1", 1)) + len(PAYLOAD),
 }
 
 
@@ -794,7 +952,7 @@ def test_a_script_split_anywhere_is_answered_as_a_whole(
     script, expected = SPLIT_CASES[script_name](targets)
     whole = b"".join(data for data, _ in script.steps)
     assert len(whole) == SPLIT_LENGTHS[script_name]
-    split = Script(((whole[:offset], pause), (whole[offset:], go_on)))
+    split = dataclasses.replace(script, steps=((whole[:offset], pause), (whole[offset:], go_on)))
     pair = daemons.pair(SPLIT_CONFIGS[script_name])
     assert_paths_agree(on_both_paths(pair, lambda daemon: run_script(daemon, split)), expected)
 
@@ -910,6 +1068,52 @@ def test_bind_gives_both_replies_and_a_tunnel_on_both_paths(
         "end": "client eof",
     }
     assert_paths_agree(outcomes, Expected([b"\x05\x00", OK_V4, OK_V4, b"peer->client"], fields))
+
+
+def socks4_bind_session(daemon: DaemonProcess) -> Outcome:
+    """SOCKS4 BIND from 127.0.0.1: both replies (VN=00 CD=5A DSTPORT DSTIP), then a byte
+    stream each way; as bind_session, the client half-closes first."""
+    logged = len(daemon.lines)
+    with client_connection(daemon) as control:
+        control.sendall(socks4("127.0.0.1", 0, Command.BIND))
+        first = recv_exactly(control, 8)
+        parsed = parse_socks4_reply(first)
+        assert parsed is not None and parsed[0][0] == 0x5A, first
+        bound = parsed[0][1]
+        with socket.create_connection(
+            (bound.host, bound.port), timeout=TIMEOUT, source_address=("127.0.0.1", 0)
+        ) as peer:
+            second = recv_exactly(control, 8)
+            parsed = parse_socks4_reply(second)
+            assert parsed is not None and parsed[0][1] == Address.from_sockaddr(peer.getsockname())
+            control.sendall(b"client->peer")
+            control.shutdown(socket.SHUT_WR)
+            assert recv_all(peer) == b"client->peer"
+            peer.sendall(b"peer->client")
+            peer.shutdown(socket.SHUT_WR)
+            rest, ending = read_to_end(control)
+        client = control.getsockname()
+    record = access_record(daemon, client, logged)
+    return observe_socks4(first + second + rest, ending, record, replies=2)
+
+
+def test_socks4_bind_gives_both_replies_and_a_tunnel_on_both_paths(daemons: Daemons) -> None:
+    outcomes = on_both_paths(daemons.pair("open"), socks4_bind_session)
+    fields = {
+        **socks4_fields(),
+        "user": None,
+        "command": "BIND",
+        "target": "127.0.0.1:0",
+        "resolved": "127.0.0.1:*",
+        "egress": "127.0.0.1:*",
+        "reply": 0,
+        "bytes_up": len(b"client->peer"),
+        "bytes_down": len(b"peer->client"),
+        "closed_by": "client",
+        "end": "client eof",
+    }
+    expected = Expected([SOCKS4_OK_V4, SOCKS4_OK_V4, b"peer->client"], fields)
+    assert_paths_agree(outcomes, expected)
 
 
 def udp_session(daemon: DaemonProcess, udp_echo: UdpEcho) -> Outcome:

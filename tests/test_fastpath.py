@@ -228,7 +228,7 @@ def test_a_wrong_version_is_closed_cleanly_by_the_handler(
 ) -> None:
     proxy, handed = fast_proxy
     with socket.create_connection(proxy.address, timeout=TIMEOUT) as client:
-        client.sendall(b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00")  # a SOCKS4 request
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")  # neither SOCKS5 nor SOCKS4
         assert recv_all(client) == b""
     assert handed.stages == ["closed"]  # nothing to answer: the thread closes and logs
     server: Any = proxy.server

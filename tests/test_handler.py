@@ -193,7 +193,7 @@ def test_unknown_address_type_gets_08(proxy):
 @pytest.mark.parametrize(
     "garbage",
     [
-        b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00",  # a SOCKS4 request
+        b"\x06\x01\x00",  # a version neither 5 nor 4 (SOCKS4: tests/test_socks4.py)
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # HTTP to the SOCKS port
         b"\x05\x00",  # NMETHODS 0
         b"\xff" * 600,

@@ -141,7 +141,7 @@ def test_wrong_login_answers_01_01_and_closes():
     ("data", "sent", "end"),
     [
         pytest.param(
-            b"\x04\x01\x00\x50", [], "protocol error: unsupported SOCKS version 0x04", id="socks4"
+            b"GET / HTTP/1.1\r\n", [], "protocol error: unsupported SOCKS version 0x47", id="http"
         ),
         pytest.param(
             b"\x05\x00", [], "protocol error: greeting offers no methods", id="no methods"

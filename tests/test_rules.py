@@ -531,6 +531,7 @@ def test_describe_policy_of_the_defaults():
     assert lines == [
         "listening on 127.0.0.1:1080 (loopback only)",
         "authentication: none (any client that can connect may use the proxy)",
+        'SOCKS4/4a: accepted (no logins are configured) (server.socks4 = "auto")',
         "rules: none",
         "default action: allow",
         'private destinations: allowed (access.private_destinations = "auto")',

@@ -72,6 +72,11 @@ class ServerConfig:
         """proxy_protocol as the handshake takes it: None when off."""
         return None if self.proxy_protocol == "off" else self.proxy_protocol
 
+    # SOCKS4/4a clients on the same port. "auto": accepted while no [[users]] are
+    # configured (SOCKS4 carries no password), refused once logins are required; True:
+    # accepted even then, without a login; False: always refused.
+    socks4: bool | str = "auto"
+
     @property
     def listen_addresses(self) -> tuple[tuple[str, int], ...]:
         """Every (host, port) to listen on: `listen`, or the host/port short form."""
@@ -504,6 +509,12 @@ def _socket_buffer(value: Any) -> int | str:
     return size
 
 
+def _socks4(value: Any) -> bool | str:
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise ValueError(f'must be "auto", true or false, got {_describe(value)}')
+
+
 def _workers(value: Any) -> int:
     if value == "auto":
         return os.cpu_count() or 1
@@ -536,6 +547,7 @@ SERVER_KEYS: dict[str, Callable[[Any], Any]] = {
     "workers": _workers,
     "relay_threads": _relay_threads,
     "socket_buffer": _socket_buffer,
+    "socks4": _socks4,
     "outgoing_address": _outgoing,
     "allow_open": _boolean,
     "run_as_user": _account,

@@ -165,14 +165,21 @@ class _VerifiedCache:
 
 @dataclass(frozen=True, slots=True)
 class Authenticator:
-    """The users known to this server; none means no authentication is required."""
+    """The users known to this server; none means no authentication is required.
+
+    `socks4` is server.socks4: whether a SOCKS4/4a client, which has no way to log in,
+    may use the proxy ("auto": only while no logins are required).
+    """
 
     credentials: dict[bytes, _Credential] = field(default_factory=dict, repr=False)
     verified: _VerifiedCache = field(default_factory=_VerifiedCache, repr=False, compare=False)
     unknown: _Credential = field(default_factory=_unknown_user, repr=False, compare=False)
+    socks4: bool | str = "auto"
 
     @classmethod
-    def from_users(cls, users: Iterable[User], source: str = "<config>") -> Authenticator:
+    def from_users(
+        cls, users: Iterable[User], source: str = "<config>", socks4: bool | str = "auto"
+    ) -> Authenticator:
         """Raises ConfigError naming the user whose password_hash is malformed."""
         credentials = {}
         for index, user in enumerate(users):
@@ -180,11 +187,22 @@ class Authenticator:
                 credentials[user.name.encode()] = _credential(user)
             except HashFormatError as exc:
                 raise ConfigError(f"{source}: users[{index}].password_hash: {exc}") from None
-        return cls(credentials)
+        return cls(credentials, socks4=socks4)
 
     @property
     def required(self) -> bool:
         return bool(self.credentials)
+
+    def socks4_refusal(self) -> str | None:
+        """Why a SOCKS4/4a client is refused (for the access log), or None to serve it.
+
+        SOCKS4's USERID is a claim with no password: it never counts as a login.
+        """
+        if self.socks4 is False:
+            return "SOCKS4 refused (server.socks4 = false)"
+        if self.socks4 == "auto" and self.required:
+            return "SOCKS4 refused: logins are required and SOCKS4 has none (server.socks4 = auto)"
+        return None
 
     def choose_method(self, offered: Iterable[int]) -> Method:
         """RFC 1928 §3: pick the one method we accept among those the client offers."""

@@ -425,13 +425,24 @@ def _nonlocal_bind(version: int) -> bool:
 def exposure_problem(config: Config, listening: Iterable[tuple[str, int]]) -> str | None:
     """A message when `config` would run an open proxy on `listening`, else None.
 
-    Open: some listener is not loopback-only, there are no users, clients are not
-    restricted by rules, and server.allow_open is not set.
+    Open: some listener is not loopback-only, there are no users (or server.socks4 = true
+    lets SOCKS4 clients past them), clients are not restricted by rules, and
+    server.allow_open is not set.
     """
     exposed = exposed_listeners(listening, behind_balancer(config))
-    if not exposed or config.users or config.server.allow_open or clients_restricted(config):
+    if not exposed or config.server.allow_open or clients_restricted(config):
         return None
     where = ", ".join(format_host_port(host, port) for host, port in exposed)
+    if config.users and config.server.socks4 is True:
+        # SOCKS4 has no password: with socks4 = true its clients skip the login.
+        return (
+            f"refusing to run an open proxy on {where}: server.socks4 = true serves SOCKS4 "
+            f'clients without a login; set server.socks4 = "auto", or restrict clients with '
+            f'[[rules]] (from = [...]) and access.default_action = "deny", '
+            f"or set server.allow_open = true (--allow-open)"
+        )
+    if config.users:
+        return None
     return (
         f"refusing to run an open proxy on {where}: add [[users]], or restrict clients with "
         f'[[rules]] (from = [...]) and access.default_action = "deny", '
@@ -488,6 +499,7 @@ def describe_policy(config: Config, listening: Iterable[tuple[str, int]]) -> lis
         lines.append(f"authentication: required (RFC 1929), {len(config.users)} user(s): {names}")
     else:
         lines.append("authentication: none (any client that can connect may use the proxy)")
+    lines.append(_socks4_line(config))
     if config.rules:
         lines.extend(describe_rule(rule) for rule in config.rules)
     else:
@@ -506,6 +518,21 @@ def describe_policy(config: Config, listening: Iterable[tuple[str, int]]) -> lis
     lines.append(_exposure_line(config, bound))
     lines.extend(_warnings(config))
     return lines
+
+
+def _socks4_line(config: Config) -> str:
+    """What server.socks4 means with these users: SOCKS4 has no password."""
+    setting = config.server.socks4
+    shown = f'"{setting}"' if isinstance(setting, str) else str(setting).lower()
+    if setting is False:
+        verdict = "refused (reply 91)"
+    elif not config.users:
+        verdict = "accepted (no logins are configured)"
+    elif setting is True:
+        verdict = "accepted WITHOUT a login; rules that name users never match them"
+    else:
+        verdict = "refused (reply 91): logins are required and SOCKS4 has none"
+    return f"SOCKS4/4a: {verdict} (server.socks4 = {shown})"
 
 
 def _covering_notes(config: Config) -> list[str]:
@@ -551,7 +578,7 @@ def _exposure_line(config: Config, bound: list[tuple[str, int]]) -> str:
     problem = exposure_problem(config, bound)
     if problem:
         return f"exposure: OPEN PROXY, {problem}"
-    if config.users:
+    if config.users and config.server.socks4 is not True:
         return f"exposure: {where} reachable from other hosts; clients must log in"
     if clients_restricted(config):
         return f"exposure: {where} reachable; only clients matched by `from` of allow rules"

@@ -84,7 +84,9 @@ class HandlerSettings:
         """`listening`: the bound (host, port) addresses, for the rules' loop guard."""
         timeouts = config.timeouts
         return cls(
-            authenticator=Authenticator.from_users(config.users, config.source),
+            authenticator=Authenticator.from_users(
+                config.users, config.source, socks4=config.server.socks4
+            ),
             handshake_timeout=timeouts.handshake,
             connect_timeout=timeouts.connect,
             resolve_timeout=timeouts.resolve,
@@ -534,6 +536,9 @@ class Socks5Handler(BaseRequestHandler):
         expected = expected_peer_ips(request.address, resolved)
         # An all-zero DST gives no route to look up: listen where the client reached us.
         routable = [ip for ip in resolved if not ipaddress.ip_address(ip).is_unspecified]
+        if not self.handshake.replies_carry_ipv6:
+            # SOCKS4's first reply names an IPv4 address only: listen on IPv4 if we can.
+            routable.sort(key=lambda ip: ":" in ip)
         try:
             listener = open_bind_listener(
                 routable or [unmapped_host(self.request.getsockname()[0])], settings.outgoing

@@ -1,4 +1,4 @@
-"""The server side of one SOCKS5 handshake, as a state machine with no I/O.
+"""The server side of one SOCKS5 (or SOCKS4/4a) handshake, as a state machine with no I/O.
 
 In the manner of h11's ``Connection``: bytes go in (:meth:`ServerHandshake.receive`), and
 what comes out is a list of :class:`Action` values for whoever drives it, a thread with
@@ -12,11 +12,13 @@ this one object.
 Owns: the PROXY protocol header a trusted load balancer sends first (when the listener
 expects one; parsed by :mod:`socks5d.core.proxyheader`), RFC 1928 §3 method selection,
 RFC 1929 §2 subnegotiation framing, the request (§4), every reply (§6) and the
-access-log fields these settle. Policy (which method, whether credentials are right,
-whether a destination is allowed) is asked of the
-:class:`~socks5d.policy.auth.Authenticator` passed in or left to the driver. Imports
-only the wire format (and the PROXY header's parser from the core), the session record
-and the authenticator's method choice.
+access-log fields these settle. The first byte after any PROXY header decides the
+dialect: 0x05 is SOCKS5, 0x04 a SOCKS4 or SOCKS4A request, which becomes the same
+Dispatch(Request); its replies (VN 0, CD 90 or 91) are encoded here, never by a driver.
+Policy (which method, whether SOCKS4 is served, whether credentials are right, whether a
+destination is allowed) is asked of the :class:`~socks5d.policy.auth.Authenticator` passed
+in or left to the driver. Imports only the wire format (and the PROXY header's parser
+from the core), the session record and the authenticator.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from ..core.proxyheader import ProxyHeaderError, parse_proxy_header
 from .protocol import (
     MAX_GREETING_SIZE,
     MAX_REQUEST_SIZE,
+    MAX_SOCKS4_REQUEST_SIZE,
     MAX_USERNAME_PASSWORD_SIZE,
+    SOCKS4_VERSION,
     Address,
     AuthStatus,
     Command,
@@ -37,11 +41,14 @@ from .protocol import (
     ProtocolError,
     Reply,
     Request,
+    Socks4Reply,
     encode_auth_status,
     encode_method_selection,
     encode_reply,
+    encode_socks4_reply,
     parse_greeting,
     parse_request,
+    parse_socks4_request,
     parse_username_password,
 )
 from .session import Session
@@ -71,6 +78,7 @@ class State(enum.Enum):
     CHECKING = "checking"  # Authenticate handed out: waiting for credentials_checked()
     REQUEST = "request"  # waiting for VER CMD RSV ATYP DST.ADDR DST.PORT
     COMMAND = "command"  # Dispatch handed out: waiting for reply()
+    SOCKS4_REQUEST = "socks4 request"  # first byte 04: VN CD DSTPORT DSTIP USERID NULL [NAME NULL]
     BIND_WAIT = "bind wait"  # BIND's first reply sent: waiting for the second
     ESTABLISHED = "established"  # success sent: relay (or UDP control) from here on
     CLOSED = "closed"  # a final answer (or none) given: close the connection
@@ -122,7 +130,13 @@ _LIMITS = {
     State.GREETING: MAX_GREETING_SIZE,
     State.LOGIN: MAX_USERNAME_PASSWORD_SIZE,
     State.REQUEST: MAX_REQUEST_SIZE,
+    State.SOCKS4_REQUEST: MAX_SOCKS4_REQUEST_SIZE,
 }
+
+
+def _socks4_reply(reply: Reply, bound: Address | None = None) -> bytes:
+    """A reply in the SOCKS4 dialect: CD 90 for success, 91 for every failure."""
+    return encode_socks4_reply(Socks4Reply.for_reply(reply), bound)
 
 
 class ServerHandshake:
@@ -137,6 +151,7 @@ class ServerHandshake:
     __slots__ = (
         "authenticator",
         "buffer",
+        "encode_reply",
         "login_name",
         "proxy_protocol",
         "request",
@@ -157,10 +172,17 @@ class ServerHandshake:
         else:
             self.state = State.PROXY_HEADER
             self.proxy_protocol = proxy_protocol
+        # Replies in the client's dialect (RFC 1928 §6 until a SOCKS4 request says otherwise).
+        self.encode_reply = encode_reply
         self.buffer = bytearray()
         self.request: Request | None = None
         self.user: str | None = None  # the login name once RFC 1929 succeeded
         self.login_name = ""  # the name being checked
+
+    @property
+    def replies_carry_ipv6(self) -> bool:
+        """False for a SOCKS4 client: its replies hold an IPv4 address only."""
+        return self.session.proto == "socks5"
 
     # ---- bytes in ----
 
@@ -171,7 +193,7 @@ class ServerHandshake:
         request) are kept: a client may pipeline its request behind its login, and its
         first payload behind its request (that is :meth:`early_data`).
         """
-        if self.state is State.CLOSED:
+        if self.state is State.CLOSED or not data:
             return []
         self.buffer += data
         return self._advance()
@@ -235,20 +257,20 @@ class ServerHandshake:
         self.session.reply = reply
         if reply is Reply.SUCCEEDED:
             self.state = State.ESTABLISHED
-            return [Send(encode_reply(reply, bound))]
+            return [Send(self.encode_reply(reply, bound))]
         self.state = State.CLOSED
         self.session.end = reason or f"reply {reply:02x}"
         self.session.closed_by = "proxy"
-        return [Send(encode_reply(reply, bound)), Close(self.session.end)]
+        return [Send(self.encode_reply(reply, bound)), Close(self.session.end)]
 
     def bind_listening(self, bound: Address) -> list[Action]:
-        """BIND's first reply (RFC 1928 §4): where the peer must connect; the second reply
-        (who did, or a failure) comes with :meth:`reply`."""
+        """BIND's first reply (RFC 1928 §4; SOCKS4 "BIND"): where the peer must connect;
+        the second reply (who did, or a failure) comes with :meth:`reply`."""
         self._expect(State.COMMAND)
         if self.request is None or self.request.command is not Command.BIND:
             raise RuntimeError("bind_listening() answers a BIND request only")
         self.state = State.BIND_WAIT
-        return [Send(encode_reply(Reply.SUCCEEDED, bound))]
+        return [Send(self.encode_reply(Reply.SUCCEEDED, bound))]
 
     # ---- the steps ----
 
@@ -260,6 +282,8 @@ class ServerHandshake:
                 return self._login()
             if self.state is State.REQUEST:
                 return self._request()
+            if self.state is State.SOCKS4_REQUEST:
+                return self._socks4_request()
             if self.state is State.PROXY_HEADER:
                 return self._proxy_header()
         except ProtocolError as exc:
@@ -290,6 +314,9 @@ class ServerHandshake:
         return [Proxied(header.source, balancer)]
 
     def _greeting(self) -> list[Action]:
+        # The first byte decides the dialect (none yet: a PROXY header came alone).
+        if self.buffer and self.buffer[0] == SOCKS4_VERSION:
+            return self._begin_socks4()
         parsed = parse_greeting(self.buffer)
         if parsed is None:
             return self._need_more()
@@ -330,6 +357,34 @@ class ServerHandshake:
         self.state = State.COMMAND
         return [Dispatch(request)]
 
+    def _begin_socks4(self) -> list[Action]:
+        """A SOCKS4 or SOCKS4A request in place of a greeting: no methods, no login;
+        every reply from here on is SOCKS4's."""
+        self.state = State.SOCKS4_REQUEST
+        self.encode_reply = _socks4_reply
+        self.session.proto = "socks4"
+        return self._socks4_request()
+
+    def _socks4_request(self) -> list[Action]:
+        parsed = parse_socks4_request(self.buffer)
+        if parsed is None:
+            return self._need_more()
+        socks4, used = parsed
+        del self.buffer[:used]
+        session = self.session
+        session.proto = "socks4a" if socks4.is_4a else "socks4"
+        session.userid = socks4.userid.decode("utf-8", "backslashreplace")
+        request = Request(socks4.command, socks4.address)
+        self.request = request
+        session.command = request.command.name
+        session.target = str(request.address)
+        self.state = State.COMMAND
+        # Allowed or not by the settings the connection began under (its authenticator).
+        refusal = self.authenticator.socks4_refusal()
+        if refusal is not None:
+            return self.reply(Reply.CONNECTION_NOT_ALLOWED, reason=refusal)
+        return [Dispatch(request)]
+
     def _need_more(self) -> list[Action]:
         limit = _LIMITS[self.state]
         if len(self.buffer) >= limit:  # cannot happen with a well-formed prefix; be sure
@@ -341,7 +396,7 @@ class ServerHandshake:
         actions: list[Action] = []
         if exc.reply is not None:
             self.session.reply = exc.reply
-            actions.append(Send(encode_reply(exc.reply)))
+            actions.append(Send(self.encode_reply(exc.reply)))
         return [*actions, *self._close(f"protocol error: {exc.message}")]
 
     def _close(self, reason: str, closed_by: str = "proxy") -> list[Action]:

@@ -1,4 +1,6 @@
-"""The SOCKS5 wire format: RFC 1928 (the protocol) and RFC 1929 (username/password auth).
+"""The SOCKS wire format: RFC 1928 (SOCKS5), RFC 1929 (username/password auth), and the
+SOCKS4 and SOCKS4A documents (Ying-Da Lee, "SOCKS: A protocol for TCP proxy across
+firewalls" and "SOCKS 4A: A Simple Extension to SOCKS 4 Protocol").
 
 This module owns the bytes and nothing else: the RFC-named enums, small frozen records for each
 message, ``parse_*`` functions and ``encode_*`` functions. It does no I/O, in the style of h11
@@ -30,8 +32,13 @@ __all__ = [
     "MAX_GREETING_SIZE",
     "MAX_REPLY_SIZE",
     "MAX_REQUEST_SIZE",
+    "MAX_SOCKS4_NAME",
+    "MAX_SOCKS4_REQUEST_SIZE",
+    "MAX_SOCKS4_USERID",
     "MAX_UDP_HEADER_SIZE",
     "MAX_USERNAME_PASSWORD_SIZE",
+    "SOCKS4_REPLY_SIZE",
+    "SOCKS4_VERSION",
     "SOCKS_VERSION",
     "UNSPECIFIED_IPV4",
     "USERNAME_PASSWORD_VERSION",
@@ -45,6 +52,8 @@ __all__ = [
     "ProtocolError",
     "Reply",
     "Request",
+    "Socks4Reply",
+    "Socks4Request",
     "UdpDatagram",
     "UsernamePassword",
     "encode_address",
@@ -53,11 +62,15 @@ __all__ = [
     "encode_method_selection",
     "encode_reply",
     "encode_request",
+    "encode_socks4_reply",
+    "encode_socks4_request",
     "encode_udp_datagram",
     "encode_username_password",
     "parse_greeting",
     "parse_reply",
     "parse_request",
+    "parse_socks4_reply",
+    "parse_socks4_request",
     "parse_udp_datagram",
     "parse_username_password",
 ]
@@ -70,6 +83,11 @@ SOCKS_VERSION = 5
 # RFC 1929 §2: "The VER field contains the current version of the subnegotiation, which is X'01'."
 USERNAME_PASSWORD_VERSION = 1
 
+# SOCKS4: "VN is the SOCKS protocol version number and should be 4"; in a reply "VN is the
+# version of the reply code and should be 0".
+SOCKS4_VERSION = 4
+SOCKS4_REPLY_VERSION = 0
+
 # Upper bounds on each message, so a reader can stop buffering a client that sends garbage.
 # RFC 1928 §3: VER(1) NMETHODS(1) METHODS(1 to 255).
 MAX_GREETING_SIZE = 2 + 255
@@ -81,6 +99,15 @@ MAX_USERNAME_PASSWORD_SIZE = 3 + 255 + 255
 MAX_REPLY_SIZE = MAX_REQUEST_SIZE
 # RFC 1928 §7: RSV(2) FRAG(1) ATYP(1) + the longest DST.ADDR + DST.PORT(2), before DATA.
 MAX_UDP_HEADER_SIZE = 2 + 1 + 1 + 1 + 255 + 2
+# SOCKS4 gives USERID (and SOCKS4A the name) no length: they end at a NUL. Our bounds: a
+# USERID of up to 255 bytes (an RFC 1413 user id, or what RFC 1929 allows a login name),
+# a name of up to 255 (what a SOCKS5 request can carry). Longer is refused with 91.
+MAX_SOCKS4_USERID = 255
+MAX_SOCKS4_NAME = 255
+# SOCKS4: VN CD DSTPORT(2) DSTIP(4) USERID NULL, and for SOCKS4A the name and its NULL.
+MAX_SOCKS4_REQUEST_SIZE = 8 + MAX_SOCKS4_USERID + 1 + MAX_SOCKS4_NAME + 1
+# SOCKS4: VN CD DSTPORT(2) DSTIP(4).
+SOCKS4_REPLY_SIZE = 8
 
 
 class Method(IntEnum):
@@ -129,9 +156,26 @@ class AuthStatus(IntEnum):
     FAILURE = 0x01
 
 
+class Socks4Reply(IntEnum):
+    """SOCKS4: the CD field of a reply."""
+
+    GRANTED = 0x5A  # 90: request granted
+    REJECTED = 0x5B  # 91: request rejected or failed
+    NO_IDENTD = 0x5C  # 92: rejected, the server cannot reach the client's identd
+    IDENTD_MISMATCH = 0x5D  # 93: rejected, identd and the client report different user ids
+
+    @classmethod
+    def for_reply(cls, reply: Reply) -> Socks4Reply:
+        """SOCKS4 has one failure code for every RFC 1928 failure: 91."""
+        return cls.GRANTED if reply == Reply.SUCCEEDED else cls.REJECTED
+
+
 # Lookup tables: a dict lookup is cheaper than raising ValueError from an IntEnum call.
 _COMMANDS: dict[int, Command] = {c.value: c for c in Command}
 _REPLIES: dict[int, Reply] = {r.value: r for r in Reply}
+# SOCKS4: "CD is the SOCKS command code and should be 1 for CONNECT or 2 for BIND".
+_SOCKS4_COMMANDS: dict[int, Command] = {1: Command.CONNECT, 2: Command.BIND}
+_SOCKS4_REPLIES: dict[int, Socks4Reply] = {r.value: r for r in Socks4Reply}
 
 
 class ProtocolError(Exception):
@@ -275,6 +319,19 @@ class Request:
 
     command: Command
     address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class Socks4Request:
+    """A SOCKS4 request, or a SOCKS4A one when ``address`` is a domain name."""
+
+    command: Command  # CONNECT or BIND
+    address: Address  # IPv4, or DOMAINNAME (SOCKS4A)
+    userid: bytes  # USERID as sent, without its NULL: a claim, never a login
+
+    @property
+    def is_4a(self) -> bool:
+        return self.address.type == AddressType.DOMAINNAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +494,72 @@ def parse_reply(buf: Buffer) -> tuple[tuple[Reply | int, Address], int] | None:
     return (_REPLIES.get(rep, rep), address), end
 
 
+def _nul_terminated(buf: Buffer, start: int, limit: int, what: str) -> int | None:
+    """The offset of the NULL ending a field that starts at ``start`` and holds at most
+    ``limit`` bytes; None while it may still come; ProtocolError (91) once it cannot."""
+    window = bytes(buf[start : start + limit + 1])
+    end = window.find(0)
+    if end >= 0:
+        return start + end
+    if len(window) > limit:
+        raise ProtocolError(f"SOCKS4 {what} longer than {limit} bytes", Reply.GENERAL_FAILURE)
+    return None
+
+
+def parse_socks4_request(buf: Buffer) -> tuple[Socks4Request, int] | None:
+    """SOCKS4: parse ``VN CD DSTPORT DSTIP USERID NULL``; SOCKS4A: then ``NAME NULL``
+    when DSTIP is 0.0.0.x with x nonzero.
+
+    Errors carry an RFC 1928 reply (the handshake answers every one with 91): an unknown
+    CD (SOCKS4 has no UDP), a USERID or name past its bound (MAX_SOCKS4_USERID,
+    MAX_SOCKS4_NAME) without its NULL, an empty or unusable name.
+    """
+    n = len(buf)
+    if n < 1:
+        return None
+    if buf[0] != SOCKS4_VERSION:
+        raise ProtocolError(f"unsupported SOCKS version {buf[0]:#04x}")
+    if n < 2:
+        return None
+    command = _SOCKS4_COMMANDS.get(buf[1])
+    if command is None:
+        raise ProtocolError(f"unknown SOCKS4 command {buf[1]:#04x}", Reply.COMMAND_NOT_SUPPORTED)
+    if n < 8:
+        return None
+    port = (buf[2] << 8) | buf[3]
+    userid_end = _nul_terminated(buf, 8, MAX_SOCKS4_USERID, "USERID")
+    if userid_end is None:
+        return None
+    userid = bytes(buf[8:userid_end])
+    if buf[4] or buf[5] or buf[6] or not buf[7]:
+        host = f"{buf[4]}.{buf[5]}.{buf[6]}.{buf[7]}"
+        return Socks4Request(command, Address(AddressType.IPV4, host, port), userid), userid_end + 1
+    # SOCKS4A: "Following the NULL byte terminating USERID, the client must send the
+    # destination domain name and terminate it with another NULL byte."
+    name_end = _nul_terminated(buf, userid_end + 1, MAX_SOCKS4_NAME, "name")
+    if name_end is None:
+        return None
+    raw = bytes(buf[userid_end + 1 : name_end])
+    if not raw:
+        raise ProtocolError("empty domain name", Reply.GENERAL_FAILURE)
+    name = _normalize_domain(raw)
+    if name is None:
+        raise ProtocolError(f"invalid domain name {raw[:64]!r}", Reply.HOST_UNREACHABLE)
+    address = Address(AddressType.DOMAINNAME, name, port)
+    return Socks4Request(command, address, userid), name_end + 1
+
+
+def parse_socks4_reply(buf: Buffer) -> tuple[tuple[Socks4Reply | int, Address], int] | None:
+    """SOCKS4: parse ``VN CD DSTPORT DSTIP`` (client side); an unknown CD as a plain int."""
+    if len(buf) < SOCKS4_REPLY_SIZE:
+        return None
+    if buf[0] != SOCKS4_REPLY_VERSION:
+        raise ProtocolError(f"unsupported SOCKS4 reply version {buf[0]:#04x}")
+    host = f"{buf[4]}.{buf[5]}.{buf[6]}.{buf[7]}"
+    address = Address(AddressType.IPV4, host, (buf[2] << 8) | buf[3])
+    return (_SOCKS4_REPLIES.get(buf[1], buf[1]), address), SOCKS4_REPLY_SIZE
+
+
 def _byte(value: int, what: str) -> bytes:
     if not 0 <= value <= 0xFF:
         raise ValueError(f"{what} out of range: {value!r}")
@@ -516,3 +639,36 @@ def encode_reply(reply: Reply, bound: Address | None = None) -> bytes:
 def encode_udp_datagram(address: Address, data: bytes, frag: int = 0) -> bytes:
     """RFC 1928 §7: ``RSV FRAG ATYP DST.ADDR DST.PORT DATA``."""
     return b"\x00\x00" + _byte(frag, "frag") + encode_address(address) + data
+
+
+def encode_socks4_request(command: Command, address: Address, userid: bytes = b"") -> bytes:
+    """SOCKS4 ``VN CD DSTPORT DSTIP USERID NULL`` (client side); a domain name gives the
+    SOCKS4A form (DSTIP 0.0.0.1, the name and its NULL after USERID)."""
+    if command not in _SOCKS4_COMMANDS.values():
+        raise ValueError(f"SOCKS4 has no command {command!r}")
+    if len(userid) > MAX_SOCKS4_USERID or 0 in userid:
+        raise ValueError(f"a USERID is at most {MAX_SOCKS4_USERID} bytes, without NUL")
+    head = bytes((SOCKS4_VERSION, command)) + address.port.to_bytes(2, "big")
+    if address.type == AddressType.IPV4:
+        return head + _packed(AddressType.IPV4, address.host) + userid + b"\x00"
+    if address.type == AddressType.DOMAINNAME:
+        name = address.host.encode("ascii")
+        if not 1 <= len(name) <= MAX_SOCKS4_NAME:
+            raise ValueError(f"a SOCKS4A name is 1 to {MAX_SOCKS4_NAME} bytes: {address.host!r}")
+        return head + b"\x00\x00\x00\x01" + userid + b"\x00" + name + b"\x00"
+    raise ValueError(f"SOCKS4 cannot carry an IPv6 address: {address}")
+
+
+def encode_socks4_reply(code: Socks4Reply, bound: Address | None = None) -> bytes:
+    """SOCKS4 ``VN CD DSTPORT DSTIP``, VN = 0.
+
+    DSTPORT and DSTIP carry ``bound`` when it is IPv4 (BIND's replies: where to connect,
+    who did). What SOCKS4 cannot carry (an IPv6 address) goes as DSTIP 0.0.0.0 with its
+    port: for BIND the document says a client reads DSTIP 0 as "the SOCKS server's
+    address". Without ``bound`` (a failure) both are zero.
+    """
+    head = bytes((SOCKS4_REPLY_VERSION, _byte(code, "reply")[0]))
+    if bound is None:
+        return head + bytes(6)
+    ip = _packed(AddressType.IPV4, bound.host) if bound.type == AddressType.IPV4 else bytes(4)
+    return head + bound.port.to_bytes(2, "big") + ip

@@ -31,11 +31,15 @@ class Session:
     client: str
     id: str = field(default_factory=new_session_id)
     started: float = field(default_factory=time.monotonic)
-    user: str = "-"
+    proto: str = "socks5"  # the client's dialect: "socks5", "socks4" or "socks4a"
+    user: str = "-"  # the RFC 1929 login name
+    userid: str | None = None  # SOCKS4's USERID: what the client claims, never a login
     command: str = "-"
     target: str = "-"  # as requested: a name or an address, with the port
     resolved: str = "-"  # the address actually connected to (or the BIND peer)
     egress: str = "-"  # our address on the outside: outbound socket, BIND or UDP socket
+    # The outcome as an RFC 1928 §6 code, in every dialect (a SOCKS4 client was sent
+    # 90 for 00 and 91 for any other).
     reply: Reply | None = None
     up: int = 0  # bytes client -> target
     down: int = 0  # bytes target -> client
@@ -54,8 +58,13 @@ class Session:
 
     def log_line(self) -> str:
         reply = "-" if self.reply is None else f"{self.reply:02x}"
+        # USERID only where there is one: SOCKS5 lines stay as they were, plus proto.
+        userid = ""
+        if self.proto != "socks5":
+            userid = f"userid={'-' if self.userid is None else _field(self.userid)} "
         line = (
-            f"id={self.id} client={self.client} user={_field(self.user)} cmd={self.command} "
+            f"id={self.id} client={self.client} proto={self.proto} user={_field(self.user)} "
+            f"{userid}cmd={self.command} "
             f"target={self.target} resolved={self.resolved} egress={self.egress} "
             f"reply={reply} up={self.up} down={self.down} time={self.duration():.3f}s "
             f"closed_by={self.closed_by} rule={self.rule} end={self.end!r}"
@@ -69,7 +78,9 @@ class Session:
             "event": "access",
             "session": self.id,
             "client": self.client,
+            "proto": self.proto,
             "user": None if self.user == "-" else self.user,
+            "userid": self.userid,
             "command": self.command,
             "target": self.target,
             "resolved": None if self.resolved == "-" else self.resolved,

@@ -160,9 +160,12 @@ def split(rng: random.Random, data: bytes) -> list[bytes]:
 
 
 def describe(response: bytes, login: bool) -> str:
-    """What the daemon answered, message by message (RFC 1928 §3, RFC 1929 §2, §6)."""
+    """What the daemon answered, message by message (RFC 1928 §3, RFC 1929 §2, §6; a
+    SOCKS4 reply, VN=00 CD=5A/5B, to what began with 0x04)."""
     if not response:
         return "closed"
+    if len(response) >= 8 and response[0] == 0 and response[1] in (0x5A, 0x5B):
+        return f"socks4 reply {response[1]:02x}"
     words, rest = [], response
     if len(rest) >= 2 and rest[0] == 5:
         words.append(f"method {rest[1]:02x}")
