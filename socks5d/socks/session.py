@@ -42,6 +42,8 @@ class Session:
     closed_by: str = "-"  # "client", "target", "idle", "proxy", ...
     end: str = "-"  # why it ended, in words
     rule: str = "-"  # the access decision that applied, when one denied
+    via: str = "-"  # the parent proxy (its [[upstreams]] name) a CONNECT went through
+    parent: str = "-"  # what that parent said: "reply 05", "HTTP 403 Forbidden", "timeout"
 
     def duration(self) -> float:
         return time.monotonic() - self.started
@@ -51,12 +53,15 @@ class Session:
 
     def log_line(self) -> str:
         reply = "-" if self.reply is None else f"{self.reply:02x}"
-        return (
+        line = (
             f"id={self.id} client={self.client} user={_field(self.user)} cmd={self.command} "
             f"target={self.target} resolved={self.resolved} egress={self.egress} "
             f"reply={reply} up={self.up} down={self.down} time={self.duration():.3f}s "
             f"closed_by={self.closed_by} rule={self.rule} end={self.end!r}"
         )
+        if self.via == "-":
+            return line  # a direct connection: the line as it always was
+        return f"{line} via={self.via} parent={self.parent!r}"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +80,8 @@ class Session:
             "closed_by": self.closed_by,
             "rule": None if self.rule == "-" else self.rule,
             "end": self.end,
+            "via": None if self.via == "-" else self.via,
+            "parent": None if self.parent == "-" else self.parent,
         }
 
 
