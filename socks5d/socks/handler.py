@@ -535,7 +535,9 @@ class Socks5Handler(BaseRequestHandler):
             return
         session.parent = chained.said
         try:
-            session.egress = format_peer(chained.sock.getsockname())
+            # Where the target sees us come from: the parent's BND (SOCKS5), else (HTTP
+            # tells nothing) our address toward the parent; the reply says the same.
+            session.egress = str(chained.bound)
             io.renew()
             io.send_actions(self.handshake.reply(Reply.SUCCEEDED, chained.bound))
             if chained.early:
