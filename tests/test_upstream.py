@@ -334,6 +334,14 @@ def one_session(caplog: pytest.LogCaptureFixture) -> Session:
     return session
 
 
+def one_request(text: str, target: Address, caplog: pytest.LogCaptureFixture) -> Any:
+    """(reply, access record) of one request through a front with the config `text`."""
+    with front(text) as proxy:
+        sock, reply, _ = open_tunnel(proxy.address, target)
+        sock.close()
+        return reply, one_session(caplog)
+
+
 def echo_both_ways(sock: socket.socket, size: int = 3 * MiB, half_close: bool = True) -> None:
     """Send `size` random bytes and read them back from an echo: same digest both ways.
 
@@ -404,20 +412,21 @@ def test_a_connect_chains_through_a_second_socks5d(
 def test_a_wrong_login_at_the_socks5_parent_is_02(daemon_factory, echo_target, caplog):
     caplog.set_level(logging.INFO, logger="socks5d.access")
     _, port = socks5d_parent(daemon_factory, "--user", "bob:right")
-    with front(upstream_toml(f"socks5://bob:wrong@127.0.0.1:{port}")) as proxy:
-        sock, reply, _ = open_tunnel(proxy.address, ipv4(echo_target.port))
-        sock.close()
-        session = one_session(caplog)
+    reply, session = one_request(
+        upstream_toml(f"socks5://bob:wrong@127.0.0.1:{port}"), ipv4(echo_target.port), caplog
+    )
     assert reply == Reply.CONNECTION_NOT_ALLOWED
     assert (session.via, session.parent) == ("corp", "login refused")
 
 
-def test_a_parent_without_a_login_we_need_says_ff_and_we_say_01(daemon_factory, echo_target):
+def test_a_parent_without_a_login_we_need_says_ff_and_we_say_01(
+    daemon_factory, echo_target, caplog
+):
+    caplog.set_level(logging.INFO, logger="socks5d.access")
     _, port = socks5d_parent(daemon_factory, "--user", "bob:right")
-    with front(upstream_toml(f"socks5://127.0.0.1:{port}")) as proxy:
-        sock, reply, _ = open_tunnel(proxy.address, ipv4(echo_target.port))
-        sock.close()
-    assert reply == Reply.GENERAL_FAILURE
+    text = upstream_toml(f"socks5://127.0.0.1:{port}")
+    reply, session = one_request(text, ipv4(echo_target.port), caplog)
+    assert (reply, session.parent) == (Reply.GENERAL_FAILURE, "method ff")
 
 
 def test_a_socks5_parent_that_cannot_reach_the_target_has_its_code_passed_on(
@@ -425,10 +434,9 @@ def test_a_socks5_parent_that_cannot_reach_the_target_has_its_code_passed_on(
 ):
     caplog.set_level(logging.INFO, logger="socks5d.access")
     _, port = socks5d_parent(daemon_factory)
-    with front(upstream_toml(f"socks5://127.0.0.1:{port}")) as proxy:
-        sock, reply, _ = open_tunnel(proxy.address, ipv4(closed_port()))
-        sock.close()
-        session = one_session(caplog)
+    reply, session = one_request(
+        upstream_toml(f"socks5://127.0.0.1:{port}"), ipv4(closed_port()), caplog
+    )
     assert reply == Reply.CONNECTION_REFUSED
     assert (session.via, session.parent, session.reply) == ("corp", "reply 05", Reply(5))
     assert "via=corp parent='reply 05'" in session.log_line()
@@ -462,10 +470,9 @@ def socks5_parent_answering(
 def test_a_refusing_socks5_parents_code_is_passed_on(target_factory, caplog, code):
     caplog.set_level(logging.INFO, logger="socks5d.access")
     parent = target_factory(socks5_parent_answering(code))
-    with front(upstream_toml(f"socks5h://127.0.0.1:{parent.port}")) as proxy:
-        sock, reply, _ = open_tunnel(proxy.address, name("x.example", 443))
-        sock.close()
-        session = one_session(caplog)
+    reply, session = one_request(
+        upstream_toml(f"socks5h://127.0.0.1:{parent.port}"), name("x.example", 443), caplog
+    )
     assert reply == code
     assert session.parent == f"reply {code:02x}"
 
@@ -497,20 +504,18 @@ def test_a_parent_that_resets_mid_handshake_is_01(target_factory, caplog):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
 
     parent = target_factory(reset)
-    with front(upstream_toml(f"socks5://127.0.0.1:{parent.port}")) as proxy:
-        sock, reply, _ = open_tunnel(proxy.address, ipv4(9))
-        sock.close()
-        session = one_session(caplog)
+    reply, session = one_request(
+        upstream_toml(f"socks5://127.0.0.1:{parent.port}"), ipv4(9), caplog
+    )
     assert reply == Reply.GENERAL_FAILURE
     assert session.parent == "closed" and "mid-handshake" in session.end
 
 
 def test_a_parent_that_is_down_is_04(caplog):
     caplog.set_level(logging.INFO, logger="socks5d.access")
-    with front(upstream_toml(f"socks5://127.0.0.1:{closed_port()}")) as proxy:
-        sock, reply, _ = open_tunnel(proxy.address, ipv4(9))
-        sock.close()
-        session = one_session(caplog)
+    reply, session = one_request(
+        upstream_toml(f"socks5://127.0.0.1:{closed_port()}"), ipv4(9), caplog
+    )
     assert reply == Reply.HOST_UNREACHABLE
     assert session.parent == "unreachable" and "connection refused" in session.end.lower()
 
@@ -595,10 +600,9 @@ def test_an_http_parents_answer_maps_to_a_reply_and_the_log_says_what_it_said(
 ):
     caplog.set_level(logging.INFO, logger="socks5d.access")
     parent = HttpParent(target_factory, answer)
-    with front(upstream_toml(f"http://127.0.0.1:{parent.port}")) as proxy:
-        sock, got, _ = open_tunnel(proxy.address, name("x.example", 443))
-        sock.close()
-        session = one_session(caplog)
+    got, session = one_request(
+        upstream_toml(f"http://127.0.0.1:{parent.port}"), name("x.example", 443), caplog
+    )
     assert got == reply
     assert parent.heads == [b"CONNECT x.example:443 HTTP/1.1\r\nHost: x.example:443\r\n\r\n"]
     if answer.startswith(b"HTTP/1.") and len(answer) < 100 and answer.count(b"\n") > 1:
@@ -619,10 +623,7 @@ def test_an_endless_header_is_cut_off_cleanly(target_factory, caplog):
                 conn.sendall(b"X-Flood: " + b"a" * 1013 + b"\r\n")
 
     parent = target_factory(endless)
-    with front(upstream_toml(f"http://127.0.0.1:{parent.port}")) as proxy:
-        sock, reply, _ = open_tunnel(proxy.address, ipv4(9))
-        sock.close()
-        session = one_session(caplog)
+    reply, session = one_request(upstream_toml(f"http://127.0.0.1:{parent.port}"), ipv4(9), caplog)
     assert reply == Reply.GENERAL_FAILURE
     assert session.parent == "malformed answer" and "longer than" in session.end
 
@@ -725,10 +726,8 @@ def test_a_connect_chains_through_tinyproxy(tmp_path, echo_target, caplog, auth)
 def test_a_wrong_login_at_tinyproxy_is_02(tmp_path, echo_target, caplog):
     caplog.set_level(logging.INFO, logger="socks5d.access")
     with tinyproxy(tmp_path, ("alice", "right")) as port:
-        with front(upstream_toml(f"http://alice:wrong@127.0.0.1:{port}")) as proxy:
-            sock, reply, _ = open_tunnel(proxy.address, ipv4(echo_target.port))
-            sock.close()
-            session = one_session(caplog)
+        text = upstream_toml(f"http://alice:wrong@127.0.0.1:{port}")
+        reply, session = one_request(text, ipv4(echo_target.port), caplog)
     assert reply == Reply.CONNECTION_NOT_ALLOWED
     assert session.parent.split(" ")[1] in ("401", "407")
 
@@ -787,11 +786,8 @@ def test_a_private_literal_is_still_denied_before_any_parent(target_factory, cap
     text = upstream_toml(f"socks5h://127.0.0.1:{parent.port}", via_default=False) + (
         '[access]\ndefault_via = "corp"\nprivate_destinations = "deny"\n'
     )
-    with front(text) as proxy:
-        metadata = Address(AddressType.IPV4, "169.254.169.254", 80)
-        sock, reply, _ = open_tunnel(proxy.address, metadata)
-        sock.close()
-        session = one_session(caplog)
+    metadata = Address(AddressType.IPV4, "169.254.169.254", 80)
+    reply, session = one_request(text, metadata, caplog)
     assert reply == Reply.CONNECTION_NOT_ALLOWED
     assert session.rule == "private destination" and parent.accepted == 0
 
