@@ -38,7 +38,7 @@ from conftest import DaemonProcess, TargetServer, echo, running_proxy
 from streams import MiB, Worker, sha256_of_stream
 
 from socks5d.ops.config import ConfigError, parse_config
-from socks5d.policy.rules import Policy, describe_policy
+from socks5d.policy.rules import Policy, describe_policy, masked_url
 from socks5d.socks.handler import HandlerSettings
 from socks5d.socks.protocol import (
     Address,
@@ -96,7 +96,7 @@ def test_an_upstream_url_is_split_and_its_credentials_percent_decoded():
     assert (upstream.username, upstream.password) == ("us@er", PASSWORD)
     assert upstream.resolves_names
     assert PASSWORD not in repr(upstream) and "us@er" not in repr(upstream)
-    assert upstream.display_url == "socks5h://us%40er:***@127.0.0.1:1080"
+    assert masked_url(upstream) == "socks5h://us%40er:***@127.0.0.1:1080"
     assert config.access.default_via == "corp"
 
 

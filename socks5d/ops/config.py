@@ -148,7 +148,7 @@ class Upstream:
     """One [[upstreams]] entry: a parent proxy CONNECTs can be chained through.
 
     The credentials are kept out of every repr (and so out of tracebacks and logs);
-    `display_url` is the form safe to print.
+    `policy.rules.masked_url` is the form safe to print.
     """
 
     name: str
@@ -162,14 +162,6 @@ class Upstream:
     def resolves_names(self) -> bool:
         """Whether the parent is handed names to resolve (socks5h, http), not addresses."""
         return self.scheme != "socks5"
-
-    @property
-    def display_url(self) -> str:
-        """The url with the password masked: for check-config and log lines."""
-        user = urllib.parse.quote(self.username or "", safe="")
-        login = f"{user}:***@" if self.username is not None else ""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{login}{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

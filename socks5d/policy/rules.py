@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ __all__ = [
     "exposure_problem",
     "is_local_address",
     "is_private",
+    "masked_url",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -557,7 +559,7 @@ def _route_lines(config: Config) -> list[str]:
         if default == upstream.name:
             routed.append("the default route")
         lines.append(
-            f"upstream {upstream.name}: {upstream.display_url} ({names}); CONNECT via it: "
+            f"upstream {upstream.name}: {masked_url(upstream)} ({names}); CONNECT via it: "
             f"{', '.join(routed) or 'nothing routes via it'}"
         )
     lines.append(
@@ -565,6 +567,14 @@ def _route_lines(config: Config) -> list[str]:
     )
     lines.append("BIND and UDP ASSOCIATE via a parent proxy: refused with reply 07")
     return lines
+
+
+def masked_url(upstream: Upstream) -> str:
+    """An upstream's url with the password masked, safe for check-config and logs."""
+    login = ""
+    if upstream.username is not None:
+        login = f"{urllib.parse.quote(upstream.username, safe='')}:***@"
+    return f"{upstream.scheme}://{login}{format_host_port(upstream.host, upstream.port)}"
 
 
 def _rule_route(rule: RuleSpec, default_via: str) -> str:
