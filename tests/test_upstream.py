@@ -716,7 +716,8 @@ def test_a_connect_chains_through_tinyproxy(tmp_path, echo_target, caplog, auth)
             sock.close()
             assert wait_until(lambda: len(access_sessions(caplog)) == 2)
     assert lookups == []  # the HTTP parent resolved "localhost"
-    ok, failed = access_sessions(caplog)
+    # Logged as each ends, in any order: told apart by their replies.
+    ok, failed = sorted(access_sessions(caplog), key=lambda session: int(session.reply or 0))
     assert ok.parent.startswith("HTTP 200") and ok.up == ok.down == 3 * MiB
     # tinyproxy reports a failed connect as "500 Unable to connect": 01, words logged.
     assert (refused, failed.parent) == (Reply.GENERAL_FAILURE, "HTTP 500 Unable to connect")
@@ -744,7 +745,7 @@ def test_bind_and_udp_through_a_parent_get_07(target_factory, caplog):
             sock.close()
             assert reply == Reply.COMMAND_NOT_SUPPORTED
         assert wait_until(lambda: len(access_sessions(caplog)) == 2)
-    assert [s.end for s in access_sessions(caplog)] == [
+    assert sorted(s.end for s in access_sessions(caplog)) == [
         "BIND via a parent proxy: not supported",
         "UDP ASSOCIATE via a parent proxy: not supported",
     ]
@@ -773,7 +774,11 @@ def test_only_routed_names_go_to_the_parent_and_rules_still_deny(
             sock.sendall(b"direct")
             assert recv_exactly(sock, 6) == b"direct"
         assert wait_until(lambda: len(access_sessions(caplog)) == 3)
-    denied, routed, direct = access_sessions(caplog)
+    # Logged as each ends, in any order: told apart by their targets.
+    by_target = {session.target: session for session in access_sessions(caplog)}
+    denied = by_target["bad.corp.example:80"]
+    routed = by_target["ok.corp.example:80"]
+    direct = by_target[f"127.0.0.1:{echo_target.port}"]
     assert (denied.rule, denied.via) == ("rules[0]", "-")
     assert (routed.via, routed.parent) == ("corp", "reply 00")
     assert (direct.via, direct.reply) == ("-", Reply.SUCCEEDED)
