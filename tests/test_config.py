@@ -51,6 +51,7 @@ def test_example_file_loads_and_equals_the_embedded_defaults():
     assert config.access == Config().access
     assert config.users == ()
     assert config.rules == ()
+    assert config.upstreams == ()
 
 
 def test_example_file_documents_every_key():
@@ -70,8 +71,9 @@ def test_example_file_documents_every_key():
     assert "# [[users]]" in text and '# name = "alice"' in text
     assert "# password_hash = " in text
     assert "# [[rules]]" in text
-    for key in ("action", "from", "to", "ports", "users", "commands"):
+    for key in ("action", "from", "to", "ports", "users", "commands", "via"):
         assert f"\n# {key} = " in text, f"rules.{key} is not documented"
+    assert "# [[upstreams]]" in text and "\n# url = " in text
 
 
 def test_example_files_commented_tables_are_valid_when_uncommented():
@@ -83,7 +85,9 @@ def test_example_files_commented_tables_are_valid_when_uncommented():
         for line in text.splitlines()
     ]
     config = parse_config(tomllib.loads("\n".join(lines)), "example")
-    assert [rule.action for rule in config.rules] == ["allow", "deny"]
+    assert [rule.action for rule in config.rules] == ["allow", "deny", "allow"]
+    assert [upstream.name for upstream in config.upstreams] == ["corp"]
+    assert config.rules[2].via == "corp"
     assert config.users == (
         User("alice", password_hash="scrypt$placeholder"),
         User("bob", "change me"),

@@ -1006,6 +1006,27 @@ def test_a_connect_that_times_out_gets_04_on_both_paths(daemons: Daemons, blackh
     assert_paths_agree(outcomes, Expected([b"\x05\x00", failure(0x04)], fields))
 
 
+def test_a_connect_routed_via_a_parent_is_chained_alike_on_both_paths(
+    tmp_path: Path, targets: Targets
+) -> None:
+    # The loop path hands a request its rules route via a parent to a thread.
+    parent = DaemonProcess("--port", "0")
+    config = (
+        '[server]\nhost = "127.0.0.1"\nport = 0\n[access]\ndefault_via = "up"\n'
+        f'[[upstreams]]\nname = "up"\nurl = "socks5://127.0.0.1:{parent.port}"\n'
+    )
+    pair = start_pair(tmp_path, "via", config)
+    try:
+        script, _ = connect_ipv4(targets)
+        outcomes = on_both_paths(pair, lambda daemon: run_script(daemon, script))
+    finally:
+        for daemon in [*pair.values(), parent]:
+            daemon.stop()
+    where = f"127.0.0.1:{targets.echo.port}"
+    fields = {**tunnel_fields(where, where), "via": "up", "parent": "reply 00"}
+    assert_paths_agree(outcomes, Expected([b"\x05\x00", OK_V4, PAYLOAD], fields))
+
+
 # ---- BIND and UDP ASSOCIATE ------------------------------------------------------------------
 
 

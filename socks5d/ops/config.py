@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,9 @@ PRIVATE_DESTINATIONS = ("auto", "allow", "deny")
 PROXY_PROTOCOLS = ("off", "v1", "v2", "any")  # server.proxy_protocol
 RULE_COMMANDS = ("connect", "bind", "udp")
 PASSWORD_HASH_SCHEMES = ("scrypt$", "pbkdf2_sha256$")
+# Parent proxies: SOCKS5 with our own lookups first, SOCKS5 resolving names itself
+# (the "h" of curl's socks5h://), an HTTP proxy taking CONNECT (RFC 9110 §9.3.6).
+UPSTREAM_SCHEMES = ("socks5", "socks5h", "http")
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -151,6 +155,29 @@ class AccessConfig:
     default_action: str = "allow"  # when no [[rules]] entry matches
     # "auto": private destinations are denied when any listener is not loopback-only.
     private_destinations: str = "auto"
+    # An [[upstreams]] name: allowed CONNECTs whose rule has no `via` go through it.
+    default_via: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One [[upstreams]] entry: a parent proxy CONNECTs can be chained through.
+
+    The credentials are kept out of every repr (and so out of tracebacks and logs);
+    `policy.rules.masked_url` is the form safe to print.
+    """
+
+    name: str
+    scheme: str  # one of UPSTREAM_SCHEMES
+    host: str
+    port: int
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def resolves_names(self) -> bool:
+        """Whether the parent is handed names to resolve (socks5h, http), not addresses."""
+        return self.scheme != "socks5"
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +201,9 @@ class RuleSpec:
     users: frozenset[str] = frozenset()
     commands: frozenset[str] = frozenset()  # subset of RULE_COMMANDS
     index: int = 0  # position in the file: rules[index]
+    # An [[upstreams]] name to CONNECT through; "": directly (even with access.default_via);
+    # None: no `via` key, access.default_via applies.
+    via: str | None = None
 
     @property
     def has_to(self) -> bool:
@@ -192,6 +222,7 @@ class Config:
     access: AccessConfig = AccessConfig()
     users: tuple[User, ...] = ()
     rules: tuple[RuleSpec, ...] = ()
+    upstreams: tuple[Upstream, ...] = ()
     source: str = "<defaults>"
 
 
@@ -538,6 +569,72 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+# An upstream's name appears in log lines (via=NAME): plain characters only.
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _upstream_name(value: Any) -> str:
+    if not isinstance(value, str) or not _UPSTREAM_NAME.fullmatch(value):
+        raise ValueError(
+            f"must be 1 to 64 letters, digits, '.', '_' or '-' (starting with a letter or "
+            f"digit), got {_describe(value)}"
+        )
+    return value
+
+
+def _via(value: Any) -> str:
+    """A rule's `via`: an upstream's name, or "" for "directly" (checked against
+    [[upstreams]] once the whole file is read)."""
+    return value if value == "" else _upstream_name(value)
+
+
+def parse_upstream_url(value: Any) -> tuple[str, str, int, str | None, str | None]:
+    """ "socks5h://user:pass@host:1080" → (scheme, host, port, user, password).
+
+    The user and password are percent-decoded (RFC 3986 §2.1), so a password holding
+    '@', ':' or '%' is written %40, %3A, %25. A problem never quotes the url: it may
+    hold a password.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f'must be a url like "socks5h://host:1080", got {type(value).__name__}')
+    if any(ord(char) < 0x21 or ord(char) == 0x7F for char in value):
+        # urlsplit drops tabs and newlines silently (bpo-43882); refuse them instead.
+        raise ValueError("must not contain spaces or control characters")
+    parts = urllib.parse.urlsplit(value)
+    scheme = parts.scheme.lower()
+    if scheme not in UPSTREAM_SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(UPSTREAM_SCHEMES)}, got {scheme!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must be scheme://[user:password@]host:port, with no path or query")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    host = _host(parts.hostname)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is None or not 1 <= port <= 65535:
+        raise ValueError("must end with a port from 1 to 65535, as in host:1080")
+    user, password = parts.username, parts.password
+    if user is None:
+        return scheme, host, port, None, None
+    if password is None:
+        raise ValueError("gives a user without a password (user:password@host)")
+    user, password = _percent_decoded(user, "user"), _percent_decoded(password, "password")
+    if not 0 < len(user.encode()) <= 255 or not 0 < len(password.encode()) <= 255:
+        raise ValueError("user and password must be 1 to 255 bytes each (RFC 1929)")
+    if scheme == "http" and ":" in user:
+        raise ValueError("an HTTP user name cannot contain ':' (RFC 7617 §2)")
+    return scheme, host, port, user, password
+
+
+def _percent_decoded(text: str, what: str) -> str:
+    try:
+        return urllib.parse.unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError(f"the {what} is not UTF-8 once percent-decoded") from None
+
+
 SERVER_KEYS: dict[str, Callable[[Any], Any]] = {
     "host": _host,
     "port": _integer(0, 65535),
@@ -586,6 +683,7 @@ AUTH_KEYS: dict[str, Callable[[Any], Any]] = {
 ACCESS_KEYS: dict[str, Callable[[Any], Any]] = {
     "default_action": _choice(ACTIONS),
     "private_destinations": _choice(PRIVATE_DESTINATIONS),
+    "default_via": _via,
 }
 USER_KEYS: dict[str, Callable[[Any], Any]] = {
     "name": _text(255),
@@ -599,6 +697,11 @@ RULE_KEYS: dict[str, Callable[[Any], Any]] = {
     "ports": _ports,
     "users": _user_names,
     "commands": _commands,
+    "via": _via,
+}
+UPSTREAM_KEYS: dict[str, Callable[[Any], Any]] = {
+    "name": _upstream_name,
+    "url": parse_upstream_url,
 }
 
 SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
@@ -611,7 +714,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
     "access": (AccessConfig, ACCESS_KEYS),
 }
 # Arrays of tables, validated entry by entry.
-ARRAYS = ("users", "rules")
+ARRAYS = ("users", "rules", "upstreams")
 
 
 def load_config(path: str | Path) -> Config:
@@ -641,7 +744,8 @@ def parse_config(document: Mapping[str, Any], source: str = "<config>") -> Confi
             raise ConfigError(f"{source}: server.listen: give either listen or host/port, not both")
     users = _users(document.get("users", []), source)
     rules = _rules(document.get("rules", []), source)
-    config = Config(**sections, users=users, rules=rules, source=source)
+    upstreams = _upstreams(document.get("upstreams", []), source)
+    config = Config(**sections, users=users, rules=rules, upstreams=upstreams, source=source)
     problem = _cross_check(config)
     if problem:
         raise ConfigError(f"{source}: {problem}")
@@ -665,6 +769,28 @@ def _cross_check(config: Config) -> str | None:
         return (
             f"auth.failure_delay_max: {config.auth.failure_delay_max:g} is below "
             f"auth.failure_delay ({config.auth.failure_delay:g})"
+        )
+    return _route_problem(config)
+
+
+def _route_problem(config: Config) -> str | None:
+    """A `via` that names no [[upstreams]] entry, or one on a deny rule."""
+    names = {upstream.name for upstream in config.upstreams}
+    known = ", ".join(sorted(names)) or "none"
+    for rule in config.rules:
+        if rule.via is None:
+            continue
+        if rule.action != "allow":
+            return f"rules[{rule.index}].via: only an allow rule can route via an upstream"
+        if rule.via and rule.via not in names:
+            return (
+                f"rules[{rule.index}].via: no [[upstreams]] entry is named {rule.via!r} "
+                f"(configured: {known})"
+            )
+    default = config.access.default_via
+    if default and default not in names:
+        return (
+            f"access.default_via: no [[upstreams]] entry is named {default!r} (configured: {known})"
         )
     return None
 
@@ -742,9 +868,28 @@ def _rules(entries: Any, source: str) -> tuple[RuleSpec, ...]:
                 users=section.get("users", frozenset()),
                 commands=section.get("commands", frozenset()),
                 index=index,
+                via=section.get("via"),
             )
         )
     return tuple(rules)
+
+
+def _upstreams(entries: Any, source: str) -> tuple[Upstream, ...]:
+    upstreams: list[Upstream] = []
+    seen: set[str] = set()
+    for where, section in _array_of_tables(
+        entries, "upstreams", UPSTREAM_KEYS, source, "a name and a url"
+    ):
+        for key in ("name", "url"):
+            if key not in section:
+                raise ConfigError(f"{source}: {where}.{key}: missing")
+        name = section["name"]
+        if name in seen:
+            raise ConfigError(f"{source}: {where}.name: duplicate upstream {name!r}")
+        seen.add(name)
+        scheme, host, port, user, password = section["url"]
+        upstreams.append(Upstream(name, scheme, host, port, user, password))
+    return tuple(upstreams)
 
 
 def parse_user_flag(text: str) -> User:

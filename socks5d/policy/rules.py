@@ -24,11 +24,12 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..core.addresses import IPAddress, format_host_port, parse_ip, strip_brackets, unmapped
-from ..ops.config import Config, RuleSpec
+from ..ops.config import Config, RuleSpec, Upstream
 from ..socks.protocol import Command, Reply
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "exposure_problem",
     "is_local_address",
     "is_private",
+    "masked_url",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -90,10 +92,13 @@ class Decision:
     reason: str
     # RFC 1928 §6 reply to send when denied: X'02' connection not allowed by ruleset.
     reply: int = Reply.SUCCEEDED
+    # Allowed through this parent proxy (the rule's `via`, else access.default_via);
+    # None: directly.
+    via: Upstream | None = None
 
 
-def _allow(reason: str) -> Decision:
-    return Decision(True, reason, Reply.SUCCEEDED)
+def _allow(reason: str, via: Upstream | None = None) -> Decision:
+    return Decision(True, reason, Reply.SUCCEEDED, via)
 
 
 def _deny(reason: str) -> Decision:
@@ -113,9 +118,13 @@ class Policy:
     protect_private: bool = True
     # (ip, port) of our listening sockets; ip may be "0.0.0.0" / "::" for wildcard listeners.
     own_listeners: frozenset[tuple[str, int]] = frozenset()
+    # Parent proxies by name, and the one allowed requests without a rule `via` take.
+    upstreams: tuple[Upstream, ...] = ()
+    default_via: str = ""
     _exact: frozenset[tuple[IPAddress, int]] = field(init=False, repr=False, compare=False)
     _wildcard_ports: frozenset[int] = field(init=False, repr=False, compare=False)
     _ports: frozenset[int] = field(init=False, repr=False, compare=False)
+    _by_name: dict[str, Upstream] = field(init=False, repr=False, compare=False)
 
     # Whether an address is this host's (I/O; replaceable in tests).
     own_address: Callable[[str], bool] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
@@ -134,6 +143,7 @@ class Policy:
         object.__setattr__(self, "_exact", frozenset(exact))
         object.__setattr__(self, "_wildcard_ports", frozenset(wildcard))
         object.__setattr__(self, "_ports", frozenset(port for _, port in self.own_listeners))
+        object.__setattr__(self, "_by_name", {up.name: up for up in self.upstreams})
 
     @classmethod
     def from_config(cls, config: Config, listening: Iterable[tuple[str, int]]) -> Policy:
@@ -153,7 +163,21 @@ class Policy:
             default_allow=config.access.default_action == "allow",
             protect_private=protect,
             own_listeners=frozenset(bound),
+            upstreams=config.upstreams,
+            default_via=config.access.default_via,
         )
+
+    @property
+    def routes(self) -> bool:
+        """Whether any request may go through a parent proxy."""
+        return bool(self.upstreams)
+
+    def route(self, rule: RuleSpec | None) -> Upstream | None:
+        """The parent an allow decision by `rule` (None: the default) goes through."""
+        if not self._by_name:
+            return None
+        name = self.default_via if rule is None or rule.via is None else rule.via
+        return self._by_name.get(name) if name else None
 
     def check(
         self,
@@ -163,6 +187,8 @@ class Policy:
         host: str | None,
         ip: str | None,
         port: int | None,
+        *,
+        unresolved: bool = False,
     ) -> Decision:
         """Decide one candidate destination of one request.
 
@@ -178,6 +204,9 @@ class Policy:
         denies only what every such destination would be denied; the caller must then check
         each real destination (resolved address, datagram target) before using it. The loop
         guard and private destinations are checked only once `ip` (and `port`) are known.
+
+        `unresolved`: `host` is final, we will never resolve it (a parent proxy would):
+        a `to` network cannot match it, rather than "may match once resolved".
         """
         if command not in _COMMANDS:
             raise ValueError(f"unknown command {command!r} (expected connect, bind or udp)")
@@ -198,11 +227,15 @@ class Policy:
         ):
             return _deny("own listener")
 
-        rule = self._first_match(client, user, command, name, target, port)
+        rule = self._first_match(client, user, command, name, target, port, unresolved)
         if rule is None:
-            decision = _allow("default allow") if self.default_allow else _deny("default deny")
+            decision = (
+                _allow("default allow", self.route(None) if self._by_name else None)
+                if self.default_allow
+                else _deny("default deny")
+            )
         elif rule.action == "allow":
-            decision = _allow(f"rules[{rule.index}]")
+            decision = _allow(f"rules[{rule.index}]", self.route(rule) if self._by_name else None)
         else:
             return _deny(f"rules[{rule.index}]")
 
@@ -235,12 +268,15 @@ class Policy:
         name: str | None,
         target: IPAddress | None,
         port: int | None,
+        unresolved: bool = False,
     ) -> RuleSpec | None:
         for rule in self.rules:
             if not _applies_to(rule, client, user, command):
                 continue
             # The destination keys may be undecidable (None) in a pre-check.
             to = _to_matches(rule, name, target) if rule.has_to else True
+            if to is None and unresolved and name is not None:
+                to = False  # a name nobody here resolves is in no `to` network
             ports = _port_matches(rule, port) if rule.ports else True
             if to is False or ports is False:
                 continue
@@ -479,6 +515,8 @@ def describe_rule(rule: RuleSpec) -> str:
         )
     if len(parts) == 1:
         parts.append("everything")
+    if rule.via is not None:
+        parts.append(f"via {rule.via}" if rule.via else "directly")
     return " ".join(parts)
 
 
@@ -505,6 +543,7 @@ def describe_policy(config: Config, listening: Iterable[tuple[str, int]]) -> lis
     else:
         lines.append("rules: none")
     lines.append(f"default action: {config.access.default_action}")
+    lines.extend(_route_lines(config))
     setting = f'access.private_destinations = "{config.access.private_destinations}"'
     if policy.protect_private:
         lines.append(
@@ -533,6 +572,45 @@ def _socks4_line(config: Config) -> str:
     else:
         verdict = "refused (reply 91): logins are required and SOCKS4 has none"
     return f"SOCKS4/4a: {verdict} (server.socks4 = {shown})"
+
+
+def _route_lines(config: Config) -> list[str]:
+    """The parent proxies (password masked) and which rules CONNECT through each."""
+    if not config.upstreams:
+        return []
+    default = config.access.default_via
+    lines = []
+    for upstream in config.upstreams:
+        names = "the parent resolves names" if upstream.resolves_names else "we resolve names"
+        routed = [
+            f"rules[{rule.index}]"
+            for rule in config.rules
+            if rule.action == "allow" and _rule_route(rule, default) == upstream.name
+        ]
+        if default == upstream.name:
+            routed.append("the default route")
+        lines.append(
+            f"upstream {upstream.name}: {masked_url(upstream)} ({names}); CONNECT via it: "
+            f"{', '.join(routed) or 'nothing routes via it'}"
+        )
+    lines.append(
+        f"default route: via {default}" if default else "default route: directly (no default_via)"
+    )
+    lines.append("BIND and UDP ASSOCIATE via a parent proxy: refused with reply 07")
+    return lines
+
+
+def masked_url(upstream: Upstream) -> str:
+    """An upstream's url with the password masked, safe for check-config and logs."""
+    login = ""
+    if upstream.username is not None:
+        login = f"{urllib.parse.quote(upstream.username, safe='')}:***@"
+    return f"{upstream.scheme}://{login}{format_host_port(upstream.host, upstream.port)}"
+
+
+def _rule_route(rule: RuleSpec, default_via: str) -> str:
+    """The upstream name an allow rule sends its CONNECTs to ("": directly)."""
+    return default_via if rule.via is None else rule.via
 
 
 def _covering_notes(config: Config) -> list[str]:

@@ -173,8 +173,10 @@ class FastHandshake:
             decision = settings.policy.check(
                 self.negotiation.client_ip, None, "connect", None, ip, address.port
             )
-            if not decision.allowed:
-                return False  # the handler checks again, names the rule and replies 02
+            if not decision.allowed or decision.via is not None:
+                # The handler checks again: names the rule and replies 02, or chains the
+                # CONNECT through the parent proxy (a blocking exchange).
+                return False
         sockaddr: tuple[Any, ...]
         if address.type is AddressType.IPV4:
             family, sockaddr = socket.AF_INET, (address.host, address.port)

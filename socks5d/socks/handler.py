@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from ..core.addresses import IPAddress, canonical_ip, client_ip, parse_ip, unmapped, unmapped_host
 from ..core.relay import RelayResult, fix_socket_buffers, relay, socket_buffer_for
 from ..core.server import BaseRequestHandler
-from ..ops.config import Config
+from ..ops.config import Config, Upstream
 from ..policy.auth import Authenticator
 from ..policy.limits import UserSlots
 from ..policy.rules import Decision, Policy
@@ -49,6 +49,7 @@ from .outbound import (
 from .protocol import Address, AddressType, Command, Reply, Request
 from .session import Session
 from .udp import open_udp_endpoint, serve_association
+from .upstream import ParentFailed, open_via_parent
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("socks5d.access")
@@ -304,6 +305,7 @@ class Socks5Handler(BaseRequestHandler):
         self.session = negotiation.session
         self.client_ip = negotiation.client_ip
         self.user_slot = False
+        self.parent_early = 0  # bytes a parent proxy sent behind its answer (to the client)
         # True once the tunnel went to an event loop: the loop ends it (and logs).
         self.detached = False
 
@@ -445,18 +447,37 @@ class Socks5Handler(BaseRequestHandler):
 
     def allowed_candidates(
         self, command: str, address: Address, candidates: list[SockAddr], session: Session
-    ) -> list[SockAddr]:
+    ) -> tuple[list[SockAddr], Upstream | None]:
         """Keep the resolved addresses the rules allow; a name is checked address by address
-        (a name that resolves to 127.0.0.1 is caught like the literal)."""
+        (a name that resolves to 127.0.0.1 is caught like the literal). With them, the
+        route the first allowed address takes (a parent proxy, or None: directly); the
+        addresses routed otherwise are dropped, so one request takes one route."""
         host = address.host if address.type is AddressType.DOMAINNAME else None
         allowed: list[SockAddr] = []
+        via: Upstream | None = None
         for family, sockaddr in candidates:
             decision = self.check(command, host, canonical_ip(sockaddr[0]), address.port)
             if decision is None or decision.allowed:
-                allowed.append((family, sockaddr))
+                route = decision.via if decision is not None else None
+                if not allowed:
+                    via = route
+                if route is via:
+                    allowed.append((family, sockaddr))
             elif session.rule == "-":
                 session.rule = decision.reason
-        return allowed
+        return allowed, via
+
+    def parent_for_name(self, command: str, address: Address) -> Upstream | None:
+        """The parent that resolves this name itself (socks5h, http), when the rules route
+        the name there as it is: then no lookup of ours happens at all."""
+        policy = self.settings.policy
+        if policy is None or not policy.routes or address.type is not AddressType.DOMAINNAME:
+            return None
+        decision = policy.check(
+            self.client_ip, self.user, command, address.host, None, address.port, unresolved=True
+        )
+        via = decision.via if decision.allowed else None
+        return via if via is not None and via.resolves_names else None
 
     def resolve(self, address: Address) -> list[SockAddr]:
         """The target's addresses, a name looked up within the resolve timeout on the
@@ -486,14 +507,23 @@ class Socks5Handler(BaseRequestHandler):
         """RFC 1928 §4 CONNECT: reply with the outbound socket's address, then relay."""
         settings = self.settings
         session = self.session
+        parent = self.parent_for_name("connect", request.address)
+        if parent is not None:
+            self.connect_via(parent, request.address, io)
+            return
         if not self.allowed_by_name("connect", request.address, session):
             self.deny(io)
             return
         try:
             candidates = self.resolve(request.address)
-            allowed = self.allowed_candidates("connect", request.address, candidates, session)
+            allowed, via = self.allowed_candidates("connect", request.address, candidates, session)
             if not allowed:
                 self.deny(io)
+                return
+            if via is not None:
+                # Resolved here (socks5://, or an address the client gave): the parent
+                # gets the address our rules and private-destination checks passed.
+                self.connect_via(via, Address.from_sockaddr(allowed[0][1]), io)
                 return
             upstream = connect_any(
                 allowed,
@@ -516,6 +546,49 @@ class Socks5Handler(BaseRequestHandler):
             if not self.detached:
                 upstream.close()
 
+    def connect_via(self, parent: Upstream, target: Address, io: HandshakeIO) -> None:
+        """CONNECT through a parent proxy; its answer mapped (upstream.py), then the
+        same tunnel as a direct CONNECT, the parent's early bytes first to the client."""
+        settings = self.settings
+        session = self.session
+        session.via = parent.name
+        if target.type is not AddressType.DOMAINNAME:
+            session.resolved = str(target)  # what the parent was asked to reach
+        try:
+            chained = open_via_parent(
+                parent,
+                target,
+                settings.connect_timeout,
+                resolver=settings.resolver,
+                resolve_timeout=settings.resolve_timeout,
+                lookups=settings.lookups,
+                attempt_delay=settings.attempt_delay,
+                outgoing=settings.outgoing,
+            )
+        except ParentFailed as exc:
+            session.parent = exc.said
+            self.fail(io, exc.reply, exc.reason)
+            return
+        session.parent = chained.said
+        try:
+            # Where the target sees us come from: the parent's BND (SOCKS5), else (HTTP
+            # tells nothing) our address toward the parent; the reply says the same.
+            session.egress = str(chained.bound)
+            io.renew()
+            io.send_actions(self.handshake.reply(Reply.SUCCEEDED, chained.bound))
+            if chained.early:
+                io.send(chained.early)
+                self.parent_early = len(chained.early)
+            self.tunnel(chained.sock)
+        finally:
+            if not self.detached:
+                chained.sock.close()
+
+    def refuse_via_parent(self, io: HandshakeIO, command: str, parent: Upstream) -> None:
+        """RFC 1928 §6 X'07': BIND and UDP ASSOCIATE are not chained through parents."""
+        self.session.via = parent.name
+        self.fail(io, Reply.COMMAND_NOT_SUPPORTED, f"{command} via a parent proxy: not supported")
+
     def bind(self, request: Request, io: HandshakeIO) -> None:
         """RFC 1928 §4 BIND: first reply with where to connect, second with who did."""
         settings = self.settings
@@ -528,9 +601,12 @@ class Socks5Handler(BaseRequestHandler):
         except ConnectFailed as exc:
             self.fail(io, exc.reply, exc.reason)
             return
-        candidates = self.allowed_candidates("bind", request.address, candidates, session)
+        candidates, via = self.allowed_candidates("bind", request.address, candidates, session)
         if not candidates:
             self.deny(io)
+            return
+        if via is not None:
+            self.refuse_via_parent(io, "BIND", via)
             return
         resolved = [sockaddr[0] for _, sockaddr in candidates]
         expected = expected_peer_ips(request.address, resolved)
@@ -580,6 +656,9 @@ class Socks5Handler(BaseRequestHandler):
             session.rule = decision.reason
             self.deny(io)
             return
+        if decision is not None and decision.via is not None:
+            self.refuse_via_parent(io, "UDP ASSOCIATE", decision.via)
+            return
         local_ip = unmapped_host(self.request.getsockname()[0])
         try:
             endpoint = open_udp_endpoint(local_ip, settings.udp_port_range)
@@ -619,7 +698,8 @@ class Socks5Handler(BaseRequestHandler):
         host = address.host if address.type is AddressType.DOMAINNAME else None
         ip = canonical_ip(sockaddr[0]) if sockaddr is not None else None
         decision = self.check("udp", host, ip, address.port)
-        return decision is None or decision.allowed
+        # A destination routed via a parent proxy: datagrams are not chained, dropped.
+        return decision is None or (decision.allowed and decision.via is None)
 
     def tunnel(self, upstream: socket.socket) -> None:
         """Relay between the client and `upstream`; pipelined client bytes go first.
@@ -652,6 +732,7 @@ class Socks5Handler(BaseRequestHandler):
 
     def record(self, result: RelayResult) -> None:
         record_relay(self.session, result)
+        self.session.down += self.parent_early
 
     def tunnel_ended(self, upstream: socket.socket, result: RelayResult) -> None:
         """The loop's on_done (in its thread): what handle() does inline; the server

@@ -66,7 +66,9 @@ __all__ = [
     "encode_socks4_request",
     "encode_udp_datagram",
     "encode_username_password",
+    "parse_auth_status",
     "parse_greeting",
+    "parse_method_selection",
     "parse_reply",
     "parse_request",
     "parse_socks4_reply",
@@ -558,6 +560,28 @@ def parse_socks4_reply(buf: Buffer) -> tuple[tuple[Socks4Reply | int, Address], 
     host = f"{buf[4]}.{buf[5]}.{buf[6]}.{buf[7]}"
     address = Address(AddressType.IPV4, host, (buf[2] << 8) | buf[3])
     return (_SOCKS4_REPLIES.get(buf[1], buf[1]), address), SOCKS4_REPLY_SIZE
+
+
+def parse_method_selection(buf: Buffer) -> tuple[int, int] | None:
+    """RFC 1928 §3: parse the server's ``VER METHOD`` (client side); METHOD as an int."""
+    if len(buf) < 1:
+        return None
+    if buf[0] != SOCKS_VERSION:
+        raise ProtocolError(f"unsupported SOCKS version {buf[0]:#04x} in method selection")
+    if len(buf) < 2:
+        return None
+    return buf[1], 2
+
+
+def parse_auth_status(buf: Buffer) -> tuple[int, int] | None:
+    """RFC 1929 §2: parse the server's ``VER STATUS`` (client side); X'00' is success."""
+    if len(buf) < 1:
+        return None
+    if buf[0] != USERNAME_PASSWORD_VERSION:
+        raise ProtocolError(f"unsupported username/password version {buf[0]:#04x} in status")
+    if len(buf) < 2:
+        return None
+    return buf[1], 2
 
 
 def _byte(value: int, what: str) -> bytes:

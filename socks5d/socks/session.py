@@ -49,6 +49,8 @@ class Session:
     # The load balancer the connection came through, when a PROXY protocol header named
     # `client` (server.proxy_protocol); "-": the client connected directly.
     balancer: str = "-"
+    via: str = "-"  # the parent proxy (its [[upstreams]] name) a CONNECT went through
+    parent: str = "-"  # what that parent said: "reply 05", "HTTP 403 Forbidden", "timeout"
 
     def duration(self) -> float:
         return time.monotonic() - self.started
@@ -71,6 +73,8 @@ class Session:
         )
         if self.balancer != "-":
             line += f" balancer={self.balancer}"
+        if self.via != "-":  # chained through a parent proxy
+            line += f" via={self.via} parent={self.parent!r}"
         return line
 
     def as_dict(self) -> dict[str, Any]:
@@ -93,6 +97,8 @@ class Session:
             "rule": None if self.rule == "-" else self.rule,
             "end": self.end,
             "balancer": None if self.balancer == "-" else self.balancer,
+            "via": None if self.via == "-" else self.via,
+            "parent": None if self.parent == "-" else self.parent,
         }
 
 
