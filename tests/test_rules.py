@@ -530,10 +530,13 @@ def test_describe_policy_of_the_defaults():
     lines = describe_policy(Config(), [("127.0.0.1", 1080)])
     assert lines == [
         "listening on 127.0.0.1:1080 (loopback only)",
+        'PROXY protocol: off (server.proxy_protocol = "off"): clients connect directly; '
+        "a connection that begins with a PROXY header is not SOCKS and is closed",
         "authentication: none (any client that can connect may use the proxy)",
         'SOCKS4/4a: accepted (no logins are configured) (server.socks4 = "auto")',
         "rules: none",
         "default action: allow",
+        "upstreams: none (every CONNECT goes directly to its target)",
         'private destinations: allowed (access.private_destinations = "auto")',
         "exposure: loopback only; only this host can use the proxy",
     ]

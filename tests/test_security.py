@@ -904,15 +904,18 @@ def test_check_config_prints_the_policy(tmp_path):
     result = run_cli("check-config", str(config))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[:9] == [
+    assert lines[:11] == [
         "listening on 127.0.0.1:1080 (loopback only)",
         "listening on [::1]:1080 (loopback only)",
+        'PROXY protocol: off (server.proxy_protocol = "off"): clients connect directly; '
+        "a connection that begins with a PROXY header is not SOCKS and is closed",
         "authentication: required (RFC 1929), 2 user(s): alice, bob",
         "SOCKS4/4a: refused (reply 91): logins are required and SOCKS4 has none"
         ' (server.socks4 = "auto")',
         "rules[0]: deny to *.example.com, 10.0.0.0/8 ports 25, 8000-8080",
         "rules[1]: allow from 127.0.0.0/8 users alice commands connect, udp",
         "default action: deny",
+        "upstreams: none (every CONNECT goes directly to its target)",
         'private destinations: allowed (access.private_destinations = "auto")',
         "exposure: loopback only; only this host can use the proxy",
     ]

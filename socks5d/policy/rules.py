@@ -530,8 +530,7 @@ def describe_policy(config: Config, listening: Iterable[tuple[str, int]]) -> lis
         if behind_balancer(config):
             scope += "; clients come through the PROXY protocol balancer"
         lines.append(f"listening on {format_host_port(host, port)} ({scope})")
-    if behind_balancer(config):
-        lines.append(_proxy_protocol_line(config))
+    lines.append(_proxy_protocol_line(config))
     if config.users:
         names = ", ".join(user.name for user in config.users)
         lines.append(f"authentication: required (RFC 1929), {len(config.users)} user(s): {names}")
@@ -577,7 +576,7 @@ def _socks4_line(config: Config) -> str:
 def _route_lines(config: Config) -> list[str]:
     """The parent proxies (password masked) and which rules CONNECT through each."""
     if not config.upstreams:
-        return []
+        return ["upstreams: none (every CONNECT goes directly to its target)"]
     default = config.access.default_via
     lines = []
     for upstream in config.upstreams:
@@ -638,6 +637,11 @@ def _covering_notes(config: Config) -> list[str]:
 
 def _proxy_protocol_line(config: Config) -> str:
     server = config.server
+    if not behind_balancer(config):
+        return (
+            'PROXY protocol: off (server.proxy_protocol = "off"): clients connect directly; '
+            "a connection that begins with a PROXY header is not SOCKS and is closed"
+        )
     trusted = ", ".join(map(str, server.proxy_trusted))
     return (
         f'PROXY protocol: {server.proxy_protocol} (server.proxy_protocol = "'
