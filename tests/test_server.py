@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ipv6_available, needs_ipv6
 from netns import call_in_netns, needs_netns, netns_only
 
 from socks5d.core.server import (
@@ -51,18 +52,6 @@ LOGGER = "socks5d.core.server"
 # ---- helpers ----
 
 
-def ipv6_available() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-needs_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="::1 is not available here")
 needs_dualstack = pytest.mark.skipif(
     not (ipv6_available() and socket.has_dualstack_ipv6()), reason="no dual-stack IPv6 here"
 )
