@@ -4,15 +4,23 @@ Text to stderr has no timestamps (journald adds them); text to a file has them. 
 is one object per line with the access-log fields as keys, for log shippers. A log file
 is reopened on SIGHUP so logrotate can move it away; one that cannot be reopened (the
 daemon dropped root since it opened it) keeps the descriptor it has. Stdlib only.
+
+Logging never stops the proxy: a line for stderr is written at once when stderr can take
+it, else kept (up to BACKLOG_BYTES) for a writer thread, and dropped, counted and
+reported later beyond that. Stderr is a pipe or a socket (journald, a terminal, a parent
+that may not read it); one nobody drains must not freeze every connection that logs.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
+import select
 import stat
 import sys
+import threading
 import time
 from typing import Any
 
@@ -48,8 +56,135 @@ class _OurHandler(logging.Handler):
     """Marks the handlers configure_logging installed, so a reload replaces only them."""
 
 
-class _StderrHandler(_OurHandler, logging.StreamHandler):  # type: ignore[type-arg, unused-ignore]
-    pass
+class _StderrHandler(_OurHandler):
+    """Writes each line to a descriptor (stderr) without ever blocking the caller.
+
+    A line is written at once when the descriptor is writable and nothing is waiting
+    (one poll and one write: the common case, in the caller's thread). Otherwise it
+    joins a backlog that a writer thread drains, blocking on the descriptor in the
+    caller's stead. Past BACKLOG_BYTES new lines are dropped and counted, and a line
+    saying how many follows once the output moves again. A forked child (forking mode:
+    one process per connection) writes its few lines directly: it blocks only itself.
+    """
+
+    BACKLOG_BYTES = 4 * 1024 * 1024
+    # A pipe that polls writable takes a write of up to PIPE_BUF bytes without blocking.
+    DIRECT_MAX = select.PIPE_BUF
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.owner = os.getpid()
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.backlog_bytes = 0
+        self.dropped = 0
+        self.writing = False  # the writer thread is in a write
+        self.changed = threading.Condition(threading.Lock())
+        self.writer: threading.Thread | None = None
+        self.closed = False
+        self.stuck = False  # the last flush() gave up waiting: close() does not wait
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+        except Exception:
+            self.handleError(record)
+            return
+        if os.getpid() != self.owner:
+            self._write_all(line)  # a forked child: see the class docstring
+            return
+        with self.changed:
+            queued = bool(self.backlog) or self.writing
+        if not queued and len(line) <= self.DIRECT_MAX and self._writable_now():
+            self._write_all(line)
+            return
+        with self.changed:
+            if self.backlog_bytes + len(line) > self.BACKLOG_BYTES:
+                self.dropped += 1
+                return
+            self.backlog.append(line)
+            self.backlog_bytes += len(line)
+            self._start_writer()
+            self.changed.notify_all()
+
+    def _writable_now(self) -> bool:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        try:
+            return bool(poller.poll(0))
+        except OSError:
+            return False
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # stderr closed or broken: nothing to tell it with
+
+    def _start_writer(self) -> None:
+        """Under self.changed."""
+        if self.writer is None or not self.writer.is_alive():
+            self.writer = threading.Thread(target=self._drain, name="log writer", daemon=True)
+            self.writer.start()
+
+    def _drain(self) -> None:
+        while True:
+            with self.changed:
+                while not self.backlog:
+                    if self.closed or not self.changed.wait(timeout=60.0):
+                        self.writer = None  # idle: the next backlog starts another
+                        return
+                chunk = b"".join(self.backlog)
+                self.backlog.clear()
+                self.backlog_bytes = 0
+                dropped, self.dropped = self.dropped, 0
+                self.writing = True
+            try:
+                self._write_all(chunk)
+                if dropped:
+                    self._write_all(self._dropped_line(dropped))
+            finally:
+                with self.changed:
+                    self.writing = False
+                    self.changed.notify_all()
+
+    def _dropped_line(self, count: int) -> bytes:
+        record = logging.makeLogRecord(
+            {
+                "name": __name__,
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
+                "msg": "log output was blocked: %d line(s) dropped",
+                "args": (count,),
+            }
+        )
+        return (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+
+    def flush(self, timeout: float = 1.0) -> None:
+        """Wait up to `timeout` s for the backlog to be written, never longer: the output
+        may be blocked for good, and the daemon must still stop within its grace."""
+        if os.getpid() != self.owner:
+            return
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while self.backlog or self.writing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.writer is None:
+                    self.stuck = remaining <= 0
+                    return
+                self.changed.wait(remaining)
+
+    def close(self) -> None:
+        if not self.stuck:  # logging.shutdown() flushes first: one wait is enough
+            self.flush()
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+        super().close()
 
 
 class _FileHandler(_OurHandler, logging.FileHandler):
@@ -74,7 +209,7 @@ def configure_logging(level: str, fmt: str = "text", file: str | None = None) ->
         handler = _FileHandler(file, encoding="utf-8")
         text_format = TEXT_FILE_FORMAT
     else:
-        handler = _StderrHandler(sys.stderr)
+        handler = _StderrHandler(sys.stderr.fileno())
         text_format = TEXT_FORMAT
     handler.setFormatter(_formatter(fmt, text_format))
     root = logging.getLogger()
