@@ -182,3 +182,45 @@ def test_the_daemon_serves_and_stops_while_nobody_reads_its_output() -> None:
         target.close()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_lines_from_many_threads_never_interleave_while_the_reader_lags(
+    small_pipe: tuple[int, int],
+) -> None:
+    """Direct writes and the writer thread's take turns: every line arrives whole, and
+    each thread's lines in its order, though the reader keeps the pipe nearly full."""
+    read_end, write_end = small_pipe
+    handler = _StderrHandler(write_end)
+    lines: list[str] = []
+
+    def slow_reader() -> None:
+        data = bytearray()
+        while chunk := os.read(read_end, 512):
+            data += chunk
+            time.sleep(0.0005)
+        lines.extend(data.decode().splitlines())
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+
+    def emit_lines(thread: int) -> None:
+        for i in range(300):
+            message = "thread %d line %06d " + "y" * 100
+            handler.emit(logging.makeLogRecord({"msg": message, "args": (thread, i)}))
+
+    emitters = [threading.Thread(target=emit_lines, args=(t,)) for t in range(6)]
+    for thread in emitters:
+        thread.start()
+    for thread in emitters:
+        thread.join(TIMEOUT)
+    handler.flush(TIMEOUT)
+    handler.close()
+    os.close(write_end)
+    reader.join(TIMEOUT * 3)
+    assert not reader.is_alive()
+    by_thread: dict[int, list[int]] = {}
+    for line in lines:
+        words = line.split()
+        assert len(words) == 5 and words[4] == "y" * 100, f"a line cut or mixed: {line!r}"
+        by_thread.setdefault(int(words[1]), []).append(int(words[3]))
+    assert by_thread == {t: list(range(300)) for t in range(6)}

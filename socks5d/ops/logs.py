@@ -22,6 +22,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 TEXT_FORMAT = "%(levelname)s %(message)s"
@@ -63,25 +64,33 @@ class _StderrHandler(_OurHandler):
     (one poll and one write: the common case, in the caller's thread). Otherwise it
     joins a backlog that a writer thread drains, blocking on the descriptor in the
     caller's stead. Past BACKLOG_BYTES new lines are dropped and counted, and a line
-    saying how many follows once the output moves again. A forked child (forking mode:
-    one process per connection) writes its few lines directly: it blocks only itself.
+    saying how many follows once the output moves again. Lines never interleave: the
+    writer waits for direct writes in flight, and nobody writes directly while it works.
+    A forked process (a worker, a forking-mode child) starts with an empty backlog.
     """
 
     BACKLOG_BYTES = 4 * 1024 * 1024
-    # A pipe that polls writable takes a write of up to PIPE_BUF bytes without blocking.
+    # A pipe that polls writable takes a write of up to PIPE_BUF bytes whole, at once.
     DIRECT_MAX = select.PIPE_BUF
 
     def __init__(self, fd: int) -> None:
         super().__init__()
         self.fd = fd
-        self.owner = os.getpid()
+        self.closed = False
+        self._start_state()
+        _STDERR_HANDLERS.add(self)
+
+    def _start_state(self) -> None:
+        """The state a process starts with (again in a forked child: its parent's
+        backlog is the parent's to write, and its writer thread did not fork)."""
+        self.state = threading.Lock()  # guards everything below
+        self.changed = threading.Condition(self.state)
         self.backlog: collections.deque[bytes] = collections.deque()
         self.backlog_bytes = 0
         self.dropped = 0
+        self.direct = 0  # direct writes in flight
         self.writing = False  # the writer thread is in a write
-        self.changed = threading.Condition(threading.Lock())
         self.writer: threading.Thread | None = None
-        self.closed = False
         self.stuck = False  # the last flush() gave up waiting: close() does not wait
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -90,52 +99,40 @@ class _StderrHandler(_OurHandler):
         except Exception:
             self.handleError(record)
             return
-        if os.getpid() != self.owner:
-            self._write_all(line)  # a forked child: see the class docstring
-            return
-        with self.changed:
-            queued = bool(self.backlog) or self.writing
-        if not queued and len(line) <= self.DIRECT_MAX and self._writable_now():
-            self._write_all(line)
-            return
-        with self.changed:
+        state = self.state
+        with state:
+            direct = not (self.backlog or self.writing) and len(line) <= self.DIRECT_MAX
+            if direct:
+                self.direct += 1
+        if direct:
+            writable = _writable_now(self.fd)
+            if writable:
+                _write_all(self.fd, line)
+            with state:
+                self.direct -= 1
+                if self.backlog and not self.direct:
+                    self.changed.notify_all()  # the writer waits for direct writes
+            if writable:
+                return
+        with state:
             if self.backlog_bytes + len(line) > self.BACKLOG_BYTES:
                 self.dropped += 1
                 return
             self.backlog.append(line)
             self.backlog_bytes += len(line)
-            self._start_writer()
+            if self.writer is None:
+                self.writer = threading.Thread(target=self._drain, name="log writer", daemon=True)
+                self.writer.start()
             self.changed.notify_all()
-
-    def _writable_now(self) -> bool:
-        poller = select.poll()
-        poller.register(self.fd, select.POLLOUT)
-        try:
-            return bool(poller.poll(0))
-        except OSError:
-            return False
-
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(self.fd, view) :]
-            except InterruptedError:
-                continue
-            except OSError:
-                return  # stderr closed or broken: nothing to tell it with
-
-    def _start_writer(self) -> None:
-        """Under self.changed."""
-        if self.writer is None or not self.writer.is_alive():
-            self.writer = threading.Thread(target=self._drain, name="log writer", daemon=True)
-            self.writer.start()
 
     def _drain(self) -> None:
         while True:
-            with self.changed:
-                while not self.backlog:
-                    if self.closed or not self.changed.wait(timeout=60.0):
+            with self.state:
+                while not self.backlog or self.direct:
+                    if self.closed and not self.backlog:
+                        self.writer = None
+                        return
+                    if not self.changed.wait(timeout=60.0) and not self.backlog:
                         self.writer = None  # idle: the next backlog starts another
                         return
                 chunk = b"".join(self.backlog)
@@ -144,11 +141,11 @@ class _StderrHandler(_OurHandler):
                 dropped, self.dropped = self.dropped, 0
                 self.writing = True
             try:
-                self._write_all(chunk)
+                _write_all(self.fd, chunk)
                 if dropped:
-                    self._write_all(self._dropped_line(dropped))
+                    _write_all(self.fd, self._dropped_line(dropped))
             finally:
-                with self.changed:
+                with self.state:
                     self.writing = False
                     self.changed.notify_all()
 
@@ -167,10 +164,8 @@ class _StderrHandler(_OurHandler):
     def flush(self, timeout: float = 1.0) -> None:
         """Wait up to `timeout` s for the backlog to be written, never longer: the output
         may be blocked for good, and the daemon must still stop within its grace."""
-        if os.getpid() != self.owner:
-            return
         deadline = time.monotonic() + timeout
-        with self.changed:
+        with self.state:
             while self.backlog or self.writing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self.writer is None:
@@ -181,10 +176,41 @@ class _StderrHandler(_OurHandler):
     def close(self) -> None:
         if not self.stuck:  # logging.shutdown() flushes first: one wait is enough
             self.flush()
-        with self.changed:
+        with self.state:
             self.closed = True
             self.changed.notify_all()
         super().close()
+
+
+_STDERR_HANDLERS: weakref.WeakSet[_StderrHandler] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for handler in list(_STDERR_HANDLERS):
+        handler._start_state()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _writable_now(fd: int) -> bool:
+    """Whether a short write to `fd` completes without waiting (a closed or broken
+    descriptor counts as writable: the write fails at once)."""
+    try:
+        return bool(select.select((), (fd,), (), 0)[1])
+    except (OSError, ValueError):  # ValueError: a descriptor past FD_SETSIZE
+        return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except InterruptedError:
+            continue
+        except OSError:
+            return  # stderr closed or broken: nothing to tell it with
 
 
 class _FileHandler(_OurHandler, logging.FileHandler):
