@@ -22,8 +22,9 @@ import stat
 import sys
 import threading
 import time
-import weakref
 from typing import Any
+
+from ..core.shmem import ProcessLocal
 
 TEXT_FORMAT = "%(levelname)s %(message)s"
 TEXT_FILE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -57,7 +58,7 @@ class _OurHandler(logging.Handler):
     """Marks the handlers configure_logging installed, so a reload replaces only them."""
 
 
-class _StderrHandler(_OurHandler):
+class _StderrHandler(ProcessLocal, _OurHandler):
     """Writes each line to a descriptor (stderr) without ever blocking the caller.
 
     A line is written at once when the descriptor is writable and nothing is waiting
@@ -76,11 +77,15 @@ class _StderrHandler(_OurHandler):
     def __init__(self, fd: int) -> None:
         super().__init__()
         self.fd = fd
+        # A regular file always polls writable: no need to ask for each line.
+        try:
+            self.always_writable = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            self.always_writable = False
         self.closed = False
-        self._start_state()
-        _STDERR_HANDLERS.add(self)
+        self._register()  # ProcessLocal: _start_process() now and in a forked child
 
-    def _start_state(self) -> None:
+    def _start_process(self) -> None:
         """The state a process starts with (again in a forked child: its parent's
         backlog is the parent's to write, and its writer thread did not fork)."""
         self.state = threading.Lock()  # guards everything below
@@ -105,7 +110,7 @@ class _StderrHandler(_OurHandler):
             if direct:
                 self.direct += 1
         if direct:
-            writable = _writable_now(self.fd)
+            writable = self.always_writable or _writable_now(self.fd)
             if writable:
                 _write_all(self.fd, line)
             with state:
@@ -180,17 +185,6 @@ class _StderrHandler(_OurHandler):
             self.closed = True
             self.changed.notify_all()
         super().close()
-
-
-_STDERR_HANDLERS: weakref.WeakSet[_StderrHandler] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for handler in list(_STDERR_HANDLERS):
-        handler._start_state()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _writable_now(fd: int) -> bool:
