@@ -73,6 +73,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -669,6 +670,8 @@ class Tunnel:
 
     def close(self) -> None:
         """Close the pipes and leave the poller, on every way out (the sockets stay open)."""
+        if _meter is not None:
+            _meter.closed(self)
         for direction in (self.ab, self.ba):
             direction.close_pipe()
             direction.drop_buffer()
@@ -682,6 +685,8 @@ class Tunnel:
 
     def start(self) -> RelayResult | None:
         """Register with the poller; a tunnel with nothing to wait for has ended already."""
+        if _meter is not None:
+            _meter.opened(self)
         try:
             return self._after_events()
         except _End as end:
@@ -955,6 +960,91 @@ def relay(
         restore_timeouts(saved)
     log_result(result)
     return result
+
+
+class TrafficMeter:
+    """The bytes this process's tunnels relayed, open tunnels included, passed on as
+    ``report(up, down)`` (``up``: a to b) without adding work per chunk.
+
+    Each tunnel keeps its own counts; the meter reads those of the open tunnels every
+    ``interval`` seconds (a thread of its own, started with the first tunnel in each
+    process, so a forked child has one too) and the rest of a tunnel's when it closes,
+    and reports what moved since the last reading. The sum of the reports never goes
+    down, and once every tunnel has closed it is exactly what they relayed. Install it
+    with :func:`set_traffic_meter`; ``report`` must be quick and must not raise.
+    """
+
+    def __init__(self, report: Callable[[int, int], None], interval: float = 1.0) -> None:
+        self.report = report
+        self.interval = interval
+        self._lock = threading.Lock()
+        # Open tunnel -> (a_to_b, b_to_a) as last reported.
+        self._open: dict[Tunnel, tuple[int, int]] = {}
+        self._sampling = False
+
+    def opened(self, tunnel: Tunnel) -> None:
+        with self._lock:
+            self._open.setdefault(tunnel, (0, 0))
+            if self._sampling:
+                return
+            self._sampling = True
+        threading.Thread(target=self._sample_forever, name="traffic-meter", daemon=True).start()
+
+    def closed(self, tunnel: Tunnel) -> None:
+        with self._lock:
+            seen = self._open.pop(tunnel, None)
+            if seen is not None:
+                self._report(tunnel.ab.count - seen[0], tunnel.ba.count - seen[1])
+
+    def sample(self) -> None:
+        """Report what the open tunnels moved since the last reading."""
+        up = down = 0
+        with self._lock:
+            for tunnel, (seen_up, seen_down) in self._open.items():
+                # Plain int reads: the loop or thread relaying it may be counting meanwhile.
+                now_up, now_down = tunnel.ab.count, tunnel.ba.count
+                if now_up != seen_up or now_down != seen_down:
+                    self._open[tunnel] = (now_up, now_down)
+                    up += now_up - seen_up
+                    down += now_down - seen_down
+            self._report(up, down)
+
+    def forked(self) -> None:
+        """In a forked child: the parent's tunnels, lock and thread are not this one's."""
+        self._lock = threading.Lock()
+        self._open = {}
+        self._sampling = False
+
+    def _report(self, up: int, down: int) -> None:
+        if up or down:
+            try:
+                self.report(up, down)
+            except Exception:
+                logger.exception("traffic meter: report failed")
+
+    def _sample_forever(self) -> None:
+        while _meter is self:  # a meter replaced (or removed) stops sampling
+            time.sleep(self.interval)
+            self.sample()
+        with self._lock:
+            self._sampling = False
+
+
+_meter: TrafficMeter | None = None
+
+
+def set_traffic_meter(meter: TrafficMeter | None) -> None:
+    """Have every tunnel that starts from now on counted by ``meter`` (None: none)."""
+    global _meter
+    _meter = meter
+
+
+def _meter_after_fork() -> None:
+    if _meter is not None:
+        _meter.forked()
+
+
+os.register_at_fork(after_in_child=_meter_after_fork)
 
 
 def log_result(result: RelayResult) -> None:

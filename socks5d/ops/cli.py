@@ -143,6 +143,11 @@ class ConfigProblem(click.ClickException):
     type=click.Path(dir_okay=False, writable=True),
     help="Write logs to this file instead of stderr (reopened on SIGHUP).",
 )
+@click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (needs socks5d[metrics]).",
+)
 @click.version_option(__version__, prog_name="socks5d")
 @click.pass_context
 def main(
@@ -163,6 +168,7 @@ def main(
     log_level: str | None,
     log_format: str | None,
     log_file: str | None,
+    metrics_listen: str | None,
 ) -> None:
     """A SOCKS5 proxy daemon (RFC 1928 CONNECT, BIND, UDP ASSOCIATE; RFC 1929 login).
 
@@ -185,6 +191,7 @@ def main(
         "logging_level": log_level,
         "logging_format": log_format,
         "logging_file": log_file,
+        "metrics_listen": metrics_listen,
         "users": None,
     }
     try:

@@ -151,6 +151,12 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # Where Prometheus scrapes /metrics: (host, port); None: no metrics (the default).
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AccessConfig:
     default_action: str = "allow"  # when no [[rules]] entry matches
     # "auto": private destinations are denied when any listener is not loopback-only.
@@ -220,6 +226,7 @@ class Config:
     udp: UdpConfig = UdpConfig()
     auth: AuthConfig = AuthConfig()
     access: AccessConfig = AccessConfig()
+    metrics: MetricsConfig = MetricsConfig()
     users: tuple[User, ...] = ()
     rules: tuple[RuleSpec, ...] = ()
     upstreams: tuple[Upstream, ...] = ()
@@ -324,6 +331,13 @@ def parse_listen_address(value: Any) -> tuple[str, int]:
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         raise ValueError(f'IPv6 addresses need brackets, as in "[::1]:1080", got {value!r}')
     return _host(host), _integer(0, 65535)(int(port_text))
+
+
+def _metrics_listen(value: Any) -> tuple[str, int] | None:
+    """ "HOST:PORT" to serve metrics on; "" for none."""
+    if value == "":
+        return None
+    return parse_listen_address(value)
 
 
 def _listen(value: Any) -> tuple[tuple[str, int], ...]:
@@ -685,6 +699,7 @@ ACCESS_KEYS: dict[str, Callable[[Any], Any]] = {
     "private_destinations": _choice(PRIVATE_DESTINATIONS),
     "default_via": _via,
 }
+METRICS_KEYS: dict[str, Callable[[Any], Any]] = {"listen": _metrics_listen}
 USER_KEYS: dict[str, Callable[[Any], Any]] = {
     "name": _text(255),
     "password": _text(255),
@@ -712,6 +727,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
     "udp": (UdpConfig, UDP_KEYS),
     "auth": (AuthConfig, AUTH_KEYS),
     "access": (AccessConfig, ACCESS_KEYS),
+    "metrics": (MetricsConfig, METRICS_KEYS),
 }
 # Arrays of tables, validated entry by entry.
 ARRAYS = ("users", "rules", "upstreams")
@@ -940,5 +956,5 @@ def apply_overrides(config: Config, **overrides: Any) -> Config:
 
 def _flag(section: str, name: str) -> str:
     """The command-line flag of an override key: --port, --allow-open, --log-format."""
-    prefix = "log-" if section == "logging" else ""
+    prefix = {"logging": "log-", "metrics": "metrics-"}.get(section, "")
     return f"--{prefix}{name.replace('_', '-')}"

@@ -1,0 +1,493 @@
+"""Prometheus metrics: what the daemon counts, and the /metrics endpoint that serves it.
+
+Off unless ``metrics.listen`` (``--metrics-listen``) is set; it needs prometheus_client, the
+extra ``socks5d[metrics]``, imported only then. :class:`Metrics` is the connections'
+SessionObserver: outcomes are counted where a session concludes (both drivers share it),
+tunnel bytes come from the core's TrafficMeter (the tunnels' own counts, read every second
+and at the end), refusals at the core's caps from the server's refusal_counted hook.
+
+One process (threading mode, one worker): the metrics are this process's. Several (forking
+mode, a child per connection; ``--workers N``): prometheus_client's multiprocess mode. The
+daemon makes a private directory before any metric exists (PROMETHEUS_MULTIPROC_DIR); each
+process writes its values to files of its own there (mmap), and a scrape in the first
+process adds them up. When a process ends, its gauges' files are dropped
+(mark_process_dead) and its counters and histograms are folded into the files of the
+process that reaped it, so the directory holds about one set of files per live process, not
+one per connection ever served. The directory is removed when the daemon exits.
+
+Imports: prometheus_client (lazily), the core server for the endpoint, socks' session hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .. import __version__
+from ..core.addresses import format_host_port
+from ..core.relay import TrafficMeter, set_traffic_meter
+from ..core.server import StreamRequestHandler, ThreadingTCPServer
+from ..policy.rules import exposed_listeners
+from ..socks.protocol import Reply
+from ..socks.session import Session, SessionObserver
+from .config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'socks5d[metrics]'"
+
+# Session.command -> the `command` label.
+COMMAND_LABELS = {"CONNECT": "connect", "BIND": "bind", "UDP_ASSOCIATE": "udp"}
+# Session.proto -> the `protocol` label (SOCKS4A is SOCKS4 with a name).
+PROTOCOL_LABELS = {"socks5": "socks5", "socks4": "socks4", "socks4a": "socks4"}
+# The core's cap names (AcceptAccounting.refused) -> the `limit` label.
+CAP_LABELS = {"max_connections": "max_connections", "max_connections_per_ip": "per_ip"}
+# Seconds: a handshake is a few round trips; a connect may take up to timeouts.connect.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# Dead processes whose files wait to be folded before the reaping process folds them at
+# once rather than at its next periodic() call.
+FOLD_BATCH = 64
+
+
+class MetricsUnavailable(ConfigError):
+    """prometheus_client is not installed (a config problem: exit code 2)."""
+
+
+def command_label(command: str) -> str:
+    return COMMAND_LABELS.get(command, "none")
+
+
+def reply_label(reply: Reply | None) -> str:
+    """RFC 1928 §6 REP as two hex digits; "none" for a connection closed without one."""
+    return "none" if reply is None else f"{reply:02x}"
+
+
+def rule_label(reason: str) -> str:
+    """The denying decision as a label: a rule's index ("rules[3]" -> "3"), "default", or
+    the built-in guard ("private_destination", "own_address", "own_listener")."""
+    if reason.startswith("rules[") and reason.endswith("]"):
+        return reason[6:-1]
+    if reason == "default deny":
+        return "default"
+    return reason.replace(" ", "_")
+
+
+def load_prometheus() -> Any:
+    try:
+        return importlib.import_module("prometheus_client")
+    except ImportError:
+        raise MetricsUnavailable(
+            f"metrics.listen needs the prometheus_client library: {INSTALL_HINT}"
+        ) from None
+
+
+def exposure_warning(listen: tuple[str, int]) -> str | None:
+    """A warning when other hosts can reach the metrics endpoint."""
+    if not exposed_listeners([listen]):
+        return None
+    return (
+        f"metrics.listen {format_host_port(*listen)} is reachable from other hosts: the "
+        "metrics reveal traffic volumes and client activity; keep it on loopback or "
+        "behind a firewall"
+    )
+
+
+class Metrics(SessionObserver):
+    """The daemon's metrics, fed as a SessionObserver (see the module docstring).
+
+    ``directory``: the multiprocess directory (several processes), or None (one).
+    """
+
+    def __init__(self, directory: str | None = None) -> None:
+        prometheus = load_prometheus()
+        self.prometheus = prometheus
+        self.directory = directory
+        self.owner = os.getpid()  # removes the directory at close()
+        values = importlib.import_module("prometheus_client.values")
+        self.multiprocess = importlib.import_module("prometheus_client.multiprocess")
+        if directory is not None:
+            # Set here, not only through the environment before the import: whatever
+            # imported prometheus_client first, every metric made from now on is mmap'ed.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+            values.ValueClass = values.MultiProcessValue()
+        elif getattr(values.ValueClass, "_multiprocess", False):
+            values.ValueClass = values.MutexValue
+        own = prometheus.CollectorRegistry(auto_describe=True)
+        counter, gauge, histogram = prometheus.Counter, prometheus.Gauge, prometheus.Histogram
+        self.connections = counter(
+            "socks5d_connections",
+            "Connections ended, by protocol, command and reply (RFC 1928 section 6 REP in hex).",
+            ["protocol", "command", "reply"],
+            registry=own,
+        )
+        self.active = gauge(
+            "socks5d_connections_active",
+            "Connections open now, by command (none: still in the handshake).",
+            ["command"],
+            registry=own,
+            multiprocess_mode="livesum",
+        )
+        self.bytes = counter(
+            "socks5d_bytes",
+            "Payload bytes relayed (up: client to target, down: target to client), open "
+            "tunnels included.",
+            ["direction"],
+            registry=own,
+        )
+        self.handshake_seconds = histogram(
+            "socks5d_handshake_duration_seconds",
+            "From accepting a client to its request (greeting and login included).",
+            buckets=DURATION_BUCKETS,
+            registry=own,
+        )
+        self.connect_seconds = histogram(
+            "socks5d_connect_duration_seconds",
+            "From a CONNECT request to its reply (lookup and connect).",
+            buckets=DURATION_BUCKETS,
+            registry=own,
+        )
+        self.auth_failures = counter(
+            "socks5d_auth_failures", "RFC 1929 logins refused.", registry=own
+        )
+        self.rule_denials = counter(
+            "socks5d_rule_denials",
+            "Requests denied (reply 02), by the rule's index, default, or a built-in guard.",
+            ["rule"],
+            registry=own,
+        )
+        self.limit_refusals = counter(
+            "socks5d_limit_refusals",
+            "Clients refused at a connection limit.",
+            ["limit"],
+            registry=own,
+        )
+        self.udp_datagrams = counter(
+            "socks5d_udp_datagrams",
+            "UDP ASSOCIATE datagrams (up: from the client), relayed or dropped.",
+            ["direction", "result"],
+            registry=own,
+        )
+        self._up, self._down = self.bytes.labels("up"), self.bytes.labels("down")
+        self._children: dict[tuple[Any, ...], Any] = {}
+        for command in ("connect", "bind", "udp", "none"):
+            # Made here, in the first process, so every command shows, at 0 while idle
+            # (a process's gauges vanish with it; this one lives as long as the daemon).
+            self.child(self.active, command)
+        self._pending_dead: list[int] = []
+        self._last_fold = time.monotonic()
+        self.registry = self._scrape_registry(own)
+        self.meter = TrafficMeter(self.relayed)
+        self.http: ThreadingTCPServer | None = None
+
+    def _scrape_registry(self, own: Any) -> Any:
+        prometheus = self.prometheus
+        if self.directory is None:
+            registry = own
+            prometheus.GCCollector(registry=registry)
+        else:
+            registry = prometheus.CollectorRegistry(auto_describe=True)
+            self.multiprocess.MultiProcessCollector(registry, path=self.directory)
+        prometheus.ProcessCollector(registry=registry)
+        prometheus.PlatformCollector(registry=registry)
+        registry.register(BuildInfo(prometheus))
+        return registry
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept: a dict lookup per event, not a lock and a
+        label check."""
+        key = (metric, *labels)
+        try:
+            return self._children[key]
+        except KeyError:
+            made = self._children[key] = metric.labels(*labels)
+            return made
+
+    # ---- SessionObserver ----
+
+    def begun(self, session: Session) -> None:
+        self.child(self.active, "none").inc()
+
+    def dispatched(self, session: Session) -> None:
+        now = time.monotonic()
+        session.dispatched_at = now
+        self.handshake_seconds.observe(now - session.started)
+        self.child(self.active, "none").dec()
+        self.child(self.active, command_label(session.command)).inc()
+
+    def replied(self, session: Session) -> None:
+        if session.command == "CONNECT" and session.dispatched_at:
+            self.connect_seconds.observe(time.monotonic() - session.dispatched_at)
+
+    def login_failed(self, session: Session) -> None:
+        self.auth_failures.inc()
+
+    def limit_refused(self, limit: str) -> None:
+        self.child(self.limit_refusals, CAP_LABELS.get(limit, limit)).inc()
+
+    def concluded(self, session: Session) -> None:
+        command = command_label(session.command)
+        protocol = PROTOCOL_LABELS.get(session.proto, session.proto)
+        self.child(self.connections, protocol, command, reply_label(session.reply)).inc()
+        self.child(self.active, command if session.dispatched_at else "none").dec()
+        if session.reply is Reply.CONNECTION_NOT_ALLOWED and session.rule != "-":
+            self.child(self.rule_denials, rule_label(session.rule)).inc()
+        if session.datagrams is not None:
+            # UDP payload is not a tunnel's: counted here, when the association ends.
+            self.relayed(session.up, session.down)
+            for (direction, result), count in zip(
+                (("up", "relayed"), ("down", "relayed"), ("up", "dropped"), ("down", "dropped")),
+                session.datagrams,
+                strict=True,
+            ):
+                if count:
+                    self.child(self.udp_datagrams, direction, result).inc(count)
+
+    # ---- the core's reports ----
+
+    def relayed(self, up: int, down: int) -> None:
+        """Bytes moved (TrafficMeter's report, and UDP associations)."""
+        if up:
+            self._up.inc(up)
+        if down:
+            self._down.inc(down)
+
+    # ---- several processes ----
+
+    def process_ended(self, pid: int, *, fold_now: bool = False) -> None:
+        """A process that may have written metrics ended and is not reaped yet (so its PID
+        is not reused): drop its gauges now, fold its files soon (see periodic())."""
+        if self.directory is None:
+            return
+        self.multiprocess.mark_process_dead(pid, self.directory)
+        self._pending_dead.append(pid)
+        if fold_now or len(self._pending_dead) >= FOLD_BATCH:
+            self.fold()
+
+    def periodic(self) -> None:
+        """From the serving loop: fold the files of ended processes once a second."""
+        if self._pending_dead and time.monotonic() - self._last_fold >= 1.0:
+            self.fold()
+
+    def fold(self) -> None:
+        """Add the counters and histograms of ended processes to this process's own
+        folded files and remove theirs: what a scrape adds up stays the same."""
+        dead, self._pending_dead = self._pending_dead, []
+        self._last_fold = time.monotonic()
+        if not dead or self.directory is None:
+            return
+        with self._directory_lock(fcntl.LOCK_EX):
+            for kind in ("counter", "histogram"):
+                self._fold_kind(kind, dead)
+
+    def _fold_kind(self, kind: str, dead: list[int]) -> None:
+        directory = self.directory
+        assert directory is not None
+        theirs = [
+            path
+            for pid in dead
+            for name in (f"{kind}_{pid}.db", f"{kind}_folded{pid}.db")
+            if os.path.exists(path := os.path.join(directory, name))
+        ]
+        if not theirs:
+            return
+        mine = os.path.join(directory, f"{kind}_folded{os.getpid()}.db")
+        sources = [*theirs, mine] if os.path.exists(mine) else theirs
+        merged = self.multiprocess.MultiProcessCollector.merge(sources, accumulate=False)
+        mmap_dict = importlib.import_module("prometheus_client.mmap_dict")
+        scratch = mine + ".tmp"  # not *.db: a scrape never reads it half written
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(scratch)
+        folded = mmap_dict.MmapedDict(scratch)
+        try:
+            for metric in merged:
+                for sample in metric.samples:
+                    key = mmap_dict.mmap_key(
+                        metric.name,
+                        sample.name,
+                        list(sample.labels),
+                        list(sample.labels.values()),
+                        metric.documentation,
+                    )
+                    folded.write_value(key, sample.value, 0.0)
+        finally:
+            folded.close()
+        os.replace(scratch, mine)
+        for path in theirs:
+            os.unlink(path)
+
+    @contextlib.contextmanager
+    def _directory_lock(self, how: int) -> Iterator[None]:
+        """Folding (exclusive) against scraping (shared), across processes: a scrape
+        never sees a dead process's values both in its files and folded, or in neither."""
+        assert self.directory is not None
+        fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, how)
+            yield
+        finally:
+            os.close(fd)
+
+    # ---- exposition ----
+
+    def exposition(self) -> bytes:
+        """The text a scrape returns (Prometheus text format 0.0.4)."""
+        self.meter.sample()  # this process's open tunnels, up to now
+        if self.directory is None:
+            return self.prometheus.generate_latest(self.registry)
+        with self._directory_lock(fcntl.LOCK_SH):
+            return self.prometheus.generate_latest(self.registry)
+
+    def serve(self, listen: tuple[str, int]) -> tuple[str, int]:
+        """Start the endpoint in a thread; its bound (host, port). OSError if it cannot."""
+        server = MetricsHTTPServer(listen, MetricsHandler, max_connections=8)
+        server.metrics = self
+        thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
+        self.http = server
+        address = server.server_addresses[0]
+        return str(address[0]), int(address[1])
+
+    def start(self) -> None:
+        """Count tunnels from now on; a forked child stops listening for scrapes."""
+        set_traffic_meter(self.meter)
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        http = self.http
+        if http is not None and os.getpid() != self.owner:
+            for sock in http.sockets:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def close(self) -> None:
+        """Stop serving scrapes and counting; the first process removes the directory."""
+        set_traffic_meter(None)
+        if os.getpid() != self.owner:
+            return
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+            self.http = None
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class BuildInfo:
+    """socks5d_build_info{version} 1: which release is running."""
+
+    def __init__(self, prometheus: Any) -> None:
+        self.family = importlib.import_module("prometheus_client.core").GaugeMetricFamily
+
+    def collect(self) -> Iterator[Any]:
+        family = self.family(
+            "socks5d_build_info", "The socks5d version running.", labels=["version"]
+        )
+        family.add_metric([__version__], 1)
+        yield family
+
+
+class MetricsHTTPServer(ThreadingTCPServer):
+    """The /metrics endpoint: the core's server (a bounded pool, at most 8 scrapes at once;
+    more are closed), serving a handler that reads one short request."""
+
+    metrics: Metrics
+
+
+class MetricsHandler(StreamRequestHandler):
+    """GET /metrics (or /): the exposition; anything else a short error. One request per
+    connection, its head bounded in size and time."""
+
+    timeout = 10.0
+    MAX_LINE = 8192
+    MAX_HEADERS = 100
+
+    server: MetricsHTTPServer
+
+    def handle(self) -> None:
+        try:
+            head = self.read_head()
+        except (OSError, ValueError):
+            return  # slow, cut or oversized: nothing to answer
+        if head is None:
+            return
+        method, target = head
+        if method not in ("GET", "HEAD"):
+            self.respond(405, b"only GET\n", extra=b"Allow: GET, HEAD\r\n")
+        elif target.partition("?")[0] not in ("/metrics", "/"):
+            self.respond(404, b"see /metrics\n")
+        else:
+            try:
+                body = self.server.metrics.exposition()
+            except Exception:
+                logger.exception("metrics: scrape failed")
+                self.respond(500, b"scrape failed\n")
+                return
+            content_type = self.server.metrics.prometheus.CONTENT_TYPE_LATEST
+            self.respond(200, body, content_type, head_only=method == "HEAD")
+
+    def read_head(self) -> tuple[str, str] | None:
+        """(method, target) of the request, its headers read and ignored; None when the
+        request line is not HTTP; ValueError when the head is too long."""
+        line = self.rfile.readline(self.MAX_LINE + 1)
+        if len(line) > self.MAX_LINE:
+            raise ValueError("request line too long")
+        parts = line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return None
+        for _ in range(self.MAX_HEADERS):
+            header = self.rfile.readline(self.MAX_LINE + 1)
+            if len(header) > self.MAX_LINE:
+                raise ValueError("header too long")
+            if header in (b"\r\n", b"\n", b""):
+                return parts[0], parts[1]
+        raise ValueError("too many headers")
+
+    def respond(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "text/plain; charset=utf-8",
+        *,
+        extra: bytes = b"",
+        head_only: bool = False,
+    ) -> None:
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(status, "Error")
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+        ).encode() + extra
+        with contextlib.suppress(OSError):
+            self.wfile.write(head + b"\r\n" + (b"" if head_only else body))
+
+
+def setup_metrics(listen: tuple[str, int], several_processes: bool) -> Metrics:
+    """Metrics counted from now on and served on ``listen`` (a multiprocess directory made
+    first when ``several_processes``). MetricsUnavailable without prometheus_client;
+    OSError when the address cannot be bound."""
+    directory = tempfile.mkdtemp(prefix="socks5d-metrics-") if several_processes else None
+    try:
+        metrics = Metrics(directory)
+        host, port = metrics.serve(listen)
+    except BaseException:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+    metrics.start()
+    logger.info(
+        "metrics on http://%s/metrics%s",
+        format_host_port(host, port),
+        f" (multiprocess: {directory})" if directory else "",
+    )
+    warning = exposure_warning(listen)
+    if warning:
+        logger.warning("%s", warning)
+    return metrics
