@@ -28,7 +28,17 @@ from clients import (
     wait_until,
 )
 from conftest import DaemonProcess, TargetServer
+from streams import Worker
 
+from socks5d import __version__
+from socks5d.core.relay import TrafficMeter, relay, set_traffic_meter
+from socks5d.ops.metrics import (
+    Metrics,
+    command_label,
+    exposure_warning,
+    reply_label,
+    rule_label,
+)
 from socks5d.socks.protocol import (
     Address,
     AddressType,
@@ -40,6 +50,7 @@ from socks5d.socks.protocol import (
     encode_username_password,
     parse_udp_datagram,
 )
+from socks5d.socks.session import Session
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -280,6 +291,7 @@ def test_scrape_after_known_traffic_is_exact(tmp_path, target_factory, mode):
                 # Ended children's files were folded: a set per live process, not per
                 # connection served.
                 assert wait_until(lambda: len(list(Path(directory).glob("counter_*.db"))) <= 3)
+                assert socks5d_samples(scrape(port)) == expected  # folding lost nothing
     finally:
         echo.close()
     if directory is not None:
@@ -451,3 +463,171 @@ def run_socks5d(
         timeout=TIMEOUT * 3,
         cwd=Path(__file__).resolve().parent.parent,
     )
+
+
+# ---- the pure parts ----
+
+
+@contextlib.contextmanager
+def installed_meter(report: Callable[[int, int], None]) -> Iterator[TrafficMeter]:
+    meter = TrafficMeter(report, interval=3600)  # sampled by hand below
+    set_traffic_meter(meter)
+    try:
+        yield meter
+    finally:
+        set_traffic_meter(None)
+
+
+def test_traffic_meter_reports_open_tunnels_then_the_rest_at_close():
+    reports: list[tuple[int, int]] = []
+
+    def reported() -> tuple[int, int]:
+        return (sum(up for up, _ in reports), sum(down for _, down in reports))
+
+    def sampled(expected: tuple[int, int]) -> bool:
+        # The relay counts a chunk just after sending it: the peer may read it first.
+        meter.sample()
+        return reported() == expected
+
+    with installed_meter(lambda up, down: reports.append((up, down))) as meter:
+        client, a = socket.socketpair()
+        b, target = socket.socketpair()
+        with client, a, b, target:
+            tunnel = Worker(relay, a, b)
+            tunnel.start()
+            client.sendall(b"x" * 1000)
+            assert recv_exactly(target, 1000) == b"x" * 1000
+            assert wait_until(lambda: sampled((1000, 0)))  # open, and counted
+            target.sendall(b"y" * 500)
+            assert recv_exactly(client, 500) == b"y" * 500
+            assert wait_until(lambda: sampled((1000, 500)))
+            count = len(reports)
+            meter.sample()  # nothing moved since: nothing reported
+            assert len(reports) == count
+            client.sendall(b"z" * 10)
+            assert recv_exactly(target, 10) == b"z" * 10
+            client.shutdown(socket.SHUT_WR)
+            target.shutdown(socket.SHUT_WR)
+            result = tunnel.result()
+        # The rest came when it closed, whether a sample caught it first or not.
+        assert reported() == (result.a_to_b, result.b_to_a) == (1010, 500)
+        count = len(reports)
+        meter.sample()
+        assert len(reports) == count  # a closed tunnel is not read again
+
+
+def test_traffic_meter_counts_nothing_twice_when_sampled_while_relaying():
+    reports: list[tuple[int, int]] = []
+    with installed_meter(lambda up, down: reports.append((up, down))) as meter:
+        client, a = socket.socketpair()
+        b, target = socket.socketpair()
+        with client, a, b, target:
+            tunnel = Worker(relay, a, b)
+            tunnel.start()
+            for _ in range(50):
+                client.sendall(b"q" * 4096)
+                recv_exactly(target, 4096)
+                meter.sample()
+            client.shutdown(socket.SHUT_WR)
+            target.shutdown(socket.SHUT_WR)
+            result = tunnel.result()
+    assert sum(up for up, _ in reports) == result.a_to_b == 50 * 4096
+
+
+def test_a_forked_meter_forgets_the_parents_tunnels():
+    reports: list[tuple[int, int]] = []
+    with installed_meter(lambda up, down: reports.append((up, down))) as meter:
+        client, a = socket.socketpair()
+        b, target = socket.socketpair()
+        with client, a, b, target:
+            tunnel = Worker(relay, a, b)
+            tunnel.start()
+            client.sendall(b"x" * 10)
+            recv_exactly(target, 10)
+            meter.forked()  # as in a child: the parent's tunnels are not its to count
+            meter.sample()
+            client.shutdown(socket.SHUT_WR)
+            target.shutdown(socket.SHUT_WR)
+            tunnel.result()
+    assert reports == []
+
+
+@pytest.mark.parametrize(
+    ("reason", "label"),
+    [
+        ("rules[0]", "0"),
+        ("rules[12]", "12"),
+        ("default deny", "default"),
+        ("private destination", "private_destination"),
+        ("own address", "own_address"),
+        ("own listener", "own_listener"),
+    ],
+)
+def test_rule_labels(reason, label):
+    assert rule_label(reason) == label
+
+
+def test_reply_and_command_labels():
+    assert reply_label(None) == "none"
+    assert reply_label(Reply.SUCCEEDED) == "00"
+    assert reply_label(Reply.ADDRESS_TYPE_NOT_SUPPORTED) == "08"
+    assert [command_label(c) for c in ("CONNECT", "BIND", "UDP_ASSOCIATE", "-")] == [
+        "connect",
+        "bind",
+        "udp",
+        "none",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("listen", "exposed"),
+    [
+        (("127.0.0.1", 9180), False),
+        (("127.0.0.2", 9180), False),
+        (("::1", 9180), False),
+        (("localhost", 9180), False),
+        (("0.0.0.0", 9180), True),
+        (("::", 9180), True),
+        (("192.0.2.7", 9180), True),
+    ],
+)
+def test_an_exposed_metrics_address_is_warned_about(listen, exposed):
+    warning = exposure_warning(listen)
+    assert (warning is not None) == exposed
+    if exposed:
+        assert "reveal traffic volumes" in warning
+
+
+def test_the_observer_counts_one_connection_through_its_life():
+    metrics = Metrics()
+    registry = metrics.registry
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    session = Session(client="127.0.0.1:5000")
+    metrics.begun(session)
+    assert sample("socks5d_connections_active", command="none") == 1
+    session.command = "CONNECT"
+    metrics.dispatched(session)
+    assert sample("socks5d_connections_active", command="none") == 0
+    assert sample("socks5d_connections_active", command="connect") == 1
+    assert sample("socks5d_handshake_duration_seconds_count") == 1
+    session.reply = Reply.CONNECTION_NOT_ALLOWED
+    session.rule = "rules[2]"
+    metrics.replied(session)
+    assert sample("socks5d_connect_duration_seconds_count") == 1
+    metrics.concluded(session)
+    assert sample("socks5d_connections_active", command="connect") == 0
+    assert (
+        sample("socks5d_connections_total", protocol="socks5", command="connect", reply="02") == 1
+    )
+    assert sample("socks5d_rule_denials_total", rule="2") == 1
+    metrics.limit_refused("max_connections_per_ip")
+    metrics.limit_refused("per_user")
+    assert sample("socks5d_limit_refusals_total", limit="per_ip") == 1
+    assert sample("socks5d_limit_refusals_total", limit="per_user") == 1
+    metrics.relayed(100, 7)
+    assert sample("socks5d_bytes_total", direction="up") == 100
+    assert sample("socks5d_bytes_total", direction="down") == 7
+    assert sample("socks5d_build_info", version=__version__) == 1

@@ -981,6 +981,7 @@ class TrafficMeter:
         # Open tunnel -> (a_to_b, b_to_a) as last reported.
         self._open: dict[Tunnel, tuple[int, int]] = {}
         self._sampling = False
+        self._stopped = threading.Event()  # set when another meter takes over
 
     def opened(self, tunnel: Tunnel) -> None:
         with self._lock:
@@ -1014,6 +1015,7 @@ class TrafficMeter:
         self._lock = threading.Lock()
         self._open = {}
         self._sampling = False
+        self._stopped = threading.Event()
 
     def _report(self, up: int, down: int) -> None:
         if up or down:
@@ -1023,11 +1025,9 @@ class TrafficMeter:
                 logger.exception("traffic meter: report failed")
 
     def _sample_forever(self) -> None:
-        while _meter is self:  # a meter replaced (or removed) stops sampling
-            time.sleep(self.interval)
+        stopped = self._stopped
+        while not stopped.wait(self.interval):
             self.sample()
-        with self._lock:
-            self._sampling = False
 
 
 _meter: TrafficMeter | None = None
@@ -1036,6 +1036,8 @@ _meter: TrafficMeter | None = None
 def set_traffic_meter(meter: TrafficMeter | None) -> None:
     """Have every tunnel that starts from now on counted by ``meter`` (None: none)."""
     global _meter
+    if _meter is not None and _meter is not meter:
+        _meter._stopped.set()  # its thread ends
     _meter = meter
 
 

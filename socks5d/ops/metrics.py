@@ -183,6 +183,7 @@ class Metrics(SessionObserver):
             # (a process's gauges vanish with it; this one lives as long as the daemon).
             self.child(self.active, command)
         self._pending_dead: list[int] = []
+        self._folding = threading.Lock()  # _directory_lock within this process
         self._last_fold = time.monotonic()
         self.registry = self._scrape_registry(own)
         self.meter = TrafficMeter(self.relayed)
@@ -326,15 +327,19 @@ class Metrics(SessionObserver):
 
     @contextlib.contextmanager
     def _directory_lock(self, how: int) -> Iterator[None]:
-        """Folding (exclusive) against scraping (shared), across processes: a scrape
-        never sees a dead process's values both in its files and folded, or in neither."""
+        """Folding (exclusive) against scraping (shared): a scrape never sees a dead
+        process's values both in its files and folded, or in neither. Between processes
+        a POSIX record lock (lockf: not inherited by a fork, so a child forked during a
+        scrape holds nothing), within this one a thread lock (record locks do not
+        exclude the threads of one process)."""
         assert self.directory is not None
-        fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, how)
-            yield
-        finally:
-            os.close(fd)
+        with self._folding:
+            fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.lockf(fd, how)
+                yield
+            finally:
+                os.close(fd)  # releases the record lock
 
     # ---- exposition ----
 
@@ -362,6 +367,10 @@ class Metrics(SessionObserver):
         os.register_at_fork(after_in_child=self._forked)
 
     def _forked(self) -> None:
+        """In a forked child: a fresh thread lock (a scrape may have held the parent's at
+        the fork), and the endpoint's listening socket closed (it is the first
+        process's alone)."""
+        self._folding = threading.Lock()
         http = self.http
         if http is not None and os.getpid() != self.owner:
             for sock in http.sockets:
@@ -400,6 +409,11 @@ class MetricsHTTPServer(ThreadingTCPServer):
     more are closed), serving a handler that reads one short request."""
 
     metrics: Metrics
+
+    def handle_overload(self, request: Any, client_address: Any) -> None:
+        """Past 8 scrapes at once: close, without the core's warning, which would read
+        as if the proxy itself refused clients."""
+        self.shutdown_request(request)
 
 
 class MetricsHandler(StreamRequestHandler):
