@@ -470,7 +470,7 @@ def run_socks5d(
 
 @contextlib.contextmanager
 def installed_meter(report: Callable[[int, int], None]) -> Iterator[TrafficMeter]:
-    meter = TrafficMeter(report, interval=3600)  # sampled by hand below
+    meter = TrafficMeter(report)  # sampled by hand below
     set_traffic_meter(meter)
     try:
         yield meter
@@ -603,6 +603,7 @@ def test_the_observer_counts_one_connection_through_its_life():
     registry = metrics.registry
 
     def sample(name: str, **labels: str) -> float:
+        metrics.flush()  # events are tallied, then put into the metric objects
         return registry.get_sample_value(name, labels) or 0.0
 
     session = Session(client="127.0.0.1:5000")
@@ -631,3 +632,4 @@ def test_the_observer_counts_one_connection_through_its_life():
     assert sample("socks5d_bytes_total", direction="up") == 100
     assert sample("socks5d_bytes_total", direction="down") == 7
     assert sample("socks5d_build_info", version=__version__) == 1
+    metrics.close()

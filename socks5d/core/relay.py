@@ -966,30 +966,23 @@ class TrafficMeter:
     """The bytes this process's tunnels relayed, open tunnels included, passed on as
     ``report(up, down)`` (``up``: a to b) without adding work per chunk.
 
-    Each tunnel keeps its own counts; the meter reads those of the open tunnels every
-    ``interval`` seconds (a thread of its own, started with the first tunnel in each
-    process, so a forked child has one too) and the rest of a tunnel's when it closes,
-    and reports what moved since the last reading. The sum of the reports never goes
-    down, and once every tunnel has closed it is exactly what they relayed. Install it
-    with :func:`set_traffic_meter`; ``report`` must be quick and must not raise.
+    Each tunnel keeps its own counts. The meter reads those of the open tunnels when
+    :meth:`sample` is called (its owner does, every second or so) and the rest of a
+    tunnel's when it closes, and reports what moved since the last reading: the sum of
+    the reports never goes down, and once every tunnel has closed it is exactly what they
+    relayed. Install it with :func:`set_traffic_meter`; ``report`` must be quick and must
+    not raise. Per tunnel it costs a lock and a dict update when it starts and ends.
     """
 
-    def __init__(self, report: Callable[[int, int], None], interval: float = 1.0) -> None:
+    def __init__(self, report: Callable[[int, int], None]) -> None:
         self.report = report
-        self.interval = interval
         self._lock = threading.Lock()
         # Open tunnel -> (a_to_b, b_to_a) as last reported.
         self._open: dict[Tunnel, tuple[int, int]] = {}
-        self._sampling = False
-        self._stopped = threading.Event()  # set when another meter takes over
 
     def opened(self, tunnel: Tunnel) -> None:
         with self._lock:
             self._open.setdefault(tunnel, (0, 0))
-            if self._sampling:
-                return
-            self._sampling = True
-        threading.Thread(target=self._sample_forever, name="traffic-meter", daemon=True).start()
 
     def closed(self, tunnel: Tunnel) -> None:
         with self._lock:
@@ -1011,11 +1004,9 @@ class TrafficMeter:
             self._report(up, down)
 
     def forked(self) -> None:
-        """In a forked child: the parent's tunnels, lock and thread are not this one's."""
+        """In a forked child: the parent's tunnels and lock are not this one's."""
         self._lock = threading.Lock()
         self._open = {}
-        self._sampling = False
-        self._stopped = threading.Event()
 
     def _report(self, up: int, down: int) -> None:
         if up or down:
@@ -1024,11 +1015,6 @@ class TrafficMeter:
             except Exception:
                 logger.exception("traffic meter: report failed")
 
-    def _sample_forever(self) -> None:
-        stopped = self._stopped
-        while not stopped.wait(self.interval):
-            self.sample()
-
 
 _meter: TrafficMeter | None = None
 
@@ -1036,8 +1022,6 @@ _meter: TrafficMeter | None = None
 def set_traffic_meter(meter: TrafficMeter | None) -> None:
     """Have every tunnel that starts from now on counted by ``meter`` (None: none)."""
     global _meter
-    if _meter is not None and _meter is not meter:
-        _meter._stopped.set()  # its thread ends
     _meter = meter
 
 

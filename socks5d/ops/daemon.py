@@ -21,6 +21,7 @@ import os
 import pickle
 import resource
 import signal
+import socket
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -71,6 +72,17 @@ class ThreadingSocksServer(SocksServerMixIn, EventLoopTCPServer):
 
 class ForkingSocksServer(SocksServerMixIn, ForkingTCPServer):
     """One process per client; children see the settings current when they forked."""
+
+    def finish_request(
+        self, request: socket.socket, client_address: Any, handover: object = None
+    ) -> None:
+        """In the child: serve the client, then flush its metrics (it leaves by
+        os._exit, and its flusher thread goes with it)."""
+        try:
+            super().finish_request(request, client_address, handover)
+        finally:
+            if self.metrics is not None:
+                self.metrics.flush()
 
     def child_exited(self, pid: int, code: int) -> None:
         give_back_slots(self.context.user_slots, pid, code)
@@ -385,8 +397,9 @@ class Daemon:
                 self._close(server)  # still under our handlers: a second signal cuts short
             finally:
                 self._restore_signal_handlers(previous)
-                if self.metrics is not None:
-                    self.metrics.fold()  # ended children's files, before this one ends
+                if self.metrics is not None:  # before a worker leaves: what it counted
+                    self.metrics.flush()
+                    self.metrics.fold()
         return 0
 
     def _start_event_loops(self, server: SocksServer) -> None:

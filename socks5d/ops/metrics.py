@@ -20,6 +20,7 @@ Imports: prometheus_client (lazily), the core server for the endpoint, socks' se
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import importlib
@@ -53,6 +54,10 @@ PROTOCOL_LABELS = {"socks5": "socks5", "socks4": "socks4", "socks4a": "socks4"}
 CAP_LABELS = {"max_connections": "max_connections", "max_connections_per_ip": "per_ip"}
 # Seconds: a handshake is a few round trips; a connect may take up to timeouts.connect.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# Seconds between flushes of a process's counts into its metrics (and of the open tunnels'
+# bytes): what a scrape of another process sees is at most this old.
+FLUSH_INTERVAL = 1.0
+UDP_LABELS = (("up", "relayed"), ("down", "relayed"), ("up", "dropped"), ("down", "dropped"))
 # Dead processes whose files wait to be folded before the reaping process folds them at
 # once rather than at its next periodic() call.
 FOLD_BATCH = 64
@@ -176,12 +181,31 @@ class Metrics(SessionObserver):
             ["direction", "result"],
             registry=own,
         )
-        self._up, self._down = self.bytes.labels("up"), self.bytes.labels("down")
         self._children: dict[tuple[Any, ...], Any] = {}
         for command in ("connect", "bind", "udp", "none"):
             # Made here, in the first process, so every command shows, at 0 while idle
             # (a process's gauges vanish with it; this one lives as long as the daemon).
             self.child(self.active, command)
+        # Events are tallied in plain dicts, one per thread (see Tallies), and put into
+        # the metric objects by flush(): an event costs a few dict updates, not a metric
+        # object's lock and bookkeeping (~3 us a call).
+        self.tallies = Tallies()
+        # The keys the connection path uses, made once (see Tallies and flush()).
+        self._none = (self.active, "none")
+        self._up, self._down = (self.bytes, "up"), (self.bytes, "down")
+        self._active_keys = {name: (self.active, label) for name, label in COMMAND_LABELS.items()}
+        self._outcome_keys: dict[tuple[str, str, Reply | None], Key] = {}
+        buckets = range(len(DURATION_BUCKETS) + 1)  # the last: +Inf
+        self._handshake_keys = [(self.handshake_seconds, i) for i in buckets]
+        self._handshake_sum = (self.handshake_seconds, None)
+        self._connect_keys = [(self.connect_seconds, i) for i in buckets]
+        self._connect_sum = (self.connect_seconds, None)
+        self._bounds = list(DURATION_BUCKETS)  # without +Inf: bisect_left gives its index
+        # Held by every flush (the only code that writes the metric objects), and taken
+        # around fork(): a child never inherits prometheus_client's value lock held.
+        self._flush_lock = threading.Lock()
+        self._flusher_running = False
+        self._stopped = threading.Event()  # close(): the flusher ends
         self._pending_dead: list[int] = []
         self._folding = threading.Lock()  # _directory_lock within this process
         self._last_fold = time.monotonic()
@@ -203,63 +227,125 @@ class Metrics(SessionObserver):
         return registry
 
     def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, kept: a dict lookup per event, not a lock and a
-        label check."""
+        """``metric.labels(*labels)``, kept (and ``metric`` itself with no labels)."""
         key = (metric, *labels)
         try:
             return self._children[key]
         except KeyError:
-            made = self._children[key] = metric.labels(*labels)
+            made = self._children[key] = metric.labels(*labels) if labels else metric
             return made
 
-    # ---- SessionObserver ----
+    # ---- SessionObserver (on the connections' path: a few dict updates) ----
 
     def begun(self, session: Session) -> None:
-        self.child(self.active, "none").inc()
+        if not self._flusher_running:
+            self._start_flusher()
+        tally = self.tallies.mine()
+        none = self._none
+        tally[none] = tally.get(none, 0) + 1
 
     def dispatched(self, session: Session) -> None:
         now = time.monotonic()
         session.dispatched_at = now
-        self.handshake_seconds.observe(now - session.started)
-        self.child(self.active, "none").dec()
-        self.child(self.active, command_label(session.command)).inc()
+        took = now - session.started
+        tally = self.tallies.mine()
+        none = self._none
+        active = self._active_keys.get(session.command, none)
+        bucket = self._handshake_keys[bisect.bisect_left(self._bounds, took)]
+        total = self._handshake_sum
+        tally[none] = tally.get(none, 0) - 1  # begun() may have run in another thread
+        tally[active] = tally.get(active, 0) + 1
+        tally[bucket] = tally.get(bucket, 0) + 1
+        tally[total] = tally.get(total, 0) + took
 
     def replied(self, session: Session) -> None:
         if session.command == "CONNECT" and session.dispatched_at:
-            self.connect_seconds.observe(time.monotonic() - session.dispatched_at)
+            took = time.monotonic() - session.dispatched_at
+            tally = self.tallies.mine()
+            bucket = self._connect_keys[bisect.bisect_left(self._bounds, took)]
+            total = self._connect_sum
+            tally[bucket] = tally.get(bucket, 0) + 1
+            tally[total] = tally.get(total, 0) + took
 
     def login_failed(self, session: Session) -> None:
-        self.auth_failures.inc()
+        _add(self.tallies.mine(), (self.auth_failures,), 1)
 
     def limit_refused(self, limit: str) -> None:
-        self.child(self.limit_refusals, CAP_LABELS.get(limit, limit)).inc()
+        if not self._flusher_running:
+            self._start_flusher()
+        _add(self.tallies.mine(), (self.limit_refusals, CAP_LABELS.get(limit, limit)), 1)
 
     def concluded(self, session: Session) -> None:
-        command = command_label(session.command)
-        protocol = PROTOCOL_LABELS.get(session.proto, session.proto)
-        self.child(self.connections, protocol, command, reply_label(session.reply)).inc()
-        self.child(self.active, command if session.dispatched_at else "none").dec()
+        tally = self.tallies.mine()
+        outcome = (session.proto, session.command, session.reply)
+        key = self._outcome_keys.get(outcome)
+        if key is None:
+            key = self._outcome_keys[outcome] = (
+                self.connections,
+                PROTOCOL_LABELS.get(session.proto, session.proto),
+                command_label(session.command),
+                reply_label(session.reply),
+            )
+        tally[key] = tally.get(key, 0) + 1
+        active = self._active_keys.get(session.command, self._none)
+        if not session.dispatched_at:
+            active = self._none
+        tally[active] = tally.get(active, 0) - 1
         if session.reply is Reply.CONNECTION_NOT_ALLOWED and session.rule != "-":
-            self.child(self.rule_denials, rule_label(session.rule)).inc()
+            _add(tally, (self.rule_denials, rule_label(session.rule)), 1)
         if session.datagrams is not None:
-            # UDP payload is not a tunnel's: counted here, when the association ends.
-            self.relayed(session.up, session.down)
-            for (direction, result), count in zip(
-                (("up", "relayed"), ("down", "relayed"), ("up", "dropped"), ("down", "dropped")),
-                session.datagrams,
-                strict=True,
-            ):
-                if count:
-                    self.child(self.udp_datagrams, direction, result).inc(count)
+            # UDP payload is not a tunnel's: counted when the association ends.
+            _add(tally, (self.bytes, "up"), session.up)
+            _add(tally, (self.bytes, "down"), session.down)
+            for (direction, result), count in zip(UDP_LABELS, session.datagrams, strict=True):
+                _add(tally, (self.udp_datagrams, direction, result), count)
 
     # ---- the core's reports ----
 
     def relayed(self, up: int, down: int) -> None:
-        """Bytes moved (TrafficMeter's report, and UDP associations)."""
-        if up:
-            self._up.inc(up)
-        if down:
-            self._down.inc(down)
+        """Bytes the tunnels moved (the TrafficMeter's report: a tunnel's last bytes
+        when it closes, the open ones' every FLUSH_INTERVAL)."""
+        tally = self.tallies.mine()
+        _add(tally, self._up, up)
+        _add(tally, self._down, down)
+
+    # ---- into the metric objects ----
+
+    def flush(self) -> None:
+        """Sample the open tunnels, then put what was tallied since the last flush into
+        the metric objects (in several processes: this process's files)."""
+        self.meter.sample()
+        with self._flush_lock:
+            for key, amount in self.tallies.collect().items():
+                self._apply(key, amount)
+
+    def _apply(self, key: tuple[Any, ...], amount: float) -> None:
+        metric = key[0]
+        if metric is self.handshake_seconds or metric is self.connect_seconds:
+            # The histogram's own per-bucket values (what observe() adds to), so the
+            # observations need not be replayed one by one.
+            bucket = key[1]
+            value = metric._sum if bucket is None else metric._buckets[bucket]
+            value.inc(amount)
+        else:
+            self.child(metric, *key[1:]).inc(amount)
+
+    def _start_flusher(self) -> None:
+        """The thread that flushes every FLUSH_INTERVAL, one per process (a forked child
+        starts its own with its first event)."""
+        with self._flush_lock:
+            if self._flusher_running:
+                return
+            self._flusher_running = True
+        threading.Thread(target=self._flush_forever, name="metrics-flush", daemon=True).start()
+
+    def _flush_forever(self) -> None:
+        stopped = self._stopped
+        while not stopped.wait(FLUSH_INTERVAL):
+            try:
+                self.flush()
+            except Exception:
+                logger.exception("metrics: flush failed")
 
     # ---- several processes ----
 
@@ -344,8 +430,8 @@ class Metrics(SessionObserver):
     # ---- exposition ----
 
     def exposition(self) -> bytes:
-        """The text a scrape returns (Prometheus text format 0.0.4)."""
-        self.meter.sample()  # this process's open tunnels, up to now
+        """The text a scrape returns (Prometheus text format)."""
+        self.flush()  # this process's counts, up to now
         if self.directory is None:
             return self.prometheus.generate_latest(self.registry)
         with self._directory_lock(fcntl.LOCK_SH):
@@ -362,15 +448,27 @@ class Metrics(SessionObserver):
         return str(address[0]), int(address[1])
 
     def start(self) -> None:
-        """Count tunnels from now on; a forked child stops listening for scrapes."""
+        """Count tunnels from now on; a forked child starts afresh (see _forked)."""
         set_traffic_meter(self.meter)
-        os.register_at_fork(after_in_child=self._forked)
+        os.register_at_fork(
+            before=self._before_fork, after_in_parent=self._after_fork, after_in_child=self._forked
+        )
+
+    def _before_fork(self) -> None:
+        self._flush_lock.acquire()  # no flush is halfway through its metric objects
+
+    def _after_fork(self) -> None:
+        self._flush_lock.release()
 
     def _forked(self) -> None:
-        """In a forked child: a fresh thread lock (a scrape may have held the parent's at
-        the fork), and the endpoint's listening socket closed (it is the first
+        """In a forked child: its own tallies (the parent flushes what it counted), fresh
+        locks and flusher, and the endpoint's listening socket closed (the first
         process's alone)."""
+        self.tallies = Tallies()
+        self._flush_lock = threading.Lock()
         self._folding = threading.Lock()
+        self._flusher_running = False
+        self._stopped = threading.Event()
         http = self.http
         if http is not None and os.getpid() != self.owner:
             for sock in http.sockets:
@@ -380,6 +478,7 @@ class Metrics(SessionObserver):
     def close(self) -> None:
         """Stop serving scrapes and counting; the first process removes the directory."""
         set_traffic_meter(None)
+        self._stopped.set()
         if os.getpid() != self.owner:
             return
         if self.http is not None:
@@ -388,6 +487,62 @@ class Metrics(SessionObserver):
             self.http = None
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+Key = tuple[Any, ...]
+
+
+def _add(tally: dict[Key, float], key: Key, amount: float) -> None:
+    tally[key] = tally.get(key, 0) + amount
+
+
+class Tallies:
+    """Counts kept per thread without a lock: each thread adds to a dict of its own, and
+    collect() (the flusher) reads every thread's dict and passes on how much each amount
+    changed since it last looked. The connection path pays a few dict updates.
+
+    Reading another thread's dict while it writes is safe under the GIL: list() of its
+    items is taken whole, and a value read is either the old or the new one; the rest
+    is read next time. A thread that has ended is read one last time and forgotten.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()  # guards _threads
+        # (thread, its amounts, the amounts collect() passed on so far)
+        self._threads: list[tuple[threading.Thread, dict[Key, float], dict[Key, float]]] = []
+
+    def mine(self) -> dict[Key, float]:
+        """The calling thread's dict of amounts."""
+        try:
+            return self._local.tally  # type: ignore[no-any-return]
+        except AttributeError:
+            tally: dict[Key, float] = {}
+            self._local.tally = tally
+            with self._lock:
+                self._threads.append((threading.current_thread(), tally, {}))
+            return tally
+
+    def collect(self) -> dict[Key, float]:
+        """What changed since the last collect(), summed over the threads (one caller at
+        a time)."""
+        with self._lock:
+            threads = list(self._threads)
+        changed: dict[Key, float] = {}
+        ended = []
+        for entry in threads:
+            thread, tally, passed = entry
+            if not thread.is_alive():  # checked first: it wrote its last already
+                ended.append(entry)
+            for key, amount in list(tally.items()):
+                delta = amount - passed.get(key, 0)
+                if delta:
+                    passed[key] = amount
+                    changed[key] = changed.get(key, 0) + delta
+        if ended:
+            with self._lock:
+                self._threads = [e for e in self._threads if not any(e is x for x in ended)]
+        return {key: amount for key, amount in changed.items() if amount}
 
 
 class BuildInfo:
