@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 from clients import (
     TIMEOUT,
     UdpEcho,
+    closed_port,
     loopback_alias_available,
     open_tunnel,
     recv_exactly,
@@ -633,3 +635,81 @@ def test_the_observer_counts_one_connection_through_its_life():
     assert sample("socks5d_bytes_total", direction="down") == 7
     assert sample("socks5d_build_info", version=__version__) == 1
     metrics.close()
+
+
+# ---- both ways of serving a handshake count alike ----
+
+
+def path_script(proxy: tuple[str, int], target: TargetServer) -> None:
+    """Connections the event loop serves whole (CONNECT to an address) and ones it hands
+    to a thread (a refused connect, a rule's denial, a bad request, an early EOF)."""
+    for size in (100, 200, 300):
+        sock, reply, _ = open_tunnel(proxy, Address(AddressType.IPV4, "127.0.0.1", target.port))
+        with sock:
+            assert reply == Reply.SUCCEEDED
+            sock.sendall(b"p" * size)
+            assert recv_exactly(sock, size) == b"p" * size
+    sock, reply, _ = open_tunnel(proxy, Address(AddressType.IPV4, "127.0.0.1", closed_port()))
+    sock.close()
+    assert reply == Reply.CONNECTION_REFUSED
+    denied_sock, reply, _ = open_tunnel(proxy, Address(AddressType.IPV4, "127.0.0.1", 9))
+    denied_sock.close()
+    assert reply == Reply.CONNECTION_NOT_ALLOWED
+    with socket.create_connection(proxy, timeout=TIMEOUT) as sock:
+        sock.sendall(encode_greeting([Method.NO_AUTHENTICATION_REQUIRED]))
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        sock.sendall(b"\x05\x09\x00\x01\x7f\x00\x00\x01\x00\x50")  # CMD 09: unknown
+        assert recv_exactly(sock, 2) == b"\x05\x07"
+    with socket.create_connection(proxy, timeout=TIMEOUT) as sock:
+        sock.sendall(b"\x05")  # half a greeting, then EOF
+
+
+PATH_EXPECTED = {
+    "socks5d_auth_failures_total{}": 0,
+    "socks5d_build_info{version=0.1.0}": 1,
+    "socks5d_bytes_total{direction=down}": 600,
+    "socks5d_bytes_total{direction=up}": 600,
+    "socks5d_connect_duration_seconds_count{}": 5,
+    "socks5d_connections_active{command=bind}": 0,
+    "socks5d_connections_active{command=connect}": 0,
+    "socks5d_connections_active{command=none}": 0,
+    "socks5d_connections_active{command=udp}": 0,
+    "socks5d_connections_total{command=connect,protocol=socks5,reply=00}": 3,
+    "socks5d_connections_total{command=connect,protocol=socks5,reply=02}": 1,
+    "socks5d_connections_total{command=connect,protocol=socks5,reply=05}": 1,
+    "socks5d_connections_total{command=none,protocol=socks5,reply=07}": 1,
+    "socks5d_connections_total{command=none,protocol=socks5,reply=none}": 1,
+    "socks5d_handshake_duration_seconds_count{}": 5,
+    "socks5d_rule_denials_total{rule=0}": 1,
+}
+
+
+@pytest.mark.parametrize("relay_threads", ["0", "1"])
+def test_thread_path_and_loop_path_count_alike(tmp_path, target_factory, relay_threads):
+    target = target_factory()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[metrics]\nlisten = "127.0.0.1:0"\n[[rules]]\naction = "deny"\nports = [9]\n'
+    )
+    daemon = DaemonProcess("--port", "0", "--config", str(config), "--relay-threads", relay_threads)
+    try:
+        port = int(next(m for line in daemon.lines if (m := METRICS_LINE.search(line))).group(2))
+        path_script(("127.0.0.1", daemon.port), target)
+        samples = poll_scrape(port, lambda s: socks5d_samples(s) == PATH_EXPECTED)
+        assert socks5d_samples(samples) == PATH_EXPECTED
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+
+
+def test_a_reload_keeps_the_metrics_address_and_says_so(tmp_path):
+    with metrics_daemon(tmp_path, "threading") as (daemon, port, _dir):
+        config = tmp_path / "config.toml"
+        config.write_text(
+            config.read_text().replace(
+                'listen = "127.0.0.1:0"\n[[users]]', 'listen = ""\n[[users]]'
+            )
+        )
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reloaded" in daemon.output()), daemon.output()
+        assert "reload: [metrics] changes need a restart, kept as they were" in daemon.output()
+        assert value(scrape(port), "socks5d_build_info", version="0.1.0") == 1
