@@ -6,6 +6,11 @@ SessionObserver: outcomes are counted where a session concludes (both drivers sh
 tunnel bytes come from the core's TrafficMeter (the tunnels' own counts, read every second
 and at the end), refusals at the core's caps from the server's refusal_counted hook.
 
+Nothing on a connection's path touches a metric object (a lock and some bookkeeping per
+call, ~3 us): events add to plain dicts, one per thread (:class:`Tallies`), and a flusher
+thread in each process puts what they gathered into the metric objects every
+FLUSH_INTERVAL; a scrape flushes its own process first, so in one process it is exact.
+
 One process (threading mode, one worker): the metrics are this process's. Several (forking
 mode, a child per connection; ``--workers N``): prometheus_client's multiprocess mode. The
 daemon makes a private directory before any metric exists (PROMETHEUS_MULTIPROC_DIR); each
@@ -61,6 +66,9 @@ UDP_LABELS = (("up", "relayed"), ("down", "relayed"), ("up", "dropped"), ("down"
 # Dead processes whose files wait to be folded before the reaping process folds them at
 # once rather than at its next periodic() call.
 FOLD_BATCH = 64
+
+
+_DENIED = Reply.CONNECTION_NOT_ALLOWED  # RFC 1928 §6 X'02', by a rule
 
 
 class MetricsUnavailable(ConfigError):
@@ -291,7 +299,7 @@ class Metrics(SessionObserver):
         if not session.dispatched_at:
             active = self._none
         tally[active] = tally.get(active, 0) - 1
-        if session.reply is Reply.CONNECTION_NOT_ALLOWED and session.rule != "-":
+        if session.reply is _DENIED and session.rule != "-":
             _add(tally, (self.rule_denials, rule_label(session.rule)), 1)
         if session.datagrams is not None:
             # UDP payload is not a tunnel's: counted when the association ends.
@@ -306,8 +314,9 @@ class Metrics(SessionObserver):
         """Bytes the tunnels moved (the TrafficMeter's report: a tunnel's last bytes
         when it closes, the open ones' every FLUSH_INTERVAL)."""
         tally = self.tallies.mine()
-        _add(tally, self._up, up)
-        _add(tally, self._down, down)
+        key_up, key_down = self._up, self._down
+        tally[key_up] = tally.get(key_up, 0) + up
+        tally[key_down] = tally.get(key_down, 0) + down
 
     # ---- into the metric objects ----
 
