@@ -33,7 +33,7 @@ from conftest import DaemonProcess, TargetServer
 from streams import Worker
 
 from socks5d import __version__
-from socks5d.core.relay import TrafficMeter, relay, set_traffic_meter
+from socks5d.core.relay import RelayResult, TrafficMeter, relay, set_traffic_meter
 from socks5d.ops.metrics import (
     Metrics,
     command_label,
@@ -480,6 +480,23 @@ def installed_meter(report: Callable[[int, int], None]) -> Iterator[TrafficMeter
         set_traffic_meter(None)
 
 
+@contextlib.contextmanager
+def relaying() -> Iterator[tuple[socket.socket, socket.socket, Worker]]:
+    """A client and a target socket with relay() between them in a thread."""
+    client, a = socket.socketpair()
+    b, target = socket.socketpair()
+    with client, a, b, target:
+        tunnel = Worker(relay, a, b)
+        tunnel.start()
+        yield client, target, tunnel
+
+
+def end_relay(client: socket.socket, target: socket.socket, tunnel: Worker) -> RelayResult:
+    client.shutdown(socket.SHUT_WR)
+    target.shutdown(socket.SHUT_WR)
+    return tunnel.result()
+
+
 def test_traffic_meter_reports_open_tunnels_then_the_rest_at_close():
     reports: list[tuple[int, int]] = []
 
@@ -492,11 +509,7 @@ def test_traffic_meter_reports_open_tunnels_then_the_rest_at_close():
         return reported() == expected
 
     with installed_meter(lambda up, down: reports.append((up, down))) as meter:
-        client, a = socket.socketpair()
-        b, target = socket.socketpair()
-        with client, a, b, target:
-            tunnel = Worker(relay, a, b)
-            tunnel.start()
+        with relaying() as (client, target, tunnel):
             client.sendall(b"x" * 1000)
             assert recv_exactly(target, 1000) == b"x" * 1000
             assert wait_until(lambda: sampled((1000, 0)))  # open, and counted
@@ -508,9 +521,7 @@ def test_traffic_meter_reports_open_tunnels_then_the_rest_at_close():
             assert len(reports) == count
             client.sendall(b"z" * 10)
             assert recv_exactly(target, 10) == b"z" * 10
-            client.shutdown(socket.SHUT_WR)
-            target.shutdown(socket.SHUT_WR)
-            result = tunnel.result()
+            result = end_relay(client, target, tunnel)
         # The rest came when it closed, whether a sample caught it first or not.
         assert reported() == (result.a_to_b, result.b_to_a) == (1010, 500)
         count = len(reports)
@@ -521,36 +532,24 @@ def test_traffic_meter_reports_open_tunnels_then_the_rest_at_close():
 def test_traffic_meter_counts_nothing_twice_when_sampled_while_relaying():
     reports: list[tuple[int, int]] = []
     with installed_meter(lambda up, down: reports.append((up, down))) as meter:
-        client, a = socket.socketpair()
-        b, target = socket.socketpair()
-        with client, a, b, target:
-            tunnel = Worker(relay, a, b)
-            tunnel.start()
+        with relaying() as (client, target, tunnel):
             for _ in range(50):
                 client.sendall(b"q" * 4096)
                 recv_exactly(target, 4096)
                 meter.sample()
-            client.shutdown(socket.SHUT_WR)
-            target.shutdown(socket.SHUT_WR)
-            result = tunnel.result()
+            result = end_relay(client, target, tunnel)
     assert sum(up for up, _ in reports) == result.a_to_b == 50 * 4096
 
 
 def test_a_forked_meter_forgets_the_parents_tunnels():
     reports: list[tuple[int, int]] = []
     with installed_meter(lambda up, down: reports.append((up, down))) as meter:
-        client, a = socket.socketpair()
-        b, target = socket.socketpair()
-        with client, a, b, target:
-            tunnel = Worker(relay, a, b)
-            tunnel.start()
+        with relaying() as (client, target, tunnel):
             client.sendall(b"x" * 10)
             recv_exactly(target, 10)
             meter.forked()  # as in a child: the parent's tunnels are not its to count
             meter.sample()
-            client.shutdown(socket.SHUT_WR)
-            target.shutdown(socket.SHUT_WR)
-            tunnel.result()
+            end_relay(client, target, tunnel)
     assert reports == []
 
 
