@@ -547,7 +547,7 @@ def test_a_forked_meter_forgets_the_parents_tunnels():
         with relaying() as (client, target, tunnel):
             client.sendall(b"x" * 10)
             recv_exactly(target, 10)
-            meter.forked()  # as in a child: the parent's tunnels are not its to count
+            meter._start_process()  # as in a forked child: the parent's tunnels are not its
             meter.sample()
             end_relay(client, target, tunnel)
     assert reports == []

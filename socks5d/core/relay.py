@@ -77,6 +77,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .shmem import ProcessLocal
+
 __all__ = [
     "LOCAL_SOCKET_BUFFER",
     "MODES",
@@ -962,7 +964,7 @@ def relay(
     return result
 
 
-class TrafficMeter:
+class TrafficMeter(ProcessLocal):
     """The bytes this process's tunnels relayed, open tunnels included, passed on as
     ``report(up, down)`` (``up``: a to b) without adding work per chunk.
 
@@ -977,6 +979,10 @@ class TrafficMeter:
 
     def __init__(self, report: Callable[[int, int], None]) -> None:
         self.report = report
+        self._register()
+
+    def _start_process(self) -> None:
+        """Here and in a forked child: the parent's tunnels and lock are not a child's."""
         self._lock = threading.Lock()
         # Open tunnel -> (a_to_b, b_to_a) as last reported.
         self._open: dict[Tunnel, tuple[int, int]] = {}
@@ -1004,11 +1010,6 @@ class TrafficMeter:
                     down += now_down - seen_down
             self._report(up, down)
 
-    def forked(self) -> None:
-        """In a forked child: the parent's tunnels and lock are not this one's."""
-        self._lock = threading.Lock()
-        self._open = {}
-
     def _report(self, up: int, down: int) -> None:
         if up or down:
             try:
@@ -1024,14 +1025,6 @@ def set_traffic_meter(meter: TrafficMeter | None) -> None:
     """Have every tunnel that starts from now on counted by ``meter`` (None: none)."""
     global _meter
     _meter = meter
-
-
-def _meter_after_fork() -> None:
-    if _meter is not None:
-        _meter.forked()
-
-
-os.register_at_fork(after_in_child=_meter_after_fork)
 
 
 def log_result(result: RelayResult) -> None:

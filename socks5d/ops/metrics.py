@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import fcntl
 import importlib
 import logging
 import os
@@ -42,6 +41,7 @@ from .. import __version__
 from ..core.addresses import format_host_port
 from ..core.relay import TrafficMeter, set_traffic_meter
 from ..core.server import StreamRequestHandler, ThreadingTCPServer
+from ..core.shmem import ProcessLocal, RobustLock
 from ..policy.rules import exposed_listeners
 from ..socks.protocol import Reply
 from ..socks.session import Session, SessionObserver
@@ -114,7 +114,7 @@ def exposure_warning(listen: tuple[str, int]) -> str | None:
     )
 
 
-class Metrics(SessionObserver):
+class Metrics(SessionObserver, ProcessLocal):
     """The daemon's metrics, fed as a SessionObserver (see the module docstring).
 
     ``directory``: the multiprocess directory (several processes), or None (one).
@@ -124,14 +124,55 @@ class Metrics(SessionObserver):
         prometheus = load_prometheus()
         self.prometheus = prometheus
         self.directory = directory
-        self.owner = os.getpid()  # removes the directory at close()
-        values = importlib.import_module("prometheus_client.values")
+        self.owner = os.getpid()  # serves scrapes, removes the directory at close()
+        self.values = importlib.import_module("prometheus_client.values")
         self.multiprocess = importlib.import_module("prometheus_client.multiprocess")
         if directory is not None:
             # Set here, not only through the environment before the import: whatever
             # imported prometheus_client first, every metric made from now on is mmap'ed.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-            values.ValueClass = values.MultiProcessValue()
+        self._bounds = list(DURATION_BUCKETS)  # without +Inf: bisect_left gives its index
+        self._stopped = threading.Event()  # close(): the flusher ends
+        self._pending_dead: list[int] = []
+        self._last_fold = time.monotonic()
+        self.meter = TrafficMeter(self.relayed)
+        self.http: ThreadingTCPServer | None = None
+        # Folding against scraping, across processes and threads (see fold()).
+        self._directory_lock: RobustLock | None = None
+        if directory is not None:
+            lock_file = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_file = lock_file  # open while the lock is in use (POSIX rule)
+            self._directory_lock = RobustLock(lock_file)
+        own = self._make_metrics()
+        for command in ("connect", "bind", "udp", "none"):
+            # Made here, in the first process, so every command shows, at 0 while idle
+            # (a process's gauges vanish with it; this one lives as long as the daemon).
+            self.child(self.active, command)
+        self.registry = self._scrape_registry(own)
+        self._register()
+
+    def _start_process(self) -> None:
+        """In a forked child (ProcessLocal): metric objects, tallies, locks and flusher of
+        its own, and the endpoint's listening socket closed (the first process's alone).
+        The parent's metric objects are left alone: a thread of the parent may have held
+        prometheus_client's value lock at the fork, and the parent flushes what it
+        tallied itself."""
+        if os.getpid() == self.owner:
+            return  # not a child: __init__ made all this
+        self._make_metrics()
+        self._stopped = threading.Event()
+        http = self.http
+        if http is not None:
+            for sock in http.sockets:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _make_metrics(self) -> Any:
+        """The metric objects (their values: this process's) and what the connection
+        path keeps ready for them; the registry they are in."""
+        prometheus, values = self.prometheus, self.values
+        if self.directory is not None:
+            values.ValueClass = values.MultiProcessValue()  # files and a lock of our own
         elif getattr(values.ValueClass, "_multiprocess", False):
             values.ValueClass = values.MutexValue
         own = prometheus.CollectorRegistry(auto_describe=True)
@@ -190,10 +231,6 @@ class Metrics(SessionObserver):
             registry=own,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
-        for command in ("connect", "bind", "udp", "none"):
-            # Made here, in the first process, so every command shows, at 0 while idle
-            # (a process's gauges vanish with it; this one lives as long as the daemon).
-            self.child(self.active, command)
         # Events are tallied in plain dicts, one per thread (see Tallies), and put into
         # the metric objects by flush(): an event costs a few dict updates, not a metric
         # object's lock and bookkeeping (~3 us a call).
@@ -208,18 +245,9 @@ class Metrics(SessionObserver):
         self._handshake_sum = (self.handshake_seconds, None)
         self._connect_keys = [(self.connect_seconds, i) for i in buckets]
         self._connect_sum = (self.connect_seconds, None)
-        self._bounds = list(DURATION_BUCKETS)  # without +Inf: bisect_left gives its index
-        # Held by every flush (the only code that writes the metric objects), and taken
-        # around fork(): a child never inherits prometheus_client's value lock held.
-        self._flush_lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one flush at a time writes the metric objects
         self._flusher_running = False
-        self._stopped = threading.Event()  # close(): the flusher ends
-        self._pending_dead: list[int] = []
-        self._folding = threading.Lock()  # _directory_lock within this process
-        self._last_fold = time.monotonic()
-        self.registry = self._scrape_registry(own)
-        self.meter = TrafficMeter(self.relayed)
-        self.http: ThreadingTCPServer | None = None
+        return own
 
     def _scrape_registry(self, own: Any) -> Any:
         prometheus = self.prometheus
@@ -378,9 +406,11 @@ class Metrics(SessionObserver):
         folded files and remove theirs: what a scrape adds up stays the same."""
         dead, self._pending_dead = self._pending_dead, []
         self._last_fold = time.monotonic()
-        if not dead or self.directory is None:
+        if not dead or self._directory_lock is None:
             return
-        with self._directory_lock(fcntl.LOCK_EX):
+        # Against a scrape (which takes it too): it never sees a dead process's values
+        # both in its files and folded, or in neither.
+        with self._directory_lock:
             for kind in ("counter", "histogram"):
                 self._fold_kind(kind, dead)
 
@@ -420,30 +450,14 @@ class Metrics(SessionObserver):
         for path in theirs:
             os.unlink(path)
 
-    @contextlib.contextmanager
-    def _directory_lock(self, how: int) -> Iterator[None]:
-        """Folding (exclusive) against scraping (shared): a scrape never sees a dead
-        process's values both in its files and folded, or in neither. Between processes
-        a POSIX record lock (lockf: not inherited by a fork, so a child forked during a
-        scrape holds nothing), within this one a thread lock (record locks do not
-        exclude the threads of one process)."""
-        assert self.directory is not None
-        with self._folding:
-            fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.lockf(fd, how)
-                yield
-            finally:
-                os.close(fd)  # releases the record lock
-
     # ---- exposition ----
 
     def exposition(self) -> bytes:
         """The text a scrape returns (Prometheus text format)."""
         self.flush()  # this process's counts, up to now
-        if self.directory is None:
+        if self._directory_lock is None:
             return self.prometheus.generate_latest(self.registry)
-        with self._directory_lock(fcntl.LOCK_SH):
+        with self._directory_lock:
             return self.prometheus.generate_latest(self.registry)
 
     def serve(self, listen: tuple[str, int]) -> tuple[str, int]:
@@ -457,32 +471,8 @@ class Metrics(SessionObserver):
         return str(address[0]), int(address[1])
 
     def start(self) -> None:
-        """Count tunnels from now on; a forked child starts afresh (see _forked)."""
+        """Count tunnels from now on."""
         set_traffic_meter(self.meter)
-        os.register_at_fork(
-            before=self._before_fork, after_in_parent=self._after_fork, after_in_child=self._forked
-        )
-
-    def _before_fork(self) -> None:
-        self._flush_lock.acquire()  # no flush is halfway through its metric objects
-
-    def _after_fork(self) -> None:
-        self._flush_lock.release()
-
-    def _forked(self) -> None:
-        """In a forked child: its own tallies (the parent flushes what it counted), fresh
-        locks and flusher, and the endpoint's listening socket closed (the first
-        process's alone)."""
-        self.tallies = Tallies()
-        self._flush_lock = threading.Lock()
-        self._folding = threading.Lock()
-        self._flusher_running = False
-        self._stopped = threading.Event()
-        http = self.http
-        if http is not None and os.getpid() != self.owner:
-            for sock in http.sockets:
-                with contextlib.suppress(OSError):
-                    sock.close()
 
     def close(self) -> None:
         """Stop serving scrapes and counting; the first process removes the directory."""
@@ -496,6 +486,7 @@ class Metrics(SessionObserver):
             self.http = None
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+            os.close(self._lock_file)
 
 
 Key = tuple[Any, ...]
