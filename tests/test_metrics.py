@@ -48,6 +48,7 @@ from socks5d.socks.protocol import (
     Method,
     Reply,
     encode_greeting,
+    encode_socks4_request,
     encode_udp_datagram,
     encode_username_password,
     parse_udp_datagram,
@@ -712,3 +713,53 @@ def test_a_reload_keeps_the_metrics_address_and_says_so(tmp_path):
         assert wait_until(lambda: "reloaded" in daemon.output()), daemon.output()
         assert "reload: [metrics] changes need a restart, kept as they were" in daemon.output()
         assert value(scrape(port), "socks5d_build_info", version="0.1.0") == 1
+
+
+def test_check_config_shows_the_metrics_address_and_warns_when_exposed(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[metrics]\nlisten = "127.0.0.1:9180"\n')
+    result = run_socks5d("check-config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "metrics: http://127.0.0.1:9180/metrics\n" in result.stdout
+    assert "reveal traffic volumes" not in result.stdout
+    config.write_text('[metrics]\nlisten = "0.0.0.0:9180"\n')  # only read, never bound
+    result = run_socks5d("check-config", str(config))
+    assert "warning: metrics.listen 0.0.0.0:9180 is reachable from other hosts" in result.stdout
+
+
+def test_socks4_connections_count_under_their_protocol(tmp_path, target_factory):
+    target = target_factory()
+    config = tmp_path / "config.toml"
+    config.write_text('[metrics]\nlisten = "127.0.0.1:0"\n')
+    daemon = DaemonProcess("--port", "0", "--config", str(config))
+    try:
+        port = int(next(m for line in daemon.lines if (m := METRICS_LINE.search(line))).group(2))
+        address = Address(AddressType.IPV4, "127.0.0.1", target.port)
+        for userid in (b"", b"bob"):  # SOCKS4 without and with a USERID
+            with socket.create_connection(("127.0.0.1", daemon.port), timeout=TIMEOUT) as sock:
+                sock.sendall(encode_socks4_request(Command.CONNECT, address, userid))
+                assert recv_exactly(sock, 8)[:2] == b"\x00\x5a"  # VN 0, CD 90: granted
+                sock.sendall(b"four")
+                assert recv_exactly(sock, 4) == b"four"
+        expected = {
+            ("socks4", "connect", "00"): 2,
+            ("socks5", "connect", "00"): 0,
+        }
+
+        def counted(samples: Samples) -> dict[tuple[str, str, str], float]:
+            return {
+                key: value(
+                    samples,
+                    "socks5d_connections_total",
+                    protocol=key[0],
+                    command=key[1],
+                    reply=key[2],
+                )
+                for key in expected
+            }
+
+        samples = poll_scrape(port, lambda s: counted(s) == expected)
+        assert counted(samples) == expected
+        assert value(samples, "socks5d_bytes_total", direction="up") == 8
+    finally:
+        assert daemon.stop() == 0, daemon.output()

@@ -34,6 +34,7 @@ from .daemon import (
     connection_limits,
     raise_open_file_limit,
 )
+from .metrics import exposure_warning
 from .probe import ProbeOptions, probe, target_hosts_by_version
 
 EXAMPLES = """\b
@@ -295,6 +296,11 @@ def check_config_command(file: str) -> None:
     click.echo(caps.describe())
     if caps.warning:
         click.echo(f"warning: {caps.warning}")
+    metrics = config.metrics.address
+    if metrics is not None:
+        click.echo(f"metrics: http://{format_host_port(*metrics)}/metrics")
+        if (warning := exposure_warning(metrics)) is not None:
+            click.echo(f"warning: {warning}")
     problem = exposure_problem(config, listening)
     if problem:
         raise ConfigProblem(f"{file}: {problem}")

@@ -152,8 +152,13 @@ class AuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    # Where Prometheus scrapes /metrics: (host, port); None: no metrics (the default).
-    listen: tuple[str, int] | None = None
+    # Where Prometheus scrapes /metrics: "HOST:PORT" (validated); "": no metrics.
+    listen: str = ""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """listen as (host, port); None when metrics are off."""
+        return parse_listen_address(self.listen) if self.listen else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,11 +338,12 @@ def parse_listen_address(value: Any) -> tuple[str, int]:
     return _host(host), _integer(0, 65535)(int(port_text))
 
 
-def _metrics_listen(value: Any) -> tuple[str, int] | None:
-    """ "HOST:PORT" to serve metrics on; "" for none."""
+def _metrics_listen(value: Any) -> str:
+    """ "HOST:PORT" to serve metrics on (checked like server.listen), or "" for none."""
     if value == "":
-        return None
-    return parse_listen_address(value)
+        return ""
+    parse_listen_address(value)
+    return str(value).strip()
 
 
 def _listen(value: Any) -> tuple[tuple[str, int], ...]:

@@ -309,7 +309,7 @@ class Daemon:
     def _start_metrics(config: Config) -> Metrics | None:
         """The metrics endpoint, when metrics.listen asks for one. Raises ConfigError
         (the metrics library missing) or RuntimeError (the address cannot be bound)."""
-        listen = config.metrics.listen
+        listen = config.metrics.address
         if listen is None:
             return None
         several = config.server.mode == "forking" or config.server.workers > 1
