@@ -966,15 +966,15 @@ def relay(
 
 class TrafficMeter(ProcessLocal):
     """The bytes this process's tunnels relayed, open tunnels included, passed on as
-    ``report(up, down)`` (``up``: a to b) without adding work per chunk.
+    ``report(up, down)`` (``up``: a to b) when :meth:`sample` is called (its owner does,
+    every second or so), without adding work per chunk.
 
-    Each tunnel keeps its own counts. The meter reads those of the open tunnels when
-    :meth:`sample` is called (its owner does, every second or so) and the rest of a
-    tunnel's when it closes, and reports what moved since the last reading: the sum of
-    the reports never goes down, and once every tunnel has closed it is exactly what they
-    relayed. Install it with :func:`set_traffic_meter`; ``report`` must be quick and must
-    not raise. Per tunnel it costs a dict update when it starts and a lock, a dict update and
-    a report when it ends.
+    Each tunnel keeps its own counts. A sample reads those of the open tunnels, adds
+    what the tunnels that closed since the last one moved after it, and reports the
+    difference: the sum of the reports never goes down, and once every tunnel has closed
+    and a last sample was taken it is exactly what they relayed. Install it with
+    :func:`set_traffic_meter`; ``report`` must not raise. Per tunnel it costs a dict
+    store when it starts and a lock, a dict pop and two additions when it ends.
     """
 
     def __init__(self, report: Callable[[int, int], None]) -> None:
@@ -986,21 +986,25 @@ class TrafficMeter(ProcessLocal):
         self._lock = threading.Lock()
         # Open tunnel -> (a_to_b, b_to_a) as last reported.
         self._open: dict[Tunnel, tuple[int, int]] = {}
+        # Bytes of tunnels closed since the last sample, not reported yet.
+        self._ended_up = self._ended_down = 0
 
     def opened(self, tunnel: Tunnel) -> None:
         # One dict store, atomic under the GIL; sample() iterates a copy.
         self._open[tunnel] = (0, 0)
 
     def closed(self, tunnel: Tunnel) -> None:
-        with self._lock:
+        with self._lock:  # against sample(): a tunnel's bytes are counted once
             seen = self._open.pop(tunnel, None)
             if seen is not None:
-                self._report(tunnel.ab.count - seen[0], tunnel.ba.count - seen[1])
+                self._ended_up += tunnel.ab.count - seen[0]
+                self._ended_down += tunnel.ba.count - seen[1]
 
     def sample(self) -> None:
-        """Report what the open tunnels moved since the last reading."""
-        up = down = 0
-        with self._lock:  # against closed(): a tunnel's bytes are reported once
+        """Report what moved since the last sample, in open and closed tunnels."""
+        with self._lock:
+            up, down = self._ended_up, self._ended_down
+            self._ended_up = self._ended_down = 0
             for tunnel, (seen_up, seen_down) in list(self._open.items()):
                 # Plain int reads: the loop or thread relaying it may be counting meanwhile.
                 now_up, now_down = tunnel.ab.count, tunnel.ba.count
@@ -1008,9 +1012,6 @@ class TrafficMeter(ProcessLocal):
                     self._open[tunnel] = (now_up, now_down)
                     up += now_up - seen_up
                     down += now_down - seen_down
-            self._report(up, down)
-
-    def _report(self, up: int, down: int) -> None:
         if up or down:
             try:
                 self.report(up, down)

@@ -26,9 +26,12 @@ Imports: prometheus_client (lazily), the core server for the endpoint, socks' se
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import importlib
 import logging
+import math
+import operator
 import os
 import shutil
 import tempfile
@@ -62,6 +65,10 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # Seconds between flushes of a process's counts into its metrics (and of the open tunnels'
 # bytes): what a scrape of another process sees is at most this old.
 FLUSH_INTERVAL = 1.0
+# Session.command -> the connections_active label ("-": still in the handshake).
+ACTIVE_LABELS = {"CONNECT": "connect", "BIND": "bind", "UDP_ASSOCIATE": "udp", "-": "none"}
+_COMMAND = operator.attrgetter("command")
+_OUTCOME = operator.attrgetter("proto", "command", "reply")
 UDP_LABELS = (("up", "relayed"), ("down", "relayed"), ("up", "dropped"), ("down", "dropped"))
 # Dead processes whose files wait to be folded before the reaping process folds them at
 # once rather than at its next periodic() call.
@@ -131,7 +138,6 @@ class Metrics(SessionObserver, ProcessLocal):
             # Set here, not only through the environment before the import: whatever
             # imported prometheus_client first, every metric made from now on is mmap'ed.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-        self._bounds = list(DURATION_BUCKETS)  # without +Inf: bisect_left gives its index
         self._stopped = threading.Event()  # close(): the flusher ends
         self._pending_dead: list[int] = []
         self._last_fold = time.monotonic()
@@ -144,10 +150,10 @@ class Metrics(SessionObserver, ProcessLocal):
             self._lock_file = lock_file  # open while the lock is in use (POSIX rule)
             self._directory_lock = RobustLock(lock_file)
         own = self._make_metrics()
-        for command in ("connect", "bind", "udp", "none"):
+        for label in ACTIVE_LABELS.values():
             # Made here, in the first process, so every command shows, at 0 while idle
             # (a process's gauges vanish with it; this one lives as long as the daemon).
-            self.child(self.active, command)
+            self.child(self.active, label)
         self.registry = self._scrape_registry(own)
         self._register()
 
@@ -231,20 +237,16 @@ class Metrics(SessionObserver, ProcessLocal):
             registry=own,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
-        # Events are tallied in plain dicts, one per thread (see Tallies), and put into
-        # the metric objects by flush(): an event costs a few dict updates, not a metric
-        # object's lock and bookkeeping (~3 us a call).
+        # What the connections' path leaves for flush(), per process: the sessions open
+        # now (id -> session), and those dispatched, answered and ended since the last
+        # flush. A dict store or a deque append per event, atomic under the GIL; the
+        # counting is done once a second, in batches (~2 us a connection otherwise).
+        self._live: dict[int, Session] = {}
+        self._dispatched: collections.deque[Session] = collections.deque()
+        self._replied: collections.deque[Session] = collections.deque()
+        self._ended: collections.deque[Session] = collections.deque()
+        # Rare events (failed logins, refusals) and the tunnels' bytes (from the flusher).
         self.tallies = Tallies()
-        # The keys the connection path uses, made once (see Tallies and flush()).
-        self._none = (self.active, "none")
-        self._up, self._down = (self.bytes, "up"), (self.bytes, "down")
-        self._active_keys = {name: (self.active, label) for name, label in COMMAND_LABELS.items()}
-        self._outcome_keys: dict[tuple[str, str, Reply | None], Key] = {}
-        buckets = range(len(DURATION_BUCKETS) + 1)  # the last: +Inf
-        self._handshake_keys = [(self.handshake_seconds, i) for i in buckets]
-        self._handshake_sum = (self.handshake_seconds, None)
-        self._connect_keys = [(self.connect_seconds, i) for i in buckets]
-        self._connect_sum = (self.connect_seconds, None)
         self._flush_lock = threading.Lock()  # one flush at a time writes the metric objects
         self._flusher_running = False
         return own
@@ -271,101 +273,96 @@ class Metrics(SessionObserver, ProcessLocal):
             made = self._children[key] = metric.labels(*labels) if labels else metric
             return made
 
-    # ---- SessionObserver (on the connections' path: a few dict updates) ----
+    # ---- SessionObserver: on the connections' path, a dict store or a deque append ----
 
     def begun(self, session: Session) -> None:
         if not self._flusher_running:
             self._start_flusher()
-        tally = self.tallies.mine()
-        none = self._none
-        tally[none] = tally.get(none, 0) + 1
+        self._live[id(session)] = session
 
     def dispatched(self, session: Session) -> None:
-        now = time.monotonic()
-        session.dispatched_at = now
-        took = now - session.started
-        tally = self.tallies.mine()
-        none = self._none
-        active = self._active_keys.get(session.command, none)
-        bucket = self._handshake_keys[bisect.bisect_left(self._bounds, took)]
-        total = self._handshake_sum
-        tally[none] = tally.get(none, 0) - 1  # begun() may have run in another thread
-        tally[active] = tally.get(active, 0) + 1
-        tally[bucket] = tally.get(bucket, 0) + 1
-        tally[total] = tally.get(total, 0) + took
+        session.dispatched_at = time.monotonic()
+        self._dispatched.append(session)  # deque.append: atomic, no lock
 
     def replied(self, session: Session) -> None:
         if session.command == "CONNECT" and session.dispatched_at:
-            took = time.monotonic() - session.dispatched_at
-            tally = self.tallies.mine()
-            bucket = self._connect_keys[bisect.bisect_left(self._bounds, took)]
-            total = self._connect_sum
-            tally[bucket] = tally.get(bucket, 0) + 1
-            tally[total] = tally.get(total, 0) + took
+            session.replied_at = time.monotonic()
+            self._replied.append(session)
 
     def login_failed(self, session: Session) -> None:
-        _add(self.tallies.mine(), (self.auth_failures,), 1)
+        self.tallies.mine()[(self.auth_failures,)] += 1
 
     def limit_refused(self, limit: str) -> None:
         if not self._flusher_running:
             self._start_flusher()
-        _add(self.tallies.mine(), (self.limit_refusals, CAP_LABELS.get(limit, limit)), 1)
+        self.tallies.mine()[self.limit_refusals, CAP_LABELS.get(limit, limit)] += 1
 
     def concluded(self, session: Session) -> None:
-        tally = self.tallies.mine()
-        outcome = (session.proto, session.command, session.reply)
-        key = self._outcome_keys.get(outcome)
-        if key is None:
-            key = self._outcome_keys[outcome] = (
-                self.connections,
-                PROTOCOL_LABELS.get(session.proto, session.proto),
-                command_label(session.command),
-                reply_label(session.reply),
-            )
-        tally[key] = tally.get(key, 0) + 1
-        active = self._active_keys.get(session.command, self._none)
-        if not session.dispatched_at:
-            active = self._none
-        tally[active] = tally.get(active, 0) - 1
-        if session.reply is _DENIED and session.rule != "-":
-            _add(tally, (self.rule_denials, rule_label(session.rule)), 1)
-        if session.datagrams is not None:
-            # UDP payload is not a tunnel's: counted when the association ends.
-            _add(tally, (self.bytes, "up"), session.up)
-            _add(tally, (self.bytes, "down"), session.down)
-            for (direction, result), count in zip(UDP_LABELS, session.datagrams, strict=True):
-                _add(tally, (self.udp_datagrams, direction, result), count)
+        self._live.pop(id(session), None)
+        self._ended.append(session)
 
     # ---- the core's reports ----
 
     def relayed(self, up: int, down: int) -> None:
-        """Bytes the tunnels moved (the TrafficMeter's report: a tunnel's last bytes
-        when it closes, the open ones' every FLUSH_INTERVAL)."""
+        """Bytes moved: the TrafficMeter's report (a flush samples it), UDP payload."""
         tally = self.tallies.mine()
-        key_up, key_down = self._up, self._down
-        tally[key_up] = tally.get(key_up, 0) + up
-        tally[key_down] = tally.get(key_down, 0) + down
+        tally[self.bytes, "up"] += up
+        tally[self.bytes, "down"] += down
 
     # ---- into the metric objects ----
 
     def flush(self) -> None:
-        """Sample the open tunnels, then put what was tallied since the last flush into
-        the metric objects (in several processes: this process's files)."""
+        """Put what happened since the last flush into the metric objects (in several
+        processes: this process's files): the sessions that came, were answered and
+        ended, the open ones by command, the tunnels' bytes, the tallied rare events."""
         self.meter.sample()
         with self._flush_lock:
+            self._count_ended(_drain(self._ended))
+            self._observe(self.handshake_seconds, _drain(self._dispatched), "started")
+            self._observe(self.connect_seconds, _drain(self._replied), "dispatched_at")
             for key, amount in self.tallies.collect().items():
-                self._apply(key, amount)
+                self.child(key[0], *key[1:]).inc(amount)
+            # The sessions open in this process (a livesum gauge adds up the processes).
+            open_now = collections.Counter(map(_COMMAND, list(self._live.values())))
+            for command, label in ACTIVE_LABELS.items():
+                self.child(self.active, label).set(open_now.get(command, 0))
 
-    def _apply(self, key: tuple[Any, ...], amount: float) -> None:
-        metric = key[0]
-        if metric is self.handshake_seconds or metric is self.connect_seconds:
-            # The histogram's own per-bucket values (what observe() adds to), so the
-            # observations need not be replayed one by one.
-            bucket = key[1]
-            value = metric._sum if bucket is None else metric._buckets[bucket]
-            value.inc(amount)
-        else:
-            self.child(metric, *key[1:]).inc(amount)
+    def _count_ended(self, sessions: list[Session]) -> None:
+        outcomes = collections.Counter(map(_OUTCOME, sessions))
+        for (proto, command, reply), count in outcomes.items():
+            protocol = PROTOCOL_LABELS.get(proto, proto)
+            labels = (protocol, command_label(command), reply_label(reply))
+            self.child(self.connections, *labels).inc(count)
+        if any(reply is _DENIED for _, _, reply in outcomes):
+            for session in sessions:
+                if session.reply is _DENIED and session.rule != "-":
+                    self.child(self.rule_denials, rule_label(session.rule)).inc()
+        if any(command == "UDP_ASSOCIATE" for _, command, _ in outcomes):
+            for session in sessions:
+                if session.datagrams is not None:
+                    # UDP payload is not a tunnel's: counted when the association ends.
+                    self.relayed(session.up, session.down)
+                    for labels, count in zip(UDP_LABELS, session.datagrams, strict=True):
+                        if count:
+                            self.child(self.udp_datagrams, *labels).inc(count)
+
+    def _observe(self, histogram: Any, sessions: list[Session], since: str) -> None:
+        """Observe each session's time from `since` (started: to its request; dispatched_at:
+        to its reply), as a batch: sorted, then counted per bucket with bisect."""
+        if not sessions:
+            return
+        until = "dispatched_at" if since == "started" else "replied_at"
+        took = sorted(getattr(s, until) - getattr(s, since) for s in sessions)
+        # The histogram's own per-bucket values, what observe() adds to (not cumulative).
+        counted = 0
+        for index, bound in enumerate(DURATION_BUCKETS):
+            upto = bisect.bisect_right(took, bound)  # observations <= bound
+            if upto > counted:
+                histogram._buckets[index].inc(upto - counted)
+                counted = upto
+        if len(took) > counted:
+            histogram._buckets[len(DURATION_BUCKETS)].inc(len(took) - counted)  # +Inf
+        histogram._sum.inc(math.fsum(took))
 
     def _start_flusher(self) -> None:
         """The thread that flushes every FLUSH_INTERVAL, one per process (a forked child
@@ -492,8 +489,9 @@ class Metrics(SessionObserver, ProcessLocal):
 Key = tuple[Any, ...]
 
 
-def _add(tally: dict[Key, float], key: Key, amount: float) -> None:
-    tally[key] = tally.get(key, 0) + amount
+def _drain(queue: collections.deque[Session]) -> list[Session]:
+    """What the queue holds now (appends that come meanwhile wait for the next drain)."""
+    return [queue.popleft() for _ in range(len(queue))]
 
 
 class Tallies:
@@ -507,18 +505,18 @@ class Tallies:
     """
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self.local = threading.local()  # .tally: the thread's dict, once mine() made it
         self._lock = threading.Lock()  # guards _threads
         # (thread, its amounts, the amounts collect() passed on so far)
         self._threads: list[tuple[threading.Thread, dict[Key, float], dict[Key, float]]] = []
 
     def mine(self) -> dict[Key, float]:
-        """The calling thread's dict of amounts."""
+        """The calling thread's dict of amounts (a missing key reads 0)."""
         try:
-            return self._local.tally  # type: ignore[no-any-return]
+            return self.local.tally  # type: ignore[no-any-return]
         except AttributeError:
-            tally: dict[Key, float] = {}
-            self._local.tally = tally
+            tally: dict[Key, float] = collections.defaultdict(int)
+            self.local.tally = tally
             with self._lock:
                 self._threads.append((threading.current_thread(), tally, {}))
             return tally

@@ -52,6 +52,7 @@ class Session:
     via: str = "-"  # the parent proxy (its [[upstreams]] name) a CONNECT went through
     parent: str = "-"  # what that parent said: "reply 05", "HTTP 403 Forbidden", "timeout"
     dispatched_at: float = 0.0  # time.monotonic() when the request came (0.0: none yet)
+    replied_at: float = 0.0  # and when a CONNECT got its reply (set by the metrics)
     # UDP ASSOCIATE: datagrams relayed up, relayed down, dropped up, dropped down.
     datagrams: tuple[int, int, int, int] | None = None
 
