@@ -7,9 +7,10 @@ tunnel bytes come from the core's TrafficMeter (the tunnels' own counts, read ev
 and at the end), refusals at the core's caps from the server's refusal_counted hook.
 
 Nothing on a connection's path touches a metric object (a lock and some bookkeeping per
-call, ~3 us): events add to plain dicts, one per thread (:class:`Tallies`), and a flusher
-thread in each process puts what they gathered into the metric objects every
-FLUSH_INTERVAL; a scrape flushes its own process first, so in one process it is exact.
+call, ~3 us): an event stores the session in a dict (open sessions) or appends it to a
+deque, and a flusher thread in each process counts those in batches into the metric objects
+every FLUSH_INTERVAL (rare events go through :class:`Tallies`); a scrape flushes its own
+process first, so in one process it is exact.
 
 One process (threading mode, one worker): the metrics are this process's. Several (forking
 mode, a child per connection; ``--workers N``): prometheus_client's multiprocess mode. The
