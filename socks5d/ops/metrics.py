@@ -498,7 +498,8 @@ def _drain(queue: collections.deque[Session]) -> list[Session]:
 class Tallies:
     """Counts kept per thread without a lock: each thread adds to a dict of its own, and
     collect() (the flusher) reads every thread's dict and passes on how much each amount
-    changed since it last looked. The connection path pays a few dict updates.
+    changed since it last looked. For the events too rare for the queues (failed logins,
+    refusals) and the bytes the flusher samples.
 
     Reading another thread's dict while it writes is safe under the GIL: list() of its
     items is taken whole, and a value read is either the old or the new one; the rest
