@@ -49,6 +49,7 @@ def test_example_file_loads_and_equals_the_embedded_defaults():
     assert config.udp == Config().udp
     assert config.auth == Config().auth
     assert config.access == Config().access
+    assert config.metrics == Config().metrics
     assert config.users == ()
     assert config.rules == ()
     assert config.upstreams == ()
@@ -64,6 +65,7 @@ def test_example_file_documents_every_key():
         "udp": Config().udp,
         "auth": Config().auth,
         "access": Config().access,
+        "metrics": Config().metrics,
     }.items():
         assert f"[{section}]" in text
         for key in type(keys).__slots__:

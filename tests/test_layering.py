@@ -112,3 +112,15 @@ def test_the_probe_is_a_client_only_the_cli_uses():
             continue
         project, _ = project_imports(module)
         assert not {"ops.probe", "ops.probe_targets"} & project, module
+
+
+def test_only_the_metrics_module_knows_prometheus():
+    """The core hands out plain counts (TrafficMeter, refusal_counted) and the socks layer
+    plain hooks (SessionObserver); prometheus_client is ops.metrics' business alone."""
+    for module in modules():
+        package, _, name = module.partition(".")
+        text = (PACKAGE / package / f"{name}.py").read_text()
+        if module != "ops.metrics":
+            assert "prometheus" not in text, module
+        if package in ("core", "policy"):
+            assert "metrics" not in text.lower(), module

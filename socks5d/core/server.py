@@ -184,13 +184,15 @@ class AcceptAccounting:
 
     # ---- refusals ----
 
-    def refused(self, key: str, max_total: int | None, max_per_client: int | None) -> None:
-        """Count a refusal for the next log_refusals() line, by the cap that was full."""
+    def refused(self, key: str, max_total: int | None, max_per_client: int | None) -> str:
+        """Count a refusal for the next log_refusals() line, by the cap that was full
+        (returned: "max_connections", "max_connections_per_ip" or "a cap of the server")."""
         with self.lock:
             reason = self.cap_reached(key, max_total, max_per_client) or "a cap of the server"
             self._refused[reason] += 1
             if reason == "max_connections_per_ip":
                 self._refused_clients[key] += 1
+        return reason
 
     def log_refusals(
         self,
@@ -350,6 +352,7 @@ class BaseServer:
     - handle_error(request, client_address)
     - over_limit(client_address)  # runs under the accounting lock
     - handle_overload(request, client_address)
+    - refusal_counted(cap)  # a client refused at a cap, counted
 
     Methods for derived classes:
 
@@ -726,9 +729,14 @@ class BaseServer:
         something first (then call super()).
         """
         key = self.client_key(client_address)
-        self.accounting.refused(key, self.max_connections, self.max_connections_per_ip)
+        cap = self.accounting.refused(key, self.max_connections, self.max_connections_per_ip)
+        self.refusal_counted(cap)
         self._log_refusals()
         self.shutdown_request(request)
+
+    def refusal_counted(self, cap: str) -> None:
+        """A client was refused at `cap` (see AcceptAccounting.refused), in the accepting
+        thread. May be overridden; keep it quick."""
 
     def _log_refusals(self, force: bool = False) -> None:
         self.accounting.log_refusals(

@@ -34,6 +34,7 @@ from .daemon import (
     connection_limits,
     raise_open_file_limit,
 )
+from .metrics import exposure_warning
 from .probe import ProbeOptions, probe, target_hosts_by_version
 
 EXAMPLES = """\b
@@ -143,6 +144,11 @@ class ConfigProblem(click.ClickException):
     type=click.Path(dir_okay=False, writable=True),
     help="Write logs to this file instead of stderr (reopened on SIGHUP).",
 )
+@click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (needs socks5d[metrics]).",
+)
 @click.version_option(__version__, prog_name="socks5d")
 @click.pass_context
 def main(
@@ -163,6 +169,7 @@ def main(
     log_level: str | None,
     log_format: str | None,
     log_file: str | None,
+    metrics_listen: str | None,
 ) -> None:
     """A SOCKS5 proxy daemon (RFC 1928 CONNECT, BIND, UDP ASSOCIATE; RFC 1929 login).
 
@@ -185,6 +192,7 @@ def main(
         "logging_level": log_level,
         "logging_format": log_format,
         "logging_file": log_file,
+        "metrics_listen": metrics_listen,
         "users": None,
     }
     try:
@@ -288,6 +296,11 @@ def check_config_command(file: str) -> None:
     click.echo(caps.describe())
     if caps.warning:
         click.echo(f"warning: {caps.warning}")
+    metrics = config.metrics.address
+    if metrics is not None:
+        click.echo(f"metrics: http://{format_host_port(*metrics)}/metrics")
+        if (warning := exposure_warning(metrics)) is not None:
+            click.echo(f"warning: {warning}")
     problem = exposure_problem(config, listening)
     if problem:
         raise ConfigProblem(f"{file}: {problem}")

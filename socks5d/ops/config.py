@@ -151,6 +151,17 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # Where Prometheus scrapes /metrics: "HOST:PORT" (validated); "": no metrics.
+    listen: str = ""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """listen as (host, port); None when metrics are off."""
+        return parse_listen_address(self.listen) if self.listen else None
+
+
+@dataclass(frozen=True, slots=True)
 class AccessConfig:
     default_action: str = "allow"  # when no [[rules]] entry matches
     # "auto": private destinations are denied when any listener is not loopback-only.
@@ -220,6 +231,7 @@ class Config:
     udp: UdpConfig = UdpConfig()
     auth: AuthConfig = AuthConfig()
     access: AccessConfig = AccessConfig()
+    metrics: MetricsConfig = MetricsConfig()
     users: tuple[User, ...] = ()
     rules: tuple[RuleSpec, ...] = ()
     upstreams: tuple[Upstream, ...] = ()
@@ -324,6 +336,14 @@ def parse_listen_address(value: Any) -> tuple[str, int]:
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         raise ValueError(f'IPv6 addresses need brackets, as in "[::1]:1080", got {value!r}')
     return _host(host), _integer(0, 65535)(int(port_text))
+
+
+def _metrics_listen(value: Any) -> str:
+    """ "HOST:PORT" to serve metrics on (checked like server.listen), or "" for none."""
+    if value == "":
+        return ""
+    parse_listen_address(value)
+    return str(value).strip()
 
 
 def _listen(value: Any) -> tuple[tuple[str, int], ...]:
@@ -685,6 +705,7 @@ ACCESS_KEYS: dict[str, Callable[[Any], Any]] = {
     "private_destinations": _choice(PRIVATE_DESTINATIONS),
     "default_via": _via,
 }
+METRICS_KEYS: dict[str, Callable[[Any], Any]] = {"listen": _metrics_listen}
 USER_KEYS: dict[str, Callable[[Any], Any]] = {
     "name": _text(255),
     "password": _text(255),
@@ -712,6 +733,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
     "udp": (UdpConfig, UDP_KEYS),
     "auth": (AuthConfig, AUTH_KEYS),
     "access": (AccessConfig, ACCESS_KEYS),
+    "metrics": (MetricsConfig, METRICS_KEYS),
 }
 # Arrays of tables, validated entry by entry.
 ARRAYS = ("users", "rules", "upstreams")
@@ -940,5 +962,5 @@ def apply_overrides(config: Config, **overrides: Any) -> Config:
 
 def _flag(section: str, name: str) -> str:
     """The command-line flag of an override key: --port, --allow-open, --log-format."""
-    prefix = "log-" if section == "logging" else ""
+    prefix = {"logging": "log-", "metrics": "metrics-"}.get(section, "")
     return f"--{prefix}{name.replace('_', '-')}"

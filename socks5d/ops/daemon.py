@@ -21,6 +21,7 @@ import os
 import pickle
 import resource
 import signal
+import socket
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -38,25 +39,31 @@ from ..policy.rules import behind_balancer, exposure_problem
 from ..policy.throttle import CheckGate, FailedLoginBackoff
 from ..socks.fastpath import begin_fast_handshake
 from ..socks.handler import HandlerContext, HandlerSettings, Socks5Handler
+from ..socks.session import NO_OBSERVER
 from . import systemd
 from .config import Config, ConfigError, apply_overrides, load_config
 from .logs import configure_logging, hand_log_files_to, reconfigure_logging
+from .metrics import Metrics, setup_metrics
 from .privileges import drop_privileges, resolve_ids
 
 logger = logging.getLogger("socks5d")
 
 
 class SocksServerMixIn(BaseServer):
-    """What the daemon adds to a core server: its handlers' context, and a periodic hook
-    (reload, systemd status) run by the serving loop."""
+    """What the daemon adds to a core server: its handlers' context, a periodic hook
+    (reload, systemd status) run by the serving loop, and its metrics (None: off)."""
 
     context: HandlerContext = HandlerContext()
     periodic: Callable[[], None] | None = None
+    metrics: Metrics | None = None
 
     def service_actions(self) -> None:
         super().service_actions()
         if self.periodic is not None:
             self.periodic()
+
+    def refusal_counted(self, cap: str) -> None:
+        self.context.observer.limit_refused(cap)
 
 
 class ThreadingSocksServer(SocksServerMixIn, EventLoopTCPServer):
@@ -66,8 +73,21 @@ class ThreadingSocksServer(SocksServerMixIn, EventLoopTCPServer):
 class ForkingSocksServer(SocksServerMixIn, ForkingTCPServer):
     """One process per client; children see the settings current when they forked."""
 
+    def finish_request(
+        self, request: socket.socket, client_address: Any, handover: object = None
+    ) -> None:
+        """In the child: serve the client, then flush its metrics (it leaves by
+        os._exit, and its flusher thread goes with it)."""
+        try:
+            super().finish_request(request, client_address, handover)
+        finally:
+            if self.metrics is not None:
+                self.metrics.flush()
+
     def child_exited(self, pid: int, code: int) -> None:
         give_back_slots(self.context.user_slots, pid, code)
+        if self.metrics is not None:
+            self.metrics.process_ended(pid)
 
 
 SocksServer = ThreadingSocksServer | ForkingSocksServer
@@ -90,7 +110,8 @@ def make_context(
     server: SocksServer, settings: Callable[[], HandlerSettings], parallel_checks: int
 ) -> HandlerContext:
     """The context of `server`'s handlers: fresh state that outlives reloads (made before
-    any fork, so every process shares it), the server's count and its event loops."""
+    any fork, so every process shares it), the server's count, its event loops and its
+    metrics."""
     return HandlerContext(
         settings=settings,
         login_backoff=FailedLoginBackoff(),
@@ -99,6 +120,7 @@ def make_context(
         active_count=lambda: server.active_count,
         relay_in_loop=server.relay_in_loop if isinstance(server, ThreadingSocksServer) else None,
         readdress=server.readdress_request,
+        observer=server.metrics or NO_OBSERVER,
     )
 
 
@@ -232,6 +254,7 @@ class Daemon:
         self.published: SharedBytes | None = None
         self.generation = 0
         self.is_worker = False
+        self.metrics: Metrics | None = None
 
     def bind(self) -> SocksServer:
         """Create and bind the listening server, ready to serve.
@@ -263,6 +286,7 @@ class Daemon:
             problem = exposure_problem(config, server.server_addresses)
             if problem:
                 raise ConfigError(problem)
+            server.metrics = self.metrics = self._start_metrics(config)
             # Before any fork (forking mode, workers): every process shares its state.
             server.context = make_context(
                 server, lambda: self.handler_settings, config.auth.parallel_checks
@@ -275,10 +299,32 @@ class Daemon:
                 drop_privileges(config.server.run_as_user, config.server.run_as_group or None)
         except BaseException:
             server.server_close()
+            self.close_metrics()
             raise
         server.periodic = self._periodic
         self.server = server
         return server
+
+    @staticmethod
+    def _start_metrics(config: Config) -> Metrics | None:
+        """The metrics endpoint, when metrics.listen asks for one. Raises ConfigError
+        (the metrics library missing) or RuntimeError (the address cannot be bound)."""
+        listen = config.metrics.address
+        if listen is None:
+            return None
+        several = config.server.mode == "forking" or config.server.workers > 1
+        try:
+            return setup_metrics(listen, several)
+        except OSError as exc:
+            where = format_address(listen)
+            raise RuntimeError(
+                f"metrics.listen: cannot listen on {where}: {exc.strerror or exc}"
+            ) from None
+
+    def close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def _apply(self, server: SocksServer, config: Config) -> None:
         """Put a validated config into effect for new connections."""
@@ -328,9 +374,12 @@ class Daemon:
         for address in server.server_addresses:
             where = format_address(address)
             logger.info("listening on %s (%s)", where, self.config.server.mode)
-        if self.config.server.workers > 1:
-            return Supervisor(self, self.config.server.workers).run()
-        return self.serve(notify=True)
+        try:
+            if self.config.server.workers > 1:
+                return Supervisor(self, self.config.server.workers).run()
+            return self.serve(notify=True)
+        finally:
+            self.close_metrics()  # in the first process only: a worker leaves by os._exit
 
     def serve(self, notify: bool) -> int:
         """The accept loop of this process, then the graceful stop."""
@@ -348,6 +397,9 @@ class Daemon:
                 self._close(server)  # still under our handlers: a second signal cuts short
             finally:
                 self._restore_signal_handlers(previous)
+                if self.metrics is not None:  # before a worker leaves: what it counted
+                    self.metrics.flush()
+                    self.metrics.fold()
         return 0
 
     def _start_event_loops(self, server: SocksServer) -> None:
@@ -417,6 +469,8 @@ class Daemon:
             finally:
                 systemd.ready(self._status_text(self.server) if self.server else None)
         self._notify_status()
+        if self.metrics is not None:
+            self.metrics.periodic()
 
     # ---- systemd notifications (STATUS= with live counters) ----
 
@@ -481,8 +535,12 @@ class Daemon:
                     "reload: [server] changes need a restart, kept as they were: %s",
                     ", ".join(changed),
                 )
-            # The whole [server] section stays as it is until a restart.
-            fresh = dataclasses.replace(fresh, server=self.config.server)
+            if fresh.metrics != self.config.metrics:
+                logger.warning("reload: [metrics] changes need a restart, kept as they were")
+            # The whole [server] and [metrics] sections stay as they are until a restart.
+            fresh = dataclasses.replace(
+                fresh, server=self.config.server, metrics=self.config.metrics
+            )
             problem = exposure_problem(fresh, server.server_addresses)
             if problem:
                 raise ConfigError(problem)
@@ -622,13 +680,20 @@ class Supervisor:
             # handshakes that no one accepts until the drain ends and they are reset.
             self.daemon.server.stop_listening()
 
+    def process_ended(self, slots: UserSlots | None, pid: int, code: int) -> None:
+        """A worker (or an orphan of a forking one) ended, not reaped yet: give back its
+        per-user slots, drop and fold its metrics."""
+        give_back_slots(slots, pid, code)
+        if self.daemon.metrics is not None:
+            self.daemon.metrics.process_ended(pid, fold_now=True)
+
     def reap(self, block: bool, previous_mask: Any = None) -> None:
         server = self.daemon.server
         slots = server.context.user_slots if server else None
         while self.workers:
             try:
                 # Slots are given back before another process can be given the PID.
-                ended = reap_child(functools.partial(give_back_slots, slots), block=block)
+                ended = reap_child(functools.partial(self.process_ended, slots), block=block)
             except ChildProcessError:
                 self.workers.clear()
                 return

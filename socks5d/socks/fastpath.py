@@ -85,7 +85,9 @@ class FastHandshake:
         self.client = client
         self.client_address = client_address
         self.finish = finish
-        self.negotiation = Negotiation.begin(self.context.settings(), client_address)
+        self.negotiation = Negotiation.begin(
+            self.context.settings(), client_address, self.context.observer
+        )
         self.connecting = False
         self.upstream: socket.socket | None = None
         self.timer: Timer | None = None
@@ -138,7 +140,7 @@ class FastHandshake:
         session.end = "stopped during the handshake"
         session.closed_by = "proxy"
         try:
-            conclude_session(self.client, session, linger=False)
+            conclude_session(self.client, session, self.context.observer, linger=False)
         finally:
             self.finish()
 
@@ -300,7 +302,9 @@ class FastHandshake:
 
     def close_out(self) -> None:
         try:
-            conclude_session(self.client, self.negotiation.session, linger=False)
+            conclude_session(
+                self.client, self.negotiation.session, self.context.observer, linger=False
+            )
         finally:
             self.finish()
 

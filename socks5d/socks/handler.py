@@ -47,7 +47,7 @@ from .outbound import (
     system_resolver,
 )
 from .protocol import Address, AddressType, Command, Reply, Request
-from .session import Session
+from .session import NO_OBSERVER, Session, SessionObserver
 from .udp import open_udp_endpoint, serve_association
 from .upstream import ParentFailed, open_via_parent
 
@@ -163,6 +163,8 @@ class HandlerContext:
     - readdress(request, client_address): count the request under the client a PROXY
       header named (the core's readdress_request); False when that client is at its
       per-address cap.
+    - observer: told of each connection's events (the daemon's metrics; see
+      SessionObserver); the default does nothing.
     """
 
     settings: Callable[[], HandlerSettings] = _default_settings
@@ -172,6 +174,7 @@ class HandlerContext:
     active_count: Callable[[], int] = _one_connection
     relay_in_loop: RelayInLoop | None = None
     readdress: Callable[[socket.socket, Any], bool] = _nothing_to_move
+    observer: SessionObserver = NO_OBSERVER
 
 
 DEFAULT_CONTEXT = HandlerContext()
@@ -202,14 +205,20 @@ class Negotiation:
     pending: list[Action] = field(default_factory=list)
 
     @classmethod
-    def begin(cls, settings: HandlerSettings, client_address: Any) -> Negotiation:
-        """A connection's handshake, as both drivers begin it. With server.proxy_protocol
-        on, a peer outside server.proxy_trusted is refused here, before a byte is read:
-        `pending` then holds the Close."""
+    def begin(
+        cls,
+        settings: HandlerSettings,
+        client_address: Any,
+        observer: SessionObserver = NO_OBSERVER,
+    ) -> Negotiation:
+        """A connection's handshake, as both drivers begin it (and `observer` is told).
+        With server.proxy_protocol on, a peer outside server.proxy_trusted is refused
+        here, before a byte is read: `pending` then holds the Close."""
         session = Session(client=format_peer(client_address))
+        observer.begun(session)
         ip = client_ip(client_address)
         proxy_protocol = settings.proxy_protocol
-        handshake = ServerHandshake(settings.authenticator, session, proxy_protocol)
+        handshake = ServerHandshake(settings.authenticator, session, proxy_protocol, observer)
         deadline = time.monotonic() + settings.handshake_timeout
         negotiation = cls(handshake, settings, deadline, session, ip, ip)
         if proxy_protocol is not None and not settings.trusts_balancer(ip):
@@ -298,7 +307,9 @@ class Socks5Handler(BaseRequestHandler):
         self.context = handler_context(self.context)
         negotiation = self.handover if isinstance(self.handover, Negotiation) else None
         if negotiation is None:
-            negotiation = Negotiation.begin(self.context.settings(), self.client_address)
+            negotiation = Negotiation.begin(
+                self.context.settings(), self.client_address, self.context.observer
+            )
         self.negotiation = negotiation
         self.settings: HandlerSettings = negotiation.settings
         self.handshake = negotiation.handshake
@@ -336,7 +347,7 @@ class Socks5Handler(BaseRequestHandler):
             slots = self.context.user_slots
             if slots is not None:
                 slots.release(self.user)
-        conclude_session(self.request, self.session)
+        conclude_session(self.request, self.session, self.context.observer)
 
     def serve(self) -> None:
         io = HandshakeIO(self.request, self.settings.handshake_timeout, self.negotiation.deadline)
@@ -494,6 +505,7 @@ class Socks5Handler(BaseRequestHandler):
     def carry_out(self, request: Request, io: HandshakeIO) -> None:
         """The dispatched request: the per-user limit, then the command."""
         if self.user is not None and not self.take_user_slot(self.user):
+            self.context.observer.limit_refused("per_user")
             self.fail(io, Reply.GENERAL_FAILURE, "per-user connection limit")
             return
         if request.command is Command.CONNECT:
@@ -686,6 +698,13 @@ class Socks5Handler(BaseRequestHandler):
             allow=self.allow_datagram if settings.policy is not None else None,
         )
         session.up, session.down = stats.bytes_up, stats.bytes_down
+        dropped_up = stats.dropped - stats.dropped_down
+        session.datagrams = (
+            stats.datagrams_up,
+            stats.datagrams_down,
+            dropped_up,
+            stats.dropped_down,
+        )
         session.closed_by = "client" if stats.end == "control closed" else "proxy"
         session.end = (
             f"{stats.end} (datagrams up={stats.datagrams_up} down={stats.datagrams_down}"
@@ -796,14 +815,22 @@ def record_relay(session: Session, result: RelayResult) -> None:
     session.end = f"{closer} {result.reason}"
 
 
-def conclude_session(client: socket.socket, session: Session, *, linger: bool = True) -> None:
-    """Close out a connection that failed before its tunnel (linger), write its line.
+def conclude_session(
+    client: socket.socket,
+    session: Session,
+    observer: SessionObserver = NO_OBSERVER,
+    *,
+    linger: bool = True,
+) -> None:
+    """Close out a connection that failed before its tunnel (linger), write its line;
+    the one place every connection ends, so the observer counts its outcome here.
 
     ``linger=False`` for an event loop, which must not wait on one client: it has no
     failure reply to protect (the handler thread sends those).
     """
     if linger and session.reply is not Reply.SUCCEEDED:
         linger_close(client)
+    observer.concluded(session)
     if access_logger.isEnabledFor(logging.INFO):
         # The record carries the session; the line (or JSON) is built only by a handler
         # that emits it.

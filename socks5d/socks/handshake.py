@@ -51,7 +51,7 @@ from .protocol import (
     parse_socks4_request,
     parse_username_password,
 )
-from .session import Session
+from .session import NO_OBSERVER, Session, SessionObserver
 
 if TYPE_CHECKING:
     from ..policy.auth import Authenticator
@@ -153,6 +153,7 @@ class ServerHandshake:
         "buffer",
         "encode_reply",
         "login_name",
+        "observer",
         "proxy_protocol",
         "request",
         "session",
@@ -161,12 +162,17 @@ class ServerHandshake:
     )
 
     def __init__(
-        self, authenticator: Authenticator, session: Session, proxy_protocol: str | None = None
+        self,
+        authenticator: Authenticator,
+        session: Session,
+        proxy_protocol: str | None = None,
+        observer: SessionObserver = NO_OBSERVER,
     ) -> None:
         """`proxy_protocol`: "v1", "v2" or "any" when a PROXY protocol header must come
         first (server.proxy_protocol); None (the default, "off"): SOCKS from the first byte."""
         self.authenticator = authenticator
         self.session = session
+        self.observer = observer  # told of the request, its reply and failed logins
         if proxy_protocol is None:
             self.state = State.GREETING
         else:
@@ -241,6 +247,7 @@ class ServerHandshake:
             self.state = State.CLOSED
             self.session.end = reason
             self.session.closed_by = "proxy"
+            self.observer.login_failed(self.session)
             return [Send(encode_auth_status(AuthStatus.FAILURE)), Close(reason)]
         self.user = self.login_name
         self.state = State.REQUEST
@@ -255,6 +262,7 @@ class ServerHandshake:
         if self.state is not State.COMMAND and self.state is not State.BIND_WAIT:
             self._expect(State.COMMAND, State.BIND_WAIT)  # raises (inline: a hot path)
         self.session.reply = reply
+        self.observer.replied(self.session)
         if reply is Reply.SUCCEEDED:
             self.state = State.ESTABLISHED
             return [Send(self.encode_reply(reply, bound))]
@@ -355,6 +363,7 @@ class ServerHandshake:
         self.session.command = request.command.name
         self.session.target = str(request.address)
         self.state = State.COMMAND
+        self.observer.dispatched(self.session)
         return [Dispatch(request)]
 
     def _begin_socks4(self) -> list[Action]:
@@ -379,6 +388,7 @@ class ServerHandshake:
         session.command = request.command.name
         session.target = str(request.address)
         self.state = State.COMMAND
+        self.observer.dispatched(session)
         # Allowed or not by the settings the connection began under (its authenticator).
         refusal = self.authenticator.socks4_refusal()
         if refusal is not None:

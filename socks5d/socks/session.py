@@ -51,6 +51,10 @@ class Session:
     balancer: str = "-"
     via: str = "-"  # the parent proxy (its [[upstreams]] name) a CONNECT went through
     parent: str = "-"  # what that parent said: "reply 05", "HTTP 403 Forbidden", "timeout"
+    dispatched_at: float = 0.0  # time.monotonic() when the request came (0.0: none yet)
+    replied_at: float = 0.0  # and when a CONNECT got its reply (set by the metrics)
+    # UDP ASSOCIATE: datagrams relayed up, relayed down, dropped up, dropped down.
+    datagrams: tuple[int, int, int, int] | None = None
 
     def duration(self) -> float:
         return time.monotonic() - self.started
@@ -101,6 +105,40 @@ class Session:
             "parent": None if self.parent == "-" else self.parent,
         }
 
+
+class SessionObserver:
+    """Hooks for whoever watches connections as they go (the daemon's metrics).
+
+    Each is called once per event, at the one place that settles it, whichever driver
+    (loop or thread) serves the connection: begun and concluded by the drivers' shared
+    Negotiation.begin and conclude_session, the rest by the handshake and the handler.
+    They run on the connection's path, so they must be quick and must not raise. This
+    one does nothing (metrics off).
+    """
+
+    __slots__ = ()
+
+    def begun(self, session: Session) -> None:
+        """A client was accepted; its handshake begins."""
+
+    def dispatched(self, session: Session) -> None:
+        """Its request was parsed (command and target set) and goes to be carried out."""
+
+    def replied(self, session: Session) -> None:
+        """The request got its final reply (session.reply)."""
+
+    def login_failed(self, session: Session) -> None:
+        """RFC 1929 credentials were refused."""
+
+    def limit_refused(self, limit: str) -> None:
+        """A client was refused at a connection limit: "max_connections", "per_ip" or
+        "per_user"."""
+
+    def concluded(self, session: Session) -> None:
+        """The connection ended; the session holds what the access log writes."""
+
+
+NO_OBSERVER = SessionObserver()
 
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@+-")
 

@@ -107,6 +107,7 @@ class UdpStats:
     # Bad header, FRAG != 0, foreign source, unresolvable, denied, send error, or a remote's
     # datagram before the client's address is known.
     dropped: int = 0
+    dropped_down: int = 0  # of those, datagrams from a remote (the rest came from the client)
     end: str = ""  # "control closed", "idle timeout", "aborted" or "error: ..."
 
 
@@ -415,8 +416,11 @@ class _Association:
         if code:
             logger.debug("UDP socket error reported: %s", os.strerror(code))
 
-    def drop(self, reason: str, *args: object) -> None:
+    def drop(self, reason: str, *args: object, down: bool = False) -> None:
+        """Count a datagram dropped (``down``: one a remote sent to the client)."""
         self.stats.dropped += 1
+        if down:
+            self.stats.dropped_down += 1
         logger.debug("dropped a datagram: " + reason, *args)
 
     # --- client → remote --------------------------------------------------------------------
@@ -645,7 +649,9 @@ class _Association:
                 logger.debug("UDP remote receive failed: %s", exc)
                 break
             if client_addr is None:  # not reachable in practice: we send before we receive
-                self.drop("datagram from %s before the client's address is known", source)
+                self.drop(
+                    "datagram from %s before the client's address is known", source, down=True
+                )
                 continue
             # RFC 1928 §7: the reply carries the same header, naming the sender.
             header = self.header_for(source)
@@ -654,7 +660,9 @@ class _Association:
             try:
                 self.endpoint.sendto(self.remote_view[start : _HEADER_ROOM + n], client_addr)
             except OSError as exc:  # EMSGSIZE (a big IPv6 datagram to an IPv4 client), ENOBUFS
-                self.drop("sending %d bytes from %s to the client failed: %s", n, source, exc)
+                self.drop(
+                    "sending %d bytes from %s to the client failed: %s", n, source, exc, down=True
+                )
                 continue
             self.stats.datagrams_down += 1
             self.stats.bytes_down += n
