@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from ..core.addresses import canonical_ip
+from ..core.addresses import canonical_ip, format_address
 from ..core.eventloop import EventLoop, Timer
 from ..core.loopserver import EventLoopMixIn
 from ..core.relay import RelayResult
@@ -33,7 +33,6 @@ from .handler import (
     HandlerContext,
     Negotiation,
     conclude_session,
-    format_peer,
     handler_context,
     readdress,
     record_relay,
@@ -230,7 +229,7 @@ class FastHandshake:
         negotiation = self.negotiation
         session = negotiation.session
         try:
-            session.resolved = format_peer(upstream.getpeername())
+            session.resolved = format_address(upstream.getpeername())
             bound = Address.from_sockaddr(upstream.getsockname())
         except OSError as exc:  # reset between connect and now
             self.connect_failed(exc)

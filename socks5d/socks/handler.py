@@ -24,7 +24,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..core.addresses import IPAddress, canonical_ip, client_ip, parse_ip, unmapped, unmapped_host
+from ..core.addresses import (
+    IPAddress,
+    canonical_ip,
+    client_ip,
+    format_address,
+    parse_ip,
+    unmapped,
+    unmapped_host,
+)
 from ..core.relay import RelayResult, fix_socket_buffers, relay, socket_buffer_for
 from ..core.server import BaseRequestHandler
 from ..ops.config import Config, Upstream
@@ -214,7 +222,7 @@ class Negotiation:
         """A connection's handshake, as both drivers begin it (and `observer` is told).
         With server.proxy_protocol on, a peer outside server.proxy_trusted is refused
         here, before a byte is read: `pending` then holds the Close."""
-        session = Session(client=format_peer(client_address))
+        session = Session(client=format_address(client_address))
         observer.begun(session)
         ip = client_ip(client_address)
         proxy_protocol = settings.proxy_protocol
@@ -548,7 +556,7 @@ class Socks5Handler(BaseRequestHandler):
             self.fail(io, exc.reply, exc.reason)
             return
         try:
-            session.resolved = format_peer(upstream.getpeername())
+            session.resolved = format_address(upstream.getpeername())
             bound = Address.from_sockaddr(upstream.getsockname())
             session.egress = str(bound)
             io.renew()
@@ -855,11 +863,3 @@ def linger_close(sock: socket.socket, timeout: float = 1.0, limit: int = 65536) 
             drained += len(chunk)
     except OSError:
         pass
-
-
-def format_peer(sockaddr: Any) -> str:
-    """A socket address as the access log writes it."""
-    try:
-        return str(Address.from_sockaddr(sockaddr))
-    except (ValueError, TypeError, IndexError):
-        return str(sockaddr)
