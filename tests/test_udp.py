@@ -23,6 +23,7 @@ import pytest
 from clients import UdpEcho, udp_socket
 from conftest import needs_ipv6
 
+from socks5d.socks.lookups import LookupPool
 from socks5d.socks.outbound import OutgoingAddresses
 from socks5d.socks.protocol import UNSPECIFIED_IPV4, Address, AddressType
 from socks5d.socks.udp import UdpStats, open_udp_endpoint, serve_association
@@ -65,6 +66,9 @@ class Association:
         expected: Address = UNSPECIFIED_IPV4,
         **options: Any,
     ) -> None:
+        # A pool of its own: lookups other tests left running in the process-wide one
+        # (never-answering resolvers, on purpose) must not make this one LookupBusy.
+        options.setdefault("lookups", LookupPool())
         self.control_client, self.control = tcp_pair()
         self.endpoint = open_udp_endpoint("127.0.0.1")
         self.address = self.endpoint.getsockname()
