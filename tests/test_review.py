@@ -1,0 +1,55 @@
+"""Adversarial review of the PROXY protocol, SOCKS4/4a, upstream chaining, the metrics
+endpoint and the stderr log handler: each test performs one attack that worked (or was
+suspected to) and checks it no longer does."""
+
+from __future__ import annotations
+
+import select
+import socket
+
+import pytest
+
+TIMEOUT = 10.0
+
+
+# ---- metrics endpoint ----
+
+
+def test_metrics_slowloris_trickling_a_head_is_cut_off_by_one_deadline(monkeypatch):
+    """A client trickling its request head a byte at a time, each byte inside the
+    per-read timeout, held a slot for as long as it liked: 8 of them stopped every
+    scrape. The head must now arrive within one deadline."""
+    pytest.importorskip("prometheus_client")
+    from socks5d.ops.metrics import Metrics, MetricsHandler
+
+    monkeypatch.setattr(MetricsHandler, "timeout", 1.0)
+    metrics = Metrics()
+    host, port = metrics.serve(("127.0.0.1", 0))
+    try:
+        with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
+            closed = False
+            trickle = b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 60
+            for byte in trickle:  # 0.25 s apart: 15 s in all, well past the 1 s deadline
+                try:
+                    sock.sendall(bytes((byte,)))
+                except OSError:
+                    closed = True
+                    break
+                readable, _, _ = select.select([sock], [], [], 0.25)
+                if readable:
+                    try:
+                        closed = sock.recv(1) == b""
+                    except OSError:
+                        closed = True
+                    break
+            assert closed, "the endpoint kept a trickling client past its head deadline"
+        # and the endpoint still answers a prompt client
+        with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            response = b""
+            while chunk := sock.recv(65536):
+                response += chunk
+        assert response.startswith(b"HTTP/1.1 200 OK")
+        assert b"socks5d_build_info" in response
+    finally:
+        metrics.close()
