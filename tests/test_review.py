@@ -53,3 +53,46 @@ def test_metrics_slowloris_trickling_a_head_is_cut_off_by_one_deadline(monkeypat
         assert b"socks5d_build_info" in response
     finally:
         metrics.close()
+
+
+# ---- upstream chaining ----
+
+
+@pytest.mark.parametrize(
+    ("rules", "host"),
+    [
+        # a deny rule for a network, evaded by spelling an address in it as a name
+        ('[[rules]]\naction = "deny"\nto = ["10.0.0.0/8"]\n', "10.1.2.3"),
+        # the private-destination guard, evaded the same way (and in inet_aton spellings)
+        ("", "127.0.0.1"),
+        ("", "127.1"),
+        ("", "2130706433"),
+        ("", "::1"),
+    ],
+)
+def test_an_ip_literal_sent_as_a_domain_name_is_checked_before_a_parent_gets_it(
+    target_factory, caplog, rules, host
+):
+    """A SOCKS5 DOMAINNAME holding an IP address (in any spelling the resolver takes)
+    routed to a parent that resolves names went to the parent unchecked: the `to`
+    networks and the private-destination guard were skipped, and the parent connected
+    to the address on our behalf."""
+    import logging
+
+    from test_upstream import HttpParent, name, one_request, upstream_toml
+
+    from socks5d.socks.protocol import Reply
+
+    caplog.set_level(logging.INFO, logger="socks5d.access")
+    parent = HttpParent(target_factory, b"HTTP/1.1 200 OK\r\n\r\n")
+    toml = (
+        '[access]\nprivate_destinations = "deny"\n'
+        + upstream_toml(f"http://127.0.0.1:{parent.port}", via_default=False)
+        + '[[rules]]\naction = "allow"\nto = ["*.example"]\nvia = "corp"\n'
+        + rules
+        + '[[rules]]\naction = "allow"\nvia = "corp"\n'
+    )
+    got, session = one_request(toml, name(host, 80), caplog)
+    assert got == Reply.CONNECTION_NOT_ALLOWED
+    assert parent.heads == []
+    assert session.via == "-" or session.via is None
