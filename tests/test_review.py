@@ -8,6 +8,7 @@ import select
 import socket
 
 import pytest
+from test_logs_blocked import small_pipe  # noqa: F401  (a fixture)
 
 TIMEOUT = 10.0
 
@@ -96,3 +97,32 @@ def test_an_ip_literal_sent_as_a_domain_name_is_checked_before_a_parent_gets_it(
     assert got == Reply.CONNECTION_NOT_ALLOWED
     assert parent.heads == []
     assert session.via == "-" or session.via is None
+
+
+# ---- stderr log handler ----
+
+
+def test_a_non_blocking_stderr_loses_no_lines(small_pipe):  # noqa: F811
+    """stderr shared with a process that made it O_NONBLOCK (a shell or node on the
+    same terminal or pipe): the writer thread's write failed with EAGAIN and the whole
+    backlog chunk was thrown away silently, neither written nor counted as dropped."""
+    import os
+    import threading
+
+    from test_logs_blocked import drain, record
+
+    from socks5d.ops.logs import _StderrHandler
+
+    read_end, write_end = small_pipe
+    os.set_blocking(write_end, False)
+    handler = _StderrHandler(write_end)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(drain(read_end)))
+    reader.start()  # a lagging reader: the pipe fills and writes meet EAGAIN
+    for i in range(2000):  # ~330 KB: far past the pipe, well within the backlog
+        handler.emit(record(i))
+    handler.flush(timeout=TIMEOUT)
+    handler.close()
+    os.close(write_end)
+    reader.join(TIMEOUT)
+    assert [int(line.split()[1]) for line in lines] == list(range(2000))
