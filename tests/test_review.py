@@ -126,3 +126,38 @@ def test_a_non_blocking_stderr_loses_no_lines(small_pipe):  # noqa: F811
     os.close(write_end)
     reader.join(TIMEOUT)
     assert [int(line.split()[1]) for line in lines] == list(range(2000))
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"x.example:80 HTTP/1.1\r\nHost: evil.example\r\n\r\nGET / HTTP/1.1\r\nX: y",
+        b"x.example\r\nProxy-Authorization: Basic AAAA",
+        b"x.example HTTP/1.0",
+        b"x.example\nX: y",
+    ],
+)
+def test_a_name_that_would_inject_into_an_http_parents_connect_line_never_reaches_it(
+    target_factory, caplog, host
+):
+    """Checked, not vulnerable: a SOCKS5 DOMAINNAME carrying CR, LF or spaces (header
+    or request smuggling into `CONNECT host:port HTTP/1.1`) is refused by the request
+    parser with 04 before any parent is contacted."""
+    import logging
+
+    from test_upstream import HttpParent, front, upstream_toml
+
+    from socks5d.socks.protocol import Reply
+
+    caplog.set_level(logging.INFO, logger="socks5d.access")
+    parent = HttpParent(target_factory, b"HTTP/1.1 200 OK\r\n\r\n")
+    with front(upstream_toml(f"http://127.0.0.1:{parent.port}")) as proxy:
+        with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
+            sock.sendall(b"\x05\x01\x00")
+            assert sock.recv(2) == b"\x05\x00"
+            sock.sendall(b"\x05\x01\x00\x03" + bytes((len(host),)) + host + b"\x00\x50")
+            reply = b""
+            while len(reply) < 2 and (chunk := sock.recv(16)):
+                reply += chunk
+    assert reply[:2] == bytes((5, Reply.HOST_UNREACHABLE))
+    assert parent.heads == []
