@@ -161,3 +161,26 @@ def test_a_name_that_would_inject_into_an_http_parents_connect_line_never_reache
                 reply += chunk
     assert reply[:2] == bytes((5, Reply.HOST_UNREACHABLE))
     assert parent.heads == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:s3cret@ho\uff03st:80",  # NFKC: urlsplit's message quotes the netloc
+        "socks5h://user:s3cret\u2100@host:1080",
+        "http://user:s3cret@[::1:80",
+    ],
+)
+def test_a_bad_upstream_url_never_prints_its_password(url):
+    """urlsplit's ValueError for a netloc that changes under NFKC normalization quotes
+    the netloc, credentials included; it went into the ConfigError on stderr as it was."""
+    import tomllib
+
+    from socks5d.ops.config import ConfigError, parse_config
+
+    toml = f'[[upstreams]]\nname = "corp"\nurl = "{url}"\n'
+    with pytest.raises(ConfigError) as raised:
+        parse_config(tomllib.loads(toml), "test.toml")
+    message = str(raised.value)
+    assert "upstreams[0].url" in message
+    assert "s3cret" not in message
