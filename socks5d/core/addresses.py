@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import socket
 from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -38,25 +37,6 @@ def parse_ip(text: str) -> IPAddress:
     """An IP literal in any spelling: brackets and an IPv6 zone (``"fe80::1%eth0"``, RFC
     4007 §11) are dropped. Raises ValueError for anything that is not an IP address."""
     return ipaddress.ip_address(strip_brackets(text).partition("%")[0])
-
-
-def numeric_host(name: str) -> bool:
-    """Whether a resolver takes `name` as an address rather than a name to look up: an
-    IP literal, or any inet_aton(3) spelling of IPv4 ("127.1", "0x7f.0.0.1",
-    "2130706433"), a trailing root dot ignored. Such a "name" must be checked as the
-    address it is before anyone else (a parent proxy) is handed it."""
-    text = name.rstrip(".")
-    try:
-        parse_ip(text)
-    except ValueError:
-        pass
-    else:
-        return True
-    try:
-        socket.inet_aton(text)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def unmapped(ip: IPAddress) -> IPAddress:
