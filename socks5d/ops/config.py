@@ -620,7 +620,15 @@ def parse_upstream_url(value: Any) -> tuple[str, str, int, str | None, str | Non
     if any(ord(char) < 0x21 or ord(char) == 0x7F for char in value):
         # urlsplit drops tabs and newlines silently (bpo-43882); refuse them instead.
         raise ValueError("must not contain spaces or control characters")
-    parts = urllib.parse.urlsplit(value)
+    try:
+        parts = urllib.parse.urlsplit(value)
+    except ValueError:
+        # urlsplit's own message quotes the netloc, password and all (its NFKC check):
+        # say what is wrong without it.
+        raise ValueError(
+            "is not a valid url (a bracketed IPv6 host left open, or characters that "
+            "change under Unicode NFKC normalization: percent-encode them)"
+        ) from None
     scheme = parts.scheme.lower()
     if scheme not in UPSTREAM_SCHEMES:
         raise ValueError(f"scheme must be one of {', '.join(UPSTREAM_SCHEMES)}, got {scheme!r}")

@@ -14,6 +14,7 @@ that may not read it); one nobody drains must not freeze every connection that l
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -197,14 +198,28 @@ def _writable_now(fd: int) -> bool:
 
 
 def _write_all(fd: int, data: bytes) -> None:
+    """Write all of `data`, waiting while the descriptor is full: also when someone
+    sharing it (a shell, another program on the terminal) made it O_NONBLOCK, where a
+    write fails with EAGAIN instead of waiting, and the lines would be lost."""
     view = memoryview(data)
     while view:
         try:
             view = view[os.write(fd, view) :]
         except InterruptedError:
             continue
+        except BlockingIOError:
+            _wait_writable(fd)
         except OSError:
             return  # stderr closed or broken: nothing to tell it with
+
+
+def _wait_writable(fd: int) -> None:
+    """Block until `fd` takes a write (a caller that must not wait never gets here: it
+    writes directly only what polled writable, PIPE_BUF bytes at most)."""
+    poller = select.poll()  # not select(): no FD_SETSIZE limit, so never a busy loop
+    poller.register(fd, select.POLLOUT)
+    with contextlib.suppress(OSError):  # the write then says what is wrong
+        poller.poll(1000)
 
 
 class _FileHandler(_OurHandler, logging.FileHandler):

@@ -34,6 +34,7 @@ import logging
 import math
 import operator
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -488,6 +489,8 @@ class Metrics(SessionObserver, ProcessLocal):
 
 
 Key = tuple[Any, ...]
+# The blank line that ends an HTTP request head (RFC 9112 §2.1; a bare LF accepted, §2.2).
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
 def _drain(queue: collections.deque[Session]) -> list[Session]:
@@ -578,6 +581,7 @@ class MetricsHandler(StreamRequestHandler):
     timeout = 10.0
     MAX_LINE = 8192
     MAX_HEADERS = 100
+    MAX_HEAD = 16 * 1024  # a scrape's head is a few hundred bytes
 
     server: MetricsHTTPServer
 
@@ -605,20 +609,43 @@ class MetricsHandler(StreamRequestHandler):
 
     def read_head(self) -> tuple[str, str] | None:
         """(method, target) of the request, its headers read and ignored; None when the
-        request line is not HTTP; ValueError when the head is too long."""
-        line = self.rfile.readline(self.MAX_LINE + 1)
-        if len(line) > self.MAX_LINE:
+        request line is not HTTP; ValueError when the head is too long, TimeoutError when
+        it is not all there within `timeout` s of the connection's start.
+
+        One deadline for the whole head, not a timeout per read: a client trickling a
+        byte every few seconds would otherwise hold one of the 8 slots for as long as it
+        liked, and 8 such clients would stop every scrape (slowloris)."""
+        head = self.receive_head(time.monotonic() + self.timeout)
+        lines = head.split(b"\n")
+        if len(lines[0]) > self.MAX_LINE:
             raise ValueError("request line too long")
-        parts = line.decode("latin-1").split()
+        parts = lines[0].decode("latin-1").split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             return None
-        for _ in range(self.MAX_HEADERS):
-            header = self.rfile.readline(self.MAX_LINE + 1)
-            if len(header) > self.MAX_LINE:
-                raise ValueError("header too long")
-            if header in (b"\r\n", b"\n", b""):
-                return parts[0], parts[1]
-        raise ValueError("too many headers")
+        if len(lines) - 1 > self.MAX_HEADERS:  # the request line, then the headers
+            raise ValueError("too many headers")
+        if any(len(line) > self.MAX_LINE for line in lines):
+            raise ValueError("header too long")
+        return parts[0], parts[1]
+
+    def receive_head(self, deadline: float) -> bytes:
+        """The bytes up to the blank line ending the head (or EOF), read by `deadline`."""
+        sock = self.connection
+        head = bytearray()
+        while _HEAD_END.search(head) is None:
+            if len(head) > self.MAX_HEAD:
+                raise ValueError("request head too long")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("request head not received in time")
+            sock.settimeout(remaining)
+            chunk = sock.recv(4096)
+            if not chunk:
+                break  # EOF: what came is the request
+            head += chunk
+        sock.settimeout(self.timeout)  # for the answer
+        end = _HEAD_END.search(head)
+        return bytes(head[: end.start()] if end is not None else head)
 
     def respond(
         self,

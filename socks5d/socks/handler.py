@@ -50,6 +50,7 @@ from .outbound import (
     Resolver,
     SockAddr,
     connect_any,
+    numeric_host,
     reply_for_error,
     resolve_target,
     system_resolver,
@@ -488,9 +489,13 @@ class Socks5Handler(BaseRequestHandler):
 
     def parent_for_name(self, command: str, address: Address) -> Upstream | None:
         """The parent that resolves this name itself (socks5h, http), when the rules route
-        the name there as it is: then no lookup of ours happens at all."""
+        the name there as it is: then no lookup of ours happens at all. Not for a "name"
+        that is an address ("10.1.2.3", "127.1"): resolved here (to itself), it meets the
+        `to` networks and the private-destination guard like the literal it is."""
         policy = self.settings.policy
         if policy is None or not policy.routes or address.type is not AddressType.DOMAINNAME:
+            return None
+        if numeric_host(address.host):
             return None
         decision = policy.check(
             self.client_ip, self.user, command, address.host, None, address.port, unresolved=True

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ..core.addresses import parse_ip
 from .lookups import LOOKUPS, LookupBusy, LookupPool, LookupTimedOut
 from .protocol import Address, AddressType, Reply
 
@@ -205,6 +206,25 @@ def open_connection(
     bound = timeout if resolve_timeout is None else resolve_timeout
     candidates = resolve_target(address, resolver, timeout=bound)
     return connect_any(candidates, timeout, attempt_delay=attempt_delay, outgoing=outgoing)
+
+
+def numeric_host(name: str) -> bool:
+    """Whether a resolver takes `name` as an address rather than a name to look up: an
+    IP literal, or any inet_aton(3) spelling of IPv4 ("127.1", "0x7f.0.0.1",
+    "2130706433"), a trailing root dot ignored. Such a "name" must be checked as the
+    address it is before anyone else (a parent proxy) is handed it."""
+    text = name.rstrip(".")
+    try:
+        parse_ip(text)
+    except ValueError:
+        pass
+    else:
+        return True
+    try:
+        socket.inet_aton(text)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def resolve_target(
