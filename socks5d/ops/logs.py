@@ -191,9 +191,11 @@ class _StderrHandler(ProcessLocal, _OurHandler):
 def _writable_now(fd: int) -> bool:
     """Whether a short write to `fd` completes without waiting (a closed or broken
     descriptor counts as writable: the write fails at once)."""
+    poller = select.poll()  # not select(): any descriptor number, no FD_SETSIZE limit
+    poller.register(fd, select.POLLOUT)
     try:
-        return bool(select.select((), (fd,), (), 0)[1])
-    except (OSError, ValueError):  # ValueError: a descriptor past FD_SETSIZE
+        return bool(poller.poll(0))
+    except OSError:
         return True
 
 
