@@ -173,7 +173,9 @@ def main(
 ) -> None:
     """A SOCKS5 proxy daemon (RFC 1928 CONNECT, BIND, UDP ASSOCIATE; RFC 1929 login).
 
-    With no command it runs the proxy; the commands below are tools around it.
+    The same port serves SOCKS4/4a clients (server.socks4); CONNECTs may go through
+    parent proxies ([[upstreams]]). With no command it runs the proxy; the commands below
+    are tools around it.
     """
     if context.invoked_subcommand is not None:
         return
